@@ -1,0 +1,82 @@
+"""Benchmark: FP32 and per-policy accuracy and images/s on ONNX Runtime, and ptqaudit's W8A8 graph
+against a direct onnxruntime.quantization.quantize_dynamic run (must agree 100%), in one run.
+
+    python benchmarks/bench_eval.py [--model ../shared/models/cifar10_resnet20.onnx]
+        [--data cifar10 --data-root DIR] [--batch-size 250] [--limit N] [--threads 0]
+
+Speeds are printed as a ratio to the FP32 baseline measured in the same run on the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from ptqaudit.data import DataConfig, load_dataset
+from ptqaudit.evaluate import evaluate, make_session, predict
+from ptqaudit.onnx_graph import load_model
+from ptqaudit.policy import builtin_policy_names, load_policy
+from ptqaudit.quantize import quantize
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def direct_quantize_dynamic(model_path: str) -> onnx.ModelProto:
+    """What a user gets from ORT's own tool with its defaults (int8 weights, all Conv/MatMul/Gemm)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "direct.onnx"
+        quantize_dynamic(model_path, out, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+        return onnx.load(str(out))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REPO.parent / "shared/models/cifar10_resnet20.onnx"))
+    parser.add_argument("--data", default="cifar10")
+    parser.add_argument("--data-root", default=os.environ.get("PTQAUDIT_TEST_CIFAR10_ROOT"))
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+
+    model = load_model(args.model)
+    dataset = load_dataset(DataConfig(name=args.data, root=args.data_root, limit=args.limit))
+    print(f"model {args.model} ({len(model.layers)} quantizable layers)")
+    print(f"data {dataset.name}: {len(dataset)} images, batch size {args.batch_size}")
+    print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"python {platform.python_version()}, onnxruntime {ort.__version__}, onnx {onnx.__version__}, numpy {np.__version__}")
+
+    started = time.perf_counter()
+    policies = [load_policy(name) for name in builtin_policy_names()]
+    report = evaluate(model, dataset, policies, batch_size=args.batch_size, threads=args.threads, progress=False)
+    print(f"\n{'policy':22s} {'accuracy':>9s} {'drop':>7s} {'agree':>8s} {'images/s':>9s} {'speed vs fp32':>14s}  built by")
+    print(f"{'fp32':22s} {100 * report.fp32_accuracy:8.2f}% {'':>7s} {'':>8s} {report.fp32_images_per_second:9.0f} {1.0:13.2f}x")
+    for r in report.results:
+        print(f"{r.policy:22s} {100 * r.accuracy:8.2f}% {r.drop_points:+7.2f} {100 * r.agreement_with_fp32:7.2f}% "
+              f"{r.images_per_second:9.0f} {r.images_per_second / report.fp32_images_per_second:13.2f}x  {r.method}")
+
+    w8a8 = quantize(model, load_policy("w8a8").resolve(model.layers))
+    ours = predict(make_session(w8a8.proto, threads=args.threads), dataset, args.batch_size, "w8a8", progress=False)
+    direct = predict(make_session(direct_quantize_dynamic(args.model), threads=args.threads), dataset, args.batch_size,
+                     "direct", progress=False)
+    agreement = float(np.mean(ours.labels == direct.labels))
+    identical = bool(np.array_equal(ours.logits, direct.logits))
+    print(f"\nptqaudit w8a8 vs direct quantize_dynamic: top-1 agreement {100 * agreement:.2f}% "
+          f"(ratio {agreement:.4f}), logits bitwise identical: {identical}, "
+          f"max |logit diff| {np.abs(ours.logits - direct.logits).max():.3g}")
+    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    return 0 if agreement == 1.0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The `ptqaudit` command line: each command parses options, calls the library and prints results."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from .data import DataConfig, load_dataset
+from .errors import GateFailed, PtqauditError
+from .evaluate import DEVICES, EvalReport, evaluate
+from .onnx_graph import load_model
+from .policy import builtin_policy_names, load_policy
+from .quantize import quantize
+
+EXIT_INTERNAL_ERROR = 3  # a bug in ptqaudit, kept apart from 1 (gate failed) and 2 (bad input)
+
+
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.49,0.48,0.45, got {value!r}") from None
+
+
+def debug_option(f):
+    return click.option("--debug", is_flag=True, expose_value=False, help="Show the full traceback on errors.")(f)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout instead of tables.")(f)
+
+
+def model_argument(f):
+    return click.argument("model", type=click.Path(dir_okay=False, path_type=str))(f)
+
+
+def data_options(f):
+    """Options selecting the evaluation data, shared by every command that runs a model."""
+    options = [
+        click.option("--data", default="digits", show_default=True,
+                     help="digits (embedded 8x8 digits, no download), cifar10 (the standard cifar-10-batches-py "
+                          "folder), a folder of class sub-folders of PNG/JPEG images, or an .npz with x and y."),
+        click.option("--data-root", default=None, help="Where to look for the cifar10 folder first "
+                     "(then $PTQAUDIT_DATA, then ~/.cache/ptqaudit)."),
+        click.option("--download", is_flag=True, help="cifar10: fetch the official archive (checksum-verified) when missing."),
+        click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a deterministic, class-balanced subset of N examples."),
+        click.option("--mean", callback=_floats, default=None, help="Per-channel mean to subtract after scaling pixels to [0,1], e.g. 0.49,0.48,0.45."),
+        click.option("--std", callback=_floats, default=None, help="Per-channel standard deviation to divide by, after --mean."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ptqaudit")
+@debug_option
+def cli():
+    """Audit how much ONNX Runtime dynamic post-training quantization can hurt a classifier.
+
+    Exit codes: 0 ok, 1 the gate failed, 2 bad input or usage, 3 internal error.
+    """
+
+
+def _table(headers: list[str], rows: list[list], right: set[int] = frozenset()) -> str:
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _print_json(value) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+@cli.command()
+@model_argument
+@json_option
+@debug_option
+def layers(model, as_json):
+    """List the quantizable layers of MODEL (Conv, MatMul, Gemm with constant weights) with shapes,
+    MACs per input and parameter counts. Policies name layers by these ONNX node names."""
+    loaded = load_model(model)
+    if as_json:
+        _print_json({"model": model, "total_macs": loaded.total_macs, "layers": [
+            {"index": l.index, "name": l.name, "op_type": l.op_type, "weight_shape": list(l.weight_shape),
+             "output_shape": list(l.output_shape), "macs": l.macs, "params": l.params} for l in loaded.layers]})
+        return
+    rows = [[l.index, l.name, l.op_type, "x".join(map(str, l.weight_shape)), "x".join(map(str, l.output_shape)),
+             f"{l.macs:,}", f"{l.params:,}"] for l in loaded.layers]
+    click.echo(_table(["#", "layer", "op", "weight", "output", "MACs", "params"], rows, right={0, 5, 6}))
+    click.echo(f"\n{len(loaded.layers)} quantizable layers, {loaded.total_macs:,} MACs per input")
+
+
+@cli.command()
+@click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
+              help="Also show each policy's cost (effective bits) on this model.")
+@json_option
+@debug_option
+def policies(model_path, as_json):
+    """List the built-in policies. A policy file of your own (YAML or JSON) has the same form:
+
+    \b
+      description: "W4A8 except the first layer"
+      default: {weight_bits: 4, activation_bits: 8, granularity: per-tensor}
+      layers:                       # optional; later rules win
+        "/conv1/Conv": fp32         # a node name, a glob such as "/layer3/*",
+        "@last": {weight_bits: 8}   # or @first, @last, @Conv, @MatMul, @Gemm
+
+    Bits run from 2 to 8; granularity is per-tensor or per-channel (weights)."""
+    loaded = load_model(model_path) if model_path else None
+    entries = []
+    for name in builtin_policy_names():
+        policy = load_policy(name)
+        entry = {"name": name, "description": policy.description}
+        if loaded:
+            resolved = policy.resolve(loaded.layers)
+            entry.update(effective_bits=resolved.effective_bits(loaded.layers), layers=resolved.summary())
+        entries.append(entry)
+    if as_json:
+        _print_json(entries)
+        return
+    headers = ["policy", "description"] + (["eff. bits", "layers"] if loaded else [])
+    rows = [[e["name"], e["description"]] + ([f"{e['effective_bits']:.2f}", e["layers"]] if loaded else []) for e in entries]
+    click.echo(_table(headers, rows))
+
+
+@cli.command(name="quantize")
+@model_argument
+@click.option("--policy", "-p", required=True, help="A built-in policy name (see `ptqaudit policies`) or a policy file.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write the quantized ONNX model.")
+@json_option
+@debug_option
+def quantize_command(model, policy, output, as_json):
+    """Write the dynamically quantized MODEL that ONNX Runtime runs for a policy: onnxruntime's own
+    quantize_dynamic where it can express the policy, otherwise the same integer graph (ConvInteger /
+    MatMulInteger, activations quantized per input from their measured range) at the policy's bits."""
+    loaded = load_model(model)
+    chosen = load_policy(policy)
+    resolved = chosen.resolve(loaded.layers)
+    quantized = quantize(loaded, resolved)
+    quantized.save(output)
+    info = {"output": output, "policy": chosen.name, "method": quantized.method, "layers": resolved.summary(),
+            "effective_bits": resolved.effective_bits(loaded.layers), "bitops": resolved.bitops(loaded.layers),
+            "bytes": os.path.getsize(output)}
+    if as_json:
+        _print_json(info)
+    else:
+        click.echo(f"wrote {output} ({info['bytes'] / 1024:.0f} KiB) with {quantized.method}: policy {chosen.name}, "
+                   f"{info['layers']}, {info['effective_bits']:.2f} effective bits")
+
+
+EVAL_COLUMNS = [("policy", None), ("accuracy", 9), ("drop (pts)", 10), ("agree w/ fp32", 13), ("BitOPs/img", 10),
+                ("eff. bits", 9), ("images/s", 9), ("built by", 0)]
+
+
+def _si(value: float) -> str:
+    """A large count in engineering notation: 2.60G, 41.0M."""
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _eval_line(cells: list[str], policy_width: int) -> str:
+    """One row of the eval table at fixed widths, so rows can be printed as each policy finishes."""
+    out = [cells[0].ljust(policy_width)]
+    out += [c.rjust(w) for c, (_, w) in zip(cells[1:-1], EVAL_COLUMNS[1:-1])]
+    return "  ".join(out + [cells[-1]]).rstrip()
+
+
+def _report_rows(report: EvalReport) -> list[list[str]]:
+    rows = [["fp32", f"{100 * report.fp32_accuracy:.2f}%", "", "", _si(report.fp32_bitops), "32.00",
+             f"{report.fp32_images_per_second:,.0f}", "-"]]
+    for r in report.results:
+        rows.append([r.policy, f"{100 * r.accuracy:.2f}%", f"{r.drop_points:+.2f}", f"{100 * r.agreement_with_fp32:.2f}%",
+                     _si(r.bitops), f"{r.effective_bits:.2f}", f"{r.images_per_second:,.0f}", r.method])
+    return rows
+
+
+@cli.command(name="eval")
+@model_argument
+@data_options
+@click.option("--policy", "-p", "policy_specs", multiple=True,
+              help="Policy to evaluate (built-in name or file); repeat for several. Default: every built-in policy.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Inputs per ONNX Runtime call. Part of the deployment scenario: the dynamic activation range "
+                   "is measured over the whole batch.")
+@click.option("--device", type=click.Choice(sorted(DEVICES)), default="cpu", show_default=True,
+              help="cuda needs the onnxruntime-gpu extra; integer kernels without CUDA versions stay on the CPU.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@json_option
+@debug_option
+def eval_command(model, data, data_root, download, split, limit, mean, std, policy_specs, batch_size, device, threads,
+                 no_progress, as_json):
+    """Measure MODEL's FP32 accuracy and, for each policy, the accuracy of its dynamically quantized
+    graph on ONNX Runtime's integer kernels: drop in points, top-1 agreement with FP32, cost and speed."""
+    loaded = load_model(model)
+    chosen = [load_policy(spec) for spec in (policy_specs or builtin_policy_names())]
+    dataset = load_dataset(DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download))
+    width = max(len(p.name) for p in chosen + [load_policy("w8a8")])
+    printed = 0
+
+    def print_new_rows(report: EvalReport) -> None:
+        nonlocal printed
+        rows = _report_rows(report)
+        for row in rows[printed:]:
+            click.echo(_eval_line(row, width))
+        printed = len(rows)
+
+    if not as_json:
+        click.echo(f"model {model} | data {dataset.name}, {len(dataset)} images | batch size {batch_size}\n")
+        click.echo(_eval_line([name for name, _ in EVAL_COLUMNS], width))
+        click.echo(_eval_line(["-" * width] + ["-" * (w or len(name)) for name, w in EVAL_COLUMNS[1:]], width))
+    report = evaluate(loaded, dataset, chosen, batch_size=batch_size, device=device, threads=threads,
+                      progress=not no_progress, on_update=None if as_json else print_new_rows)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        click.echo(f"\n{report.engine}, device {report.device}; drop = FP32 accuracy - policy accuracy, in points")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps errors to exit codes and one-line messages (the traceback with --debug)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args or bool(os.environ.get("PTQAUDIT_DEBUG"))
+    try:
+        code = cli.main(args=args, prog_name="ptqaudit", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("ptqaudit: interrupted", err=True)
+        code = 130
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "ptqaudit"
+        click.echo(f"ptqaudit: error: {exc.format_message()} (`{command} --help` lists the options)", err=True)
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except (PtqauditError, GateFailed) as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"ptqaudit: {'error: ' if isinstance(exc, PtqauditError) else ''}{exc}", err=True)
+        code = exc.exit_code
+    except Exception as exc:  # a bug: say so plainly, keep exit codes 1 and 2 for their meanings
+        if debug:
+            traceback.print_exc()
+        else:
+            click.echo(f"ptqaudit: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        code = EXIT_INTERNAL_ERROR
+    sys.exit(code or 0)

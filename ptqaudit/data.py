@@ -1,0 +1,584 @@
+"""Datasets the audit runs on: cifar10 (standard folder), image folder, .npz, digits (embedded).
+
+Every loader ends in the same `Dataset`: float32 NCHW pixels scaled to [0, 1] (then
+normalised per channel if --mean/--std are given) and int64 labels. Bad input raises
+`PtqauditError` with one line naming what was wrong and what is accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ptqaudit.errors import PtqauditError
+
+SPLITS = ("test", "train")
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_SPLIT_FILES = {
+    "test": ("test_batch",),
+    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+}
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Pillow modes that hold one grey channel; a folder made only of these loads with C=1.
+GRAYSCALE_MODES = ("1", "L", "LA")
+
+# Examples converted to float32 at a time: keeps temporaries small on CIFAR's 50,000 images.
+_CONVERT_CHUNK = 4096
+_DOWNLOAD_TIMEOUT_S = 60
+# Python >= 3.11.4 can also sanitise tar members itself (and 3.14 warns without a filter).
+_TAR_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which examples to audit on and how to present them to the model."""
+
+    name: str = "digits"  # "digits" | "cifar10" | path to an image folder | path to a .npz file
+    root: str | None = None  # --data-root, for cifar10
+    split: str = "test"  # "test" | "train"
+    limit: int | None = None  # deterministic, class-balanced subset of N examples
+    mean: tuple[float, ...] | None = None  # --mean/--std: normalise per channel after scaling to [0,1]
+    std: tuple[float, ...] | None = None
+    download: bool = False  # cifar10 only: fetch the official archive if missing
+
+
+@dataclass
+class Dataset:
+    """Examples in memory: x float32 NCHW (C-contiguous), y int64 class indices into `classes`."""
+
+    name: str  # human label, e.g. "cifar10/test" or "digits/test"
+    x: np.ndarray
+    y: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (x, y) views in order; the last batch may be smaller."""
+        if batch_size <= 0:
+            raise PtqauditError(f"batch size must be a positive integer, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            yield self.x[start : start + batch_size], self.y[start : start + batch_size]
+
+
+@dataclass
+class _RawData:
+    """Examples before scaling: NCHW pixels of any dtype and the divisor that maps them to [0, 1]."""
+
+    name: str
+    pixels: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    scale: float | None  # None: pixels are floats already, used as they are
+
+
+def load_dataset(config: DataConfig) -> Dataset:
+    """Load the examples `config` names, subset them (--limit) and normalise them (--mean/--std)."""
+    if config.split not in SPLITS:
+        raise PtqauditError(f"unknown split {config.split!r}: expected one of {', '.join(SPLITS)}")
+    if config.limit is not None and config.limit <= 0:
+        raise PtqauditError(f"--limit must be a positive number of examples, got {config.limit}")
+
+    raw = _load_raw(config)
+    _check_labels(raw)
+    # Validate before the float conversion so a typo fails fast, even on CIFAR's train split.
+    normalisation = _normalisation(config.mean, config.std, channels=raw.pixels.shape[1], name=raw.name)
+    if config.limit is not None and config.limit < len(raw.labels):
+        keep = _balanced_subset(raw.labels, config.limit)
+        raw.pixels, raw.labels = raw.pixels[keep], raw.labels[keep]
+
+    x = _to_unit_float32(raw.pixels, raw.scale)
+    if normalisation is not None:
+        mean, std = normalisation
+        x -= mean  # in place: float32 throughout, no float64 temporaries
+        x /= std
+    return Dataset(name=raw.name, x=x, y=raw.labels, classes=raw.classes)
+
+
+def check_input_shape(dataset: Dataset, model_input_shape: Sequence[int | str | None]) -> None:
+    """Raise if the model's input shape cannot take this dataset's examples.
+
+    Symbolic (str), unknown (None) and non-positive dimensions match anything. The first
+    (batch) dimension is never compared: the caller chooses the batch size.
+    """
+    expected = list(model_input_shape)
+    actual = dataset.x.shape
+    fits = len(expected) == len(actual) and all(
+        _is_free_dim(want) or want == have for want, have in zip(expected[1:], actual[1:])
+    )
+    if not fits:
+        raise PtqauditError(
+            f"model expects input {_format_shape(expected)} "
+            f"but dataset {dataset.name} gives {_format_shape(['N', *actual[1:]])}"
+        )
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/ptqaudit, or ~/.cache/ptqaudit when XDG_CACHE_HOME is unset."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "ptqaudit"
+
+
+def cifar10_search_dirs(root: str | None) -> list[Path]:
+    """Where cifar10 is looked for, in order: --data-root, $PTQAUDIT_DATA, the cache folder.
+
+    Each place may be the folder holding `cifar-10-batches-py` or that folder itself.
+    """
+    return [place for _, place in _cifar10_search_places(root)]
+
+
+# --- dispatch and shared steps ------------------------------------------------------
+
+
+def _load_raw(config: DataConfig) -> _RawData:
+    # The built-in names win over a same-named path; pass ./digits to load a local folder.
+    if config.name == "digits":
+        return _load_digits(config.split)
+    if config.name == "cifar10":
+        return _load_cifar10(_locate_cifar10(config.root, config.download), config.split)
+    path = Path(config.name).expanduser()
+    if path.is_dir():
+        return _load_image_folder(path, config.split)
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return _load_npz(path, config.split)
+    problem = "is not a folder or a .npz file" if path.exists() else "is not a known dataset or an existing path"
+    raise PtqauditError(
+        f"dataset {config.name!r} {problem}: expected digits, cifar10, "
+        "the path of an image folder (one sub-folder per class) or the path of a .npz file"
+    )
+
+
+def _check_labels(raw: _RawData) -> None:
+    low, high = int(raw.labels.min()), int(raw.labels.max())
+    if low < 0 or high >= len(raw.classes):
+        raise PtqauditError(
+            f"dataset {raw.name} has labels {low}..{high} but {len(raw.classes)} classes: "
+            f"labels must lie in 0..{len(raw.classes) - 1}"
+        )
+
+
+def _balanced_subset(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of `limit` examples taken round-robin over classes, in original order.
+
+    The k-th example of every class comes before the (k+1)-th of any class, classes in
+    index order (exhausted classes are skipped); the result is sorted so order is stable.
+    """
+    by_class = np.argsort(labels, kind="stable")
+    sorted_labels = labels[by_class]
+    class_starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[by_class] = np.arange(len(labels)) - class_starts  # position within its own class
+    order = np.lexsort((labels, rank))  # by rank first, then by class
+    return np.sort(order[:limit])
+
+
+def _normalisation(
+    mean: Sequence[float] | None, std: Sequence[float] | None, channels: int, name: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-channel mean and std shaped (1, C, 1, 1) float32, None when neither is given.
+
+    Either may be given alone: a missing mean is 0, a missing std is 1.
+    """
+    if mean is None and std is None:
+        return None
+    mean_values = _channel_values(mean, "mean", channels, name, default=0.0)
+    std_values = _channel_values(std, "std", channels, name, default=1.0)
+    if (std_values <= 0).any():
+        raise PtqauditError(f"--std values must be > 0, got {list(std)}")
+    return mean_values.reshape(1, channels, 1, 1), std_values.reshape(1, channels, 1, 1)
+
+
+def _channel_values(
+    values: Sequence[float] | None, option: str, channels: int, name: str, default: float
+) -> np.ndarray:
+    if values is None:
+        return np.full(channels, default, dtype=np.float32)
+    array = np.asarray(values, dtype=np.float64).ravel()
+    if len(array) not in (1, channels):
+        raise PtqauditError(
+            f"--{option} has {len(array)} values but dataset {name} has {channels} channel(s): "
+            f"give {channels} values, or 1 for all channels"
+        )
+    if not np.isfinite(array).all():
+        raise PtqauditError(f"--{option} values must be finite numbers, got {list(values)}")
+    return np.broadcast_to(array, (channels,)).astype(np.float32)
+
+
+def _to_unit_float32(pixels: np.ndarray, scale: float | None) -> np.ndarray:
+    """A C-contiguous float32 copy of `pixels` / `scale`, converted chunk by chunk."""
+    out = np.empty(pixels.shape, dtype=np.float32)
+    for start in range(0, len(pixels), _CONVERT_CHUNK):
+        chunk = slice(start, start + _CONVERT_CHUNK)
+        if scale is None:
+            out[chunk] = pixels[chunk]
+        else:
+            np.divide(pixels[chunk], np.float32(scale), out=out[chunk], dtype=np.float32)
+    return out
+
+
+def _is_free_dim(dim: int | str | None) -> bool:
+    # ONNX leaves unknown dimensions as names or None; some exporters write 0 or -1.
+    return not isinstance(dim, (int, np.integer)) or dim <= 0
+
+
+def _format_shape(shape: Sequence[int | str | None]) -> str:
+    return "[" + ", ".join("?" if dim is None else str(dim) for dim in shape) + "]"
+
+
+# --- digits ---------------------------------------------------------------------------
+
+
+def _load_digits(split: str) -> _RawData:
+    """scikit-learn's 1,797 8x8 digits, split exactly as
+    train_test_split(X, y, test_size=0.3, stratify=y, random_state=0) does (540 test, 1,257 train),
+    in the order it returns them."""
+    # Imported here: scikit-learn is slow to import and only this dataset needs it.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = digits.images.astype(np.uint8)[:, None]  # integer intensities 0..16, C=1
+    labels = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        pixels, labels, test_size=0.3, stratify=labels, random_state=0
+    )
+    x, y = (x_test, y_test) if split == "test" else (x_train, y_train)
+    return _RawData(f"digits/{split}", x, y, [str(d) for d in range(10)], scale=16.0)
+
+
+# --- cifar10 --------------------------------------------------------------------------
+
+
+def _cifar10_search_places(root: str | None) -> list[tuple[str, Path]]:
+    places = []
+    if root:
+        places.append(("--data-root", Path(root).expanduser()))
+    env_root = os.environ.get("PTQAUDIT_DATA")
+    if env_root:
+        places.append(("$PTQAUDIT_DATA", Path(env_root).expanduser()))
+    places.append(("cache", default_cache_dir()))
+    return places
+
+
+def _find_cifar10_folder(place: Path) -> Path | None:
+    """`place`/cifar-10-batches-py, or `place` itself when it is that folder."""
+    if (place / CIFAR10_FOLDER).is_dir():
+        return place / CIFAR10_FOLDER
+    if place.is_dir() and (place.name == CIFAR10_FOLDER or (place / "batches.meta").is_file()):
+        return place
+    return None
+
+
+def _locate_cifar10(root: str | None, download: bool) -> Path:
+    places = _cifar10_search_places(root)
+    for _, place in places:
+        folder = _find_cifar10_folder(place)
+        if folder is not None:
+            return folder
+    if not download:
+        looked = ", ".join(f"{label} {place}" for label, place in places)
+        raise PtqauditError(
+            f"CIFAR-10 not found: no {CIFAR10_FOLDER} folder in {looked}; "
+            "provide it with --data-root DIR, $PTQAUDIT_DATA=DIR, or --download"
+        )
+    return _download_cifar10(Path(root).expanduser() if root else default_cache_dir())
+
+
+def _load_cifar10(folder: Path, split: str) -> _RawData:
+    meta = _read_cifar10_pickle(folder, "batches.meta", split)
+    if "label_names" not in meta:
+        raise PtqauditError(f"{folder / 'batches.meta'} has no 'label_names' entry")
+    pixel_batches, label_batches = [], []
+    for file_name in CIFAR10_SPLIT_FILES[split]:
+        batch = _read_cifar10_pickle(folder, file_name, split)
+        data = np.asarray(batch.get("data"))
+        labels = np.asarray(batch.get("labels"))
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+            raise PtqauditError(
+                f"{folder / file_name} is not a CIFAR-10 batch: expected 'data' uint8 (N, 3072) "
+                f"and N 'labels', got data {data.dtype} {data.shape} and {len(labels)} labels"
+            )
+        pixel_batches.append(data.reshape(-1, 3, 32, 32))  # rows are channel-major: R, G, B planes
+        label_batches.append(labels.astype(np.int64))
+    pixels = np.concatenate(pixel_batches)
+    return _RawData(
+        f"cifar10/{split}",
+        pixels,
+        np.concatenate(label_batches),
+        [str(name) for name in meta["label_names"]],
+        scale=255.0,
+    )
+
+
+def _read_cifar10_pickle(folder: Path, file_name: str, split: str) -> dict:
+    path = folder / file_name
+    if not path.is_file():
+        needed = ", ".join(("batches.meta", *CIFAR10_SPLIT_FILES[split]))
+        raise PtqauditError(f"CIFAR-10 folder {folder} lacks {file_name} (the {split} split needs {needed})")
+    try:
+        with open(path, "rb") as file:
+            # The official batches are Python 2 pickles; latin1 keeps their byte strings intact.
+            content = pickle.load(file, encoding="latin1")
+    except Exception as error:  # a damaged pickle can raise almost any exception type
+        raise PtqauditError(f"cannot read CIFAR-10 file {path}: {error}") from error
+    if not isinstance(content, dict):
+        raise PtqauditError(f"{path} is not a CIFAR-10 file: expected a pickled dict")
+    return content
+
+
+def _download_cifar10(base: Path) -> Path:
+    """Fetch, verify and extract the official archive into `base`; return the batches folder."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PtqauditError(f"cannot create {base} for the CIFAR-10 download: {error}") from error
+    archive = base / CIFAR10_ARCHIVE
+    # A verified archive left by an earlier run (e.g. interrupted extraction) is reused.
+    if not (archive.is_file() and _md5(archive) == CIFAR10_MD5):
+        _fetch_verified(CIFAR10_URL, archive, CIFAR10_MD5)
+    return _extract_cifar10(archive, base)
+
+
+def _fetch_verified(url: str, destination: Path, md5: str) -> None:
+    """Download to a temporary file beside `destination`, check its MD5, then rename it."""
+    try:
+        handle, temp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
+    except OSError as error:
+        raise PtqauditError(f"cannot write the download into {destination.parent}: {error}") from error
+    os.close(handle)
+    temp_path = Path(temp_name)
+    try:
+        _fetch(url, temp_path)
+        actual = _md5(temp_path)
+        if actual != md5:
+            raise PtqauditError(
+                f"download of {url} failed its checksum (MD5 {actual}, expected {md5}); "
+                "retry, or download and extract it yourself and pass --data-root"
+            )
+        os.replace(temp_path, destination)
+    finally:
+        temp_path.unlink(missing_ok=True)
+
+
+def _fetch(url: str, destination: Path) -> None:
+    """Write the bytes at `url` into `destination`, showing progress."""
+    try:
+        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(destination, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {url.rsplit('/', 1)[-1]}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError and timeouts are OSErrors
+        reason = getattr(error, "reason", error)
+        raise PtqauditError(
+            f"could not download {url}: {reason}; check the network, "
+            "or download and extract it yourself and pass --data-root"
+        ) from error
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)  # an integrity check against the published sum
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _extract_cifar10(archive: Path, base: Path) -> Path:
+    """Extract into a temporary folder in `base`, then rename the batches folder into place."""
+    destination = base / CIFAR10_FOLDER
+    temp_dir = Path(tempfile.mkdtemp(prefix=".cifar-10-extract-", dir=base))
+    try:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                members = tar.getmembers()
+                for member in members:
+                    _check_tar_member(member, archive)
+                tar.extractall(temp_dir, members=members, **_TAR_FILTER)
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise PtqauditError(f"cannot extract {archive}: {error}") from error
+        extracted = temp_dir / CIFAR10_FOLDER
+        if not (extracted / "batches.meta").is_file():
+            raise PtqauditError(f"{archive} does not contain {CIFAR10_FOLDER}/batches.meta")
+        try:
+            os.rename(extracted, destination)
+        except OSError as error:
+            # Another process may have finished the same download first; its copy is as good.
+            if not (destination / "batches.meta").is_file():
+                raise PtqauditError(f"cannot move the extracted CIFAR-10 into {destination}: {error}") from error
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return destination
+
+
+def _check_tar_member(member: tarfile.TarInfo, archive: Path) -> None:
+    """Refuse members that could land outside the extraction folder (or are not plain files)."""
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or ".." in path.parts or not (member.isfile() or member.isdir()):
+        raise PtqauditError(f"refusing to extract {archive}: unsafe member {member.name!r}")
+
+
+# --- image folder ---------------------------------------------------------------------
+
+
+def _load_image_folder(folder: Path, split: str) -> _RawData:
+    """One sub-folder per class (sorted names = class indices) holding PNG/JPEG files.
+
+    With train/ and test/ sub-folders, the one named by `split` is used. Images are not
+    resized: all must share one size. C=1 when every image is grayscale, else RGB.
+    """
+    name = folder.resolve().name
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        folder, name = folder / split, f"{name}/{split}"
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise PtqauditError(
+            f"image folder {folder} has no class sub-folders: expected {folder}/<class>/<image>.png|.jpg|.jpeg"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for index, class_dir in enumerate(class_dirs):
+        images = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise PtqauditError(f"class folder {class_dir} has no .png, .jpg or .jpeg images")
+        files += images
+        labels += [index] * len(images)
+
+    # Headers first (cheap), so a size mismatch is reported before decoding anything.
+    headers = [_image_header(path) for path in files]
+    first_mode, first_size = headers[0]
+    for path, (_, size) in zip(files, headers):
+        if size != first_size:
+            raise PtqauditError(
+                f"images differ in size: {files[0]} is {_format_size(first_size)} but {path} is "
+                f"{_format_size(size)}; resize them to one size first (ptqaudit does not resize)"
+            )
+    mode = "L" if all(image_mode in GRAYSCALE_MODES for image_mode, _ in headers) else "RGB"
+    width, height = first_size
+    pixels = np.empty((len(files), 1 if mode == "L" else 3, height, width), dtype=np.uint8)
+    for i, path in enumerate(tqdm(files, desc=f"loading {name}", unit="img", disable=None, leave=False)):
+        pixels[i] = _decode_image(path, mode)
+    return _RawData(name, pixels, np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs], scale=255.0)
+
+
+# Pillow reports damaged files through several exception types, depending on the format.
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _image_header(path: Path) -> tuple[str, tuple[int, int]]:
+    try:
+        with Image.open(path) as image:
+            return image.mode, image.size
+    except _IMAGE_ERRORS as error:
+        raise PtqauditError(f"cannot read image {path}: {error}") from error
+
+
+def _decode_image(path: Path, mode: str) -> np.ndarray:
+    """Pixels of one image as uint8 CHW in `mode` ("L" or "RGB")."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert(mode))
+    except _IMAGE_ERRORS as error:
+        raise PtqauditError(f"cannot read image {path}: {error}") from error
+    return array[None] if mode == "L" else array.transpose(2, 0, 1)
+
+
+def _format_size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]} (WxH)"
+
+
+# --- .npz -----------------------------------------------------------------------------
+
+
+def _load_npz(path: Path, split: str) -> _RawData:
+    """Arrays x and y, or x_<split> and y_<split>; optional `classes` (strings).
+
+    x: uint8 (divided by 255) or float (used as is, e.g. already normalised), shaped
+    (N, C, H, W), (N, H, W, C) with C 1 or 3, or (N, H, W). y: N integers, or (N, 1).
+    """
+    split_keys = (f"x_{split}", f"y_{split}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise PtqauditError(f"{path} holds a single array, not an .npz archive with x and y arrays")
+        with archive:
+            keys = set(archive.files)
+            x_key, y_key = split_keys if set(split_keys) <= keys else ("x", "y")
+            if not {x_key, y_key} <= keys:
+                raise PtqauditError(
+                    f"{path} has arrays {sorted(keys)}: expected x and y, "
+                    f"or {split_keys[0]} and {split_keys[1]} for the {split} split"
+                )
+            x, y = archive[x_key], archive[y_key]
+            classes = archive["classes"] if "classes" in keys else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise PtqauditError(f"cannot read {path}: {error}") from error
+
+    label = f"{path.name}/{split}" if x_key == split_keys[0] else path.name
+    x = _npz_pixels_nchw(x, x_key, path)
+    y = _npz_labels(y, y_key, path)
+    if len(x) != len(y):
+        raise PtqauditError(f"{path}: {x_key} has {len(x)} examples but {y_key} has {len(y)} labels")
+    if len(y) == 0:
+        raise PtqauditError(f"{path}: {x_key} holds no examples")
+    if x.dtype == np.uint8:
+        scale = 255.0
+    elif np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise PtqauditError(f"{path}: {x_key} contains NaN or infinite values")
+        scale = None
+    else:
+        raise PtqauditError(f"{path}: {x_key} has dtype {x.dtype}: expected uint8 (0..255) or float")
+    return _RawData(label, x, y, _npz_classes(classes, y, path), scale)
+
+
+def _npz_pixels_nchw(x: np.ndarray, key: str, path: Path) -> np.ndarray:
+    if x.ndim == 3:
+        return x[:, None]
+    # Channels-last only when the last axis looks like channels and the second does not.
+    if x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
+        return x.transpose(0, 3, 1, 2)
+    if x.ndim == 4:
+        return x
+    raise PtqauditError(
+        f"{path}: {key} has shape {x.shape}: expected (N, C, H, W), (N, H, W, C) with C 1 or 3, or (N, H, W)"
+    )
+
+
+def _npz_labels(y: np.ndarray, key: str, path: Path) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] == 1:  # Keras-style (N, 1) labels
+        y = y[:, 0]
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise PtqauditError(f"{path}: {key} has shape {y.shape} and dtype {y.dtype}: expected N integer labels")
+    if len(y) and y.min() < 0:
+        raise PtqauditError(f"{path}: {key} has negative labels: expected class indices 0..K-1")
+    return y.astype(np.int64)
+
+
+def _npz_classes(classes: np.ndarray | None, y: np.ndarray, path: Path) -> list[str]:
+    if classes is None:
+        return [str(index) for index in range(int(y.max()) + 1)]
+    if classes.ndim != 1 or classes.dtype.kind not in "US":
+        raise PtqauditError(f"{path}: classes has shape {classes.shape} and dtype {classes.dtype}: expected strings")
+    return [name.decode() if isinstance(name, bytes) else str(name) for name in classes.tolist()]

@@ -1,0 +1,161 @@
+"""Running models on ONNX Runtime: sessions, batched predictions, accuracy, agreement, throughput."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from tqdm import tqdm
+
+from .data import Dataset, check_input_shape
+from .errors import PtqauditError
+from .onnx_graph import LoadedModel
+from .policy import Policy
+from .quantize import quantize
+
+DEVICES = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def make_session(proto: onnx.ModelProto, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+    """An ORT session with the default graph optimisations (what a deployment runs).
+    threads = 0 lets ORT choose; integer kernels without a CUDA version fall back to the CPU."""
+    providers = DEVICES[device]
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise PtqauditError("--device cuda needs onnxruntime-gpu (pip install 'ptqaudit[gpu]') and a CUDA device")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # ORT's warnings about unused initializers are noise here
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    except Exception as exc:
+        raise PtqauditError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from exc
+
+
+@dataclass
+class Predictions:
+    logits: np.ndarray  # (N, classes) float32
+    seconds: float  # time spent inside session.run, for images/s
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    def images_per_second(self) -> float:
+        return len(self.logits) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def predict(session: ort.InferenceSession, dataset: Dataset, batch_size: int, desc: str, progress: bool = True) -> Predictions:
+    """Logits for every example, fed in order in batches of batch_size: the activation range of a
+    dynamically quantized layer is taken over the whole batch, so the batching is part of the result."""
+    input_name = session.get_inputs()[0].name
+    outputs, seconds = [], 0.0
+    batches = dataset.batches(batch_size)
+    total = -(-len(dataset) // batch_size)
+    for x, _ in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress or None, leave=False):
+        start = time.perf_counter()
+        (logits,) = session.run(None, {input_name: x})
+        seconds += time.perf_counter() - start
+        outputs.append(logits)
+    logits = np.concatenate(outputs)
+    if logits.ndim != 2 or logits.shape[0] != len(dataset):
+        raise PtqauditError(f"not a classifier: the model's output has shape {list(logits.shape)} for {len(dataset)} inputs, expected [N, classes]")
+    return Predictions(logits, seconds)
+
+
+def check_model_fits_data(model: LoadedModel, dataset: Dataset, batch_size: int) -> None:
+    check_input_shape(dataset, model.input_shape)
+    batch_dim = model.input_shape[0] if model.input_shape else None
+    if isinstance(batch_dim, int) and batch_dim > 0 and batch_dim != batch_size:
+        raise PtqauditError(f"model input has a fixed batch size of {batch_dim}; run with --batch-size {batch_dim}")
+    if model.num_classes is not None and len(dataset.classes) > model.num_classes:
+        raise PtqauditError(
+            f"dataset {dataset.name} has {len(dataset.classes)} classes but the model outputs {model.num_classes} scores"
+        )
+
+
+def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(predicted == labels))
+
+
+@dataclass
+class PolicyResult:
+    policy: str
+    description: str
+    method: str  # which graph builder made the quantized model
+    layers: str  # settings used, e.g. "W4A8 x18, W8A8 x2"
+    digest: str
+    accuracy: float
+    drop_points: float  # FP32 accuracy minus this accuracy, in percentage points
+    agreement_with_fp32: float  # fraction of inputs with the same top-1 class as FP32
+    bitops: int  # per input sample
+    effective_bits: float
+    images_per_second: float
+
+
+@dataclass
+class EvalReport:
+    model: str
+    dataset: str
+    images: int
+    batch_size: int
+    engine: str
+    device: str
+    fp32_accuracy: float
+    fp32_images_per_second: float
+    fp32_bitops: int
+    results: list[PolicyResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def engine_description() -> str:
+    return f"onnxruntime {ort.__version__} on {platform.machine()}"
+
+
+def evaluate(
+    model: LoadedModel,
+    dataset: Dataset,
+    policies: list[Policy],
+    batch_size: int = 1,
+    device: str = "cpu",
+    threads: int = 0,
+    progress: bool = True,
+    on_update=None,
+) -> EvalReport:
+    """FP32 accuracy, then accuracy, drop, FP32 agreement, cost and speed of each policy on ORT's kernels.
+    on_update(report) is called after FP32 and after each policy, so a CLI can print results as they come."""
+    if batch_size < 1:
+        raise PtqauditError(f"--batch-size must be at least 1, got {batch_size}")
+    check_model_fits_data(model, dataset, batch_size)
+    resolved = [policy.resolve(model.layers) for policy in policies]  # every policy checked before any long run
+    fp32 = predict(make_session(model.proto, device, threads), dataset, batch_size, "fp32", progress)
+    fp32_accuracy = accuracy(fp32.labels, dataset.y)
+    fp32_bits = 32 * 32 * model.total_macs
+    report = EvalReport(
+        model=str(model.path), dataset=dataset.name, images=len(dataset), batch_size=batch_size,
+        engine=engine_description(), device=device, fp32_accuracy=fp32_accuracy,
+        fp32_images_per_second=fp32.images_per_second(), fp32_bitops=fp32_bits,
+    )
+    if on_update:
+        on_update(report)
+    for policy, applied in zip(policies, resolved):
+        quantized = quantize(model, applied)
+        run = predict(make_session(quantized.proto, device, threads), dataset, batch_size, policy.name, progress)
+        result = PolicyResult(
+            policy=policy.name, description=policy.description, method=quantized.method,
+            layers=applied.summary(), digest=applied.digest,
+            accuracy=accuracy(run.labels, dataset.y),
+            drop_points=100.0 * (fp32_accuracy - accuracy(run.labels, dataset.y)),
+            agreement_with_fp32=accuracy(run.labels, fp32.labels),
+            bitops=applied.bitops(model.layers), effective_bits=applied.effective_bits(model.layers),
+            images_per_second=run.images_per_second(),
+        )
+        report.results.append(result)
+        if on_update:
+            on_update(report)
+    return report

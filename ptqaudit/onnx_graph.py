@@ -1,0 +1,256 @@
+"""Loading an ONNX classifier safely and finding its quantizable layers, their shapes and MACs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import PtqauditError
+
+QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One quantizable node: a Conv, MatMul or Gemm whose weight is a constant initializer."""
+
+    name: str
+    op_type: str
+    index: int  # position among the model's quantizable layers, in graph order
+    weight_name: str
+    weight_shape: tuple[int, ...]
+    output_shape: tuple[int | str, ...]  # per inferred shapes; the batch dim stays symbolic
+    macs: int  # multiply-accumulates for one input sample
+    params: int  # weight and bias elements
+
+    @property
+    def output_channels(self) -> int:
+        """The axis a per-channel weight scale runs along: Conv filters, MatMul/Gemm columns."""
+        if self.op_type == "Conv":
+            return self.weight_shape[0]
+        return self.weight_shape[-1]
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    proto: onnx.ModelProto
+    layers: list[Layer]
+    input_name: str
+    input_shape: tuple[int | str | None, ...]
+    num_classes: int | None  # None where the output width is only known at run time
+
+    def layer(self, name: str) -> Layer:
+        return next(layer for layer in self.layers if layer.name == name)
+
+    @property
+    def total_macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Every tensor stored in a graph: initializers and constant attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
+
+
+def _check_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
+    """Refuse external-data references that leave the model's folder, before anything is read."""
+    base = model_dir.resolve()
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base):
+            raise PtqauditError(
+                f"refusing model: tensor {tensor.name!r} references external data {location!r} "
+                f"outside the model's folder {base}"
+            )
+        if not target.is_file():
+            raise PtqauditError(f"model tensor {tensor.name!r} references missing external data file {target}")
+
+
+def read_model(path: str | Path) -> onnx.ModelProto:
+    """Read and check an ONNX file; every failure is one clear PtqauditError."""
+    path = Path(path)
+    if not path.exists():
+        raise PtqauditError(f"model file not found: {path}")
+    if not path.is_file():
+        raise PtqauditError(f"model path is not a file: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file, or truncated
+        raise PtqauditError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    if not model.graph.node:
+        raise PtqauditError(f"{path} is not a readable ONNX model (it has no graph nodes)")
+    _check_external_data(model, path.parent)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise PtqauditError(f"{path} is not a valid ONNX model: {str(exc).splitlines()[0]}") from exc
+    return model
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+    )
+
+
+def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str]) -> dict[str, tuple]:
+    """Output shape of each named tensor: ONNX shape inference, or one ORT run of a zero input when
+    inference leaves a non-batch dimension unknown (Slice/Reshape chains often defeat it)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        shapes = {vi.name: _dims(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    except Exception:
+        shapes = {}
+    wanted = {n: shapes.get(n) for n in names}
+    if all(s is not None and all(isinstance(d, int) for d in s[1:]) for s in wanted.values()):
+        return wanted
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    sample_shape = [1 if not isinstance(d, int) or d <= 0 else d for d in input_shape]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    outputs = session.run(names, {input_name: np.zeros(sample_shape, dtype=np.float32)})
+    return {n: ("batch",) + tuple(int(d) for d in out.shape[1:]) for n, out in zip(names, outputs)}
+
+
+def _macs(node: onnx.NodeProto, weight_shape: tuple[int, ...], output_shape: tuple) -> int:
+    per_sample_out = int(np.prod([d for d in output_shape[1:]], dtype=np.int64))
+    if node.op_type == "Conv":
+        # every output element takes (Cin / group) * kernel products: weight is [Cout, Cin/group, kh, kw]
+        return per_sample_out * int(np.prod(weight_shape[1:]))
+    k = weight_shape[0]
+    if node.op_type == "Gemm" and node_attribute(node, "transB", 0):
+        k = weight_shape[1]
+    return per_sample_out * k
+
+
+def node_attribute(node: onnx.NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _weight_input(node: onnx.NodeProto, initializers: dict) -> str | None:
+    """Name of the constant weight a node multiplies by, or None when the node is not quantizable."""
+    if node.op_type == "Conv":
+        return node.input[1] if node.input[1] in initializers else None
+    if node.op_type == "MatMul":
+        weight = node.input[1]
+        return weight if weight in initializers and len(initializers[weight].dims) == 2 else None
+    if node.op_type == "Gemm":
+        # the integer rewrite multiplies A by a constant B; transA, alpha and beta other than 1 change that
+        plain = node_attribute(node, "transA", 0) == 0 and node_attribute(node, "alpha", 1.0) == 1.0 and node_attribute(node, "beta", 1.0) == 1.0
+        return node.input[1] if plain and node.input[1] in initializers else None
+    return None
+
+
+def find_layers(model: onnx.ModelProto, input_shape) -> list[Layer]:
+    initializers = {init.name: init for init in model.graph.initializer}
+    candidates = []
+    for node in model.graph.node:
+        if node.op_type in QUANTIZABLE_OPS:
+            weight = _weight_input(node, initializers)
+            if weight is not None:
+                candidates.append((node, weight))
+    unnamed = [n for n, _ in candidates if not n.name]
+    if unnamed:
+        raise PtqauditError(
+            f"model has {len(unnamed)} unnamed {unnamed[0].op_type} node(s): policies address layers by "
+            "ONNX node name, so name every node (e.g. re-export the model)"
+        )
+    names = [node.name for node, _ in candidates]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise PtqauditError(
+            f"model has several quantizable nodes named {', '.join(map(repr, duplicates))}: policies address "
+            "layers by ONNX node name, so names must be unique"
+        )
+    shapes = _layer_output_shapes(model, input_shape, [n.output[0] for n, _ in candidates])
+    layers = []
+    for index, (node, weight) in enumerate(candidates):
+        weight_shape = tuple(int(d) for d in initializers[weight].dims)
+        bias_params = 0
+        if len(node.input) > 2 and node.input[2] in initializers:
+            bias_params = int(np.prod(initializers[node.input[2]].dims))
+        output_shape = ("batch",) + tuple(shapes[node.output[0]][1:])
+        layers.append(
+            Layer(
+                name=node.name,
+                op_type=node.op_type,
+                index=index,
+                weight_name=weight,
+                weight_shape=weight_shape,
+                output_shape=output_shape,
+                macs=_macs(node, weight_shape, output_shape),
+                params=int(np.prod(weight_shape)) + bias_params,
+            )
+        )
+    return layers
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Read an ONNX classifier and describe it; refuses models the audit cannot handle, with a reason."""
+    path = Path(path)
+    proto = read_model(path)
+    initializer_names = {init.name for init in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializer_names]
+    if len(inputs) != 1:
+        raise PtqauditError(f"{path}: expected one image input, found {len(inputs)}: {[i.name for i in inputs]}")
+    if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise PtqauditError(f"{path}: input {inputs[0].name!r} must be float32")
+    input_shape = _dims(inputs[0]) or ()
+    if len(proto.graph.output) != 1:
+        raise PtqauditError(
+            f"{path}: not a classifier: expected one output of class scores, found {len(proto.graph.output)}"
+        )
+    output_shape = _dims(proto.graph.output[0])
+    if output_shape is not None and len(output_shape) != 2:
+        raise PtqauditError(
+            f"{path}: not a classifier: output {proto.graph.output[0].name!r} has shape "
+            f"{list(output_shape)}, expected [batch, classes]"
+        )
+    num_classes = output_shape[1] if output_shape and isinstance(output_shape[1], int) else None
+    layers = find_layers(proto, input_shape)
+    if not layers:
+        raise PtqauditError(
+            f"{path}: no quantizable layer (Conv, MatMul or Gemm with a constant weight) in the model"
+        )
+    return LoadedModel(path, proto, layers, inputs[0].name, input_shape, num_classes)
+
+
+def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    raise KeyError(name)

@@ -1,0 +1,215 @@
+"""Bit-width policies: parse and validate policy files, resolve them per layer, cost them in BitOPs."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import PtqauditError
+from .onnx_graph import Layer
+
+BUILTIN_DIR = Path(__file__).parent / "policies"
+MIN_BITS, MAX_BITS = 2, 8
+GRANULARITIES = ("per-tensor", "per-channel")
+FP32_BITS = 32  # what an unquantized layer costs per operand in BitOPs
+SETTING_KEYS = ("weight_bits", "activation_bits", "granularity")
+FILE_KEYS = ("description", "default", "layers")
+# selectors that name layers by position or op type instead of by node name
+SPECIAL_SELECTORS = ("@first", "@last", "@Conv", "@MatMul", "@Gemm")
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """How one layer is quantized: b-bit symmetric weights, b-bit dynamic unsigned activations."""
+
+    weight_bits: int
+    activation_bits: int
+    per_channel: bool = False
+
+    def __post_init__(self):
+        for key in ("weight_bits", "activation_bits"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+                raise PtqauditError(f"{key} must be an integer from {MIN_BITS} to {MAX_BITS}, got {value!r}")
+
+    @property
+    def label(self) -> str:
+        return f"W{self.weight_bits}A{self.activation_bits}" + ("/ch" if self.per_channel else "")
+
+    @property
+    def granularity(self) -> str:
+        return "per-channel" if self.per_channel else "per-tensor"
+
+    def to_dict(self) -> dict:
+        return {
+            "weight_bits": self.weight_bits,
+            "activation_bits": self.activation_bits,
+            "granularity": self.granularity,
+        }
+
+
+def _parse_setting(value, where: str, base: LayerQuant | None) -> LayerQuant | None:
+    """A policy entry: "fp32", or a mapping of weight_bits / activation_bits / granularity
+    merged onto `base` (the default), so a rule may change one field only."""
+    if isinstance(value, str) and value.lower() == "fp32":
+        return None
+    if not isinstance(value, dict):
+        raise PtqauditError(f"{where}: expected \"fp32\" or a mapping with keys {', '.join(SETTING_KEYS)}, got {value!r}")
+    unknown = sorted(set(map(str, value)) - set(SETTING_KEYS))
+    if unknown:
+        raise PtqauditError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(SETTING_KEYS)}")
+    merged = base.to_dict() if base else {}
+    merged.update(value)
+    missing = [k for k in ("weight_bits", "activation_bits") if k not in merged]
+    if missing:
+        raise PtqauditError(f"{where}: {' and '.join(missing)} missing (the default is fp32, so nothing to inherit)")
+    granularity = merged.get("granularity", "per-tensor")
+    if granularity not in GRANULARITIES:
+        raise PtqauditError(f"{where}: granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    try:
+        return LayerQuant(merged["weight_bits"], merged["activation_bits"], granularity == "per-channel")
+    except PtqauditError as exc:
+        raise PtqauditError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A policy as written: a default setting plus ordered per-layer rules (later rules win)."""
+
+    name: str
+    description: str
+    default: LayerQuant | None  # None: layers are fp32 unless a rule quantizes them
+    rules: tuple[tuple[str, object], ...]  # (selector, raw setting), validated against the default
+    source: str
+
+    def _selected(self, selector: str, layers: list[Layer]) -> list[Layer]:
+        if selector == "@first":
+            return layers[:1]
+        if selector == "@last":
+            return layers[-1:]
+        if selector.startswith("@"):
+            return [layer for layer in layers if layer.op_type == selector[1:]]
+        return [layer for layer in layers if fnmatch.fnmatchcase(layer.name, selector)]
+
+    def resolve(self, layers: list[Layer]) -> "ResolvedPolicy":
+        """The setting of every layer of a model; a rule that matches no layer is an error."""
+        mapping = {layer.name: self.default for layer in layers}
+        for selector, raw in self.rules:
+            selected = self._selected(selector, layers)
+            if not selected:
+                close = difflib.get_close_matches(selector, [layer.name for layer in layers], n=3, cutoff=0.3)
+                hint = f"; closest layer names: {', '.join(close)}" if close else ""
+                raise PtqauditError(
+                    f"policy {self.name}: layer rule {selector!r} matches no layer of the model{hint} "
+                    "(`ptqaudit layers MODEL` lists them)"
+                )
+            for layer in selected:
+                mapping[layer.name] = _parse_setting(raw, f"policy {self.name}, layer rule {selector!r}", self.default)
+        return ResolvedPolicy(self.name, mapping)
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    """A policy applied to one model: each layer (in graph order) to its setting, None for fp32."""
+
+    name: str
+    mapping: dict[str, LayerQuant | None]
+
+    @property
+    def quantized(self) -> dict[str, LayerQuant]:
+        return {name: q for name, q in self.mapping.items() if q is not None}
+
+    def bitops(self, layers: list[Layer]) -> int:
+        """Sum over layers of MACs * weight bits * activation bits, per input sample (fp32 = 32 bits)."""
+        total = 0
+        for layer in layers:
+            q = self.mapping[layer.name]
+            w, a = (q.weight_bits, q.activation_bits) if q else (FP32_BITS, FP32_BITS)
+            total += layer.macs * w * a
+        return total
+
+    def effective_bits(self, layers: list[Layer]) -> float:
+        """sqrt(BitOPs / MACs): a uniform WbAb policy has b effective bits."""
+        return math.sqrt(self.bitops(layers) / sum(layer.macs for layer in layers))
+
+    def to_dict(self) -> dict:
+        return {name: (q.to_dict() if q else "fp32") for name, q in self.mapping.items()}
+
+    @property
+    def digest(self) -> str:
+        """Stable short hash of the per-layer settings (not the name): equal policies, equal digests."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def summary(self) -> str:
+        """The settings used and how many layers each, e.g. "W4A8 x18, W8A8 x2"."""
+        counts: dict[str, int] = {}
+        for q in self.mapping.values():
+            label = q.label if q else "fp32"
+            counts[label] = counts.get(label, 0) + 1
+        return ", ".join(f"{label} x{n}" for label, n in counts.items())
+
+
+def parse_policy(data, name: str, source: str) -> Policy:
+    if not isinstance(data, dict):
+        raise PtqauditError(f"policy {name} ({source}): expected a mapping with keys {', '.join(FILE_KEYS)}")
+    unknown = sorted(set(map(str, data)) - set(FILE_KEYS))
+    if unknown:
+        raise PtqauditError(f"policy {name} ({source}): unknown key(s) {', '.join(unknown)}; allowed: {', '.join(FILE_KEYS)}")
+    if "default" not in data:
+        raise PtqauditError(f"policy {name} ({source}): missing key 'default' (a setting or \"fp32\")")
+    default = _parse_setting(data["default"], f"policy {name}, default", None)
+    rules = data.get("layers") or {}
+    if not isinstance(rules, dict):
+        raise PtqauditError(f"policy {name} ({source}): 'layers' must map layer names or globs to settings")
+    for selector, raw in rules.items():
+        if not isinstance(selector, str) or (selector.startswith("@") and selector not in SPECIAL_SELECTORS):
+            raise PtqauditError(
+                f"policy {name}: bad layer selector {selector!r}; use a node name, a glob, or one of "
+                f"{', '.join(SPECIAL_SELECTORS)}"
+            )
+        _parse_setting(raw, f"policy {name}, layer rule {selector!r}", default)  # fail early on bad values
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise PtqauditError(f"policy {name}: 'description' must be a string")
+    return Policy(name, description, default, tuple(rules.items()), source)
+
+
+def builtin_policy_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def load_policy(spec: str) -> Policy:
+    """A built-in policy by name (see `ptqaudit policies`) or a JSON / YAML policy file by path."""
+    path = Path(spec)
+    if not path.is_file():
+        builtin = BUILTIN_DIR / f"{spec}.yaml"
+        if builtin.is_file():
+            path = builtin
+        else:
+            raise PtqauditError(
+                f"policy {spec!r} is neither a file nor a built-in policy; built-ins: {', '.join(builtin_policy_names())}"
+            )
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PtqauditError(f"cannot read policy file {path}: {exc}") from exc
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PtqauditError(f"policy file {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first_line}") from exc
+    source = "built-in" if path.parent == BUILTIN_DIR else str(path)
+    return parse_policy(data, path.stem, source)
+
+
+def policy_file_dict(resolved: ResolvedPolicy, description: str) -> dict:
+    """A resolved policy written out as an explicit policy file (every layer named)."""
+    return {"description": description, "default": "fp32", "layers": resolved.to_dict()}

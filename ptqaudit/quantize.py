@@ -1,0 +1,265 @@
+"""Policy -> quantized ONNX graph on ONNX Runtime's integer kernels (quantize_dynamic where it applies)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from .errors import PtqauditError
+from .onnx_graph import Layer, LoadedModel, node_attribute
+from .policy import LayerQuant, ResolvedPolicy
+
+ORT_QUANTIZER = "onnxruntime.quantize_dynamic"
+REWRITE = "ptqaudit-rewrite"
+MIN_OPSET = 11  # DynamicQuantizeLinear, Round and Clip-with-inputs all need opset 11
+
+
+def weight_code_limit(bits: int) -> int:
+    """Largest |code| of a b-bit symmetric weight. 7 bits is ONNX Runtime's reduce_range grid,
+    whose codes run from -64 to 64 (scale max|w| / 64), so a w7 policy means the same on every path."""
+    return 64 if bits == 7 else 2 ** (bits - 1) - 1
+
+
+def quantize_weight(weight: np.ndarray, bits: int, channel_axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric b-bit weight codes (int8) and float32 scales, per tensor (channel_axis None) or per
+    slice along channel_axis. Mirrors onnxruntime.quantization's arithmetic: the scale is computed in
+    float64 and stored as float32, the codes are round-half-even(float32 w / float32 scale)."""
+    limit = weight_code_limit(bits)
+    weight = np.asarray(weight, dtype=np.float32)
+    if channel_axis is None:
+        absmax = np.abs(weight).max(keepdims=True)
+    else:
+        other_axes = tuple(a for a in range(weight.ndim) if a != channel_axis)
+        absmax = np.abs(weight).max(axis=other_axes, keepdims=True)
+    scale = (2.0 * absmax.astype(np.float64) / (2 * limit)).astype(np.float32)
+    # an all-zero weight (or channel) has no range: ORT then uses scale 1, which keeps every code 0
+    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale)
+    codes = np.clip(np.round(weight / scale), -limit, limit).astype(np.int8)
+    scales = scale.reshape(-1) if channel_axis is not None else scale.reshape(())
+    return codes, scales
+
+
+@dataclass
+class QuantizedModel:
+    """A quantized graph, how it was built, and (for the rewrite) the tensors each layer computes,
+    so tests can read the activation codes and int32 accumulators back from ONNX Runtime."""
+
+    proto: onnx.ModelProto
+    method: str  # ORT_QUANTIZER or REWRITE
+    layer_tensors: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a temporary file in the destination folder, then a rename; a failed write
+        leaves nothing behind."""
+        path = Path(path)
+        data = self.proto.SerializeToString()
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+                tmp = Path(f.name)
+                f.write(data)
+            tmp.replace(path)
+        except BaseException as exc:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise PtqauditError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            raise
+
+
+def ort_quantizer_applies(model: LoadedModel, policy: ResolvedPolicy) -> bool:
+    """quantize_dynamic takes one weight width (8, or 7 via reduce_range), 8-bit activations and one
+    granularity for the whole model; fp32 layers are its nodes_to_exclude. Its per_channel=True does
+    not reach Conv (ConvInteger stays per tensor), so per-channel Conv layers need the rewrite."""
+    settings = set(policy.quantized.values())
+    if len(settings) != 1:
+        return False
+    (setting,) = settings
+    if setting.per_channel and any(model.layer(name).op_type == "Conv" for name in policy.quantized):
+        return False
+    return setting.weight_bits in (7, 8) and setting.activation_bits == 8
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _with_min_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    if _default_opset(model) >= MIN_OPSET:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, 13)
+    except Exception as exc:
+        raise PtqauditError(
+            f"model uses opset {_default_opset(model)}; quantization needs opset >= {MIN_OPSET} and the "
+            f"automatic upgrade failed ({exc}); re-export the model with a newer opset"
+        ) from exc
+
+
+def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedModel:
+    setting = next(iter(policy.quantized.values()))
+    # quantize_dynamic first turns each Gemm into a MatMul named "<gemm>_MatMul" plus an Add, and
+    # selects nodes by that new name: the Gemm's own name would silently leave it in float
+    kinds = {layer.name: layer.op_type for layer in model.layers}
+    targets = [f"{name}_MatMul" if kinds[name] == "Gemm" else name for name in policy.quantized]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "quantized.onnx"
+        logging.disable(logging.WARNING)  # its advice to pre-process the model is noise in a CLI
+        try:
+            quantize_dynamic(
+                _with_min_opset(model.proto),
+                out,
+                weight_type=QuantType.QInt8,
+                per_channel=setting.per_channel,
+                reduce_range=setting.weight_bits == 7,
+                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                nodes_to_quantize=targets,
+            )
+        finally:
+            logging.disable(logging.NOTSET)
+        proto = onnx.load(str(out))
+    left_float = {n.name for n in proto.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")} & set(targets)
+    if left_float:
+        raise PtqauditError(
+            f"onnxruntime's quantize_dynamic left {len(left_float)} layer(s) of policy {policy.name} in float: "
+            f"{', '.join(sorted(left_float))}"
+        )
+    return QuantizedModel(proto, ORT_QUANTIZER)
+
+
+class _Rewriter:
+    """Builds the integer graph node by node: one handler per op family, each returning new nodes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.initializers = {init.name: init for init in model.graph.initializer}
+        self.new_initializers: list[TensorProto] = []
+        self.activation_cache: dict[tuple[str, int], tuple[str, str, str]] = {}
+        self.layer_tensors: dict[str, dict[str, str]] = {}
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        self.new_initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def quantize_activation(self, tensor: str, bits: int) -> tuple[list[onnx.NodeProto], tuple[str, str, str]]:
+        """Nodes giving (codes uint8, scale, zero point) of a tensor at b bits, shared between layers
+        that read the same tensor at the same width. 8 bits is ORT's DynamicQuantizeLinear itself; fewer
+        bits is its formula written in standard ops: range over the whole tensor widened to include 0,
+        scale = range / (2^b - 1) (1 when the range is empty, as ORT does), round half to even."""
+        key = (tensor, bits)
+        if key in self.activation_cache:
+            return [], self.activation_cache[key]
+        stem = f"{tensor}_a{bits}"
+        codes, scale, zero_point = f"{stem}_codes", f"{stem}_scale", f"{stem}_zero_point"
+        self.activation_cache[key] = (codes, scale, zero_point)
+        if bits == 8:
+            return [helper.make_node("DynamicQuantizeLinear", [tensor], [codes, scale, zero_point], name=f"{stem}_quantize")], (codes, scale, zero_point)
+        qmax = self.constant(f"{stem}_qmax", np.array(2**bits - 1, dtype=np.float32))
+        zero = self.constant(f"{stem}_zero", np.array(0.0, dtype=np.float32))
+        one = self.constant(f"{stem}_one", np.array(1.0, dtype=np.float32))
+        n = f"{stem}_"
+        nodes = [
+            helper.make_node("ReduceMin", [tensor], [n + "min"], keepdims=0, name=n + "min"),
+            helper.make_node("ReduceMax", [tensor], [n + "max"], keepdims=0, name=n + "max"),
+            helper.make_node("Min", [n + "min", zero], [n + "rmin"], name=n + "rmin"),
+            helper.make_node("Max", [n + "max", zero], [n + "rmax"], name=n + "rmax"),
+            helper.make_node("Sub", [n + "rmax", n + "rmin"], [n + "range"], name=n + "range"),
+            helper.make_node("Div", [n + "range", qmax], [n + "raw_scale"], name=n + "raw_scale"),
+            helper.make_node("Equal", [n + "range", zero], [n + "empty"], name=n + "empty"),
+            helper.make_node("Where", [n + "empty", one, n + "raw_scale"], [scale], name=n + "scale"),
+            helper.make_node("Neg", [n + "rmin"], [n + "neg_rmin"], name=n + "neg_rmin"),
+            helper.make_node("Div", [n + "neg_rmin", scale], [n + "zp_real"], name=n + "zp_real"),
+            helper.make_node("Clip", [n + "zp_real", zero, qmax], [n + "zp_clipped"], name=n + "zp_clipped"),
+            helper.make_node("Round", [n + "zp_clipped"], [n + "zp_float"], name=n + "zp_float"),
+            helper.make_node("Cast", [n + "zp_float"], [zero_point], to=TensorProto.UINT8, name=n + "zp"),
+            helper.make_node("Div", [tensor, scale], [n + "scaled"], name=n + "scaled"),
+            helper.make_node("Round", [n + "scaled"], [n + "rounded"], name=n + "rounded"),
+            helper.make_node("Add", [n + "rounded", n + "zp_float"], [n + "shifted"], name=n + "shifted"),
+            helper.make_node("Clip", [n + "shifted", zero, qmax], [n + "clipped"], name=n + "clipped"),
+            helper.make_node("Cast", [n + "clipped"], [codes], to=TensorProto.UINT8, name=n + "codes"),
+        ]
+        return nodes, (codes, scale, zero_point)
+
+    def integer_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
+        """Conv -> ConvInteger, MatMul / Gemm -> MatMulInteger, each followed by ORT's float epilogue:
+        Cast(int32 accumulator) * (x_scale * w_scale) + bias."""
+        weight = numpy_helper.to_array(self.initializers[layer.weight_name]).astype(np.float32)
+        is_conv = node.op_type == "Conv"
+        if node.op_type == "Gemm" and node_attribute(node, "transB", 0):
+            weight = weight.T  # ORT's Gemm rewrite also multiplies by the transposed weight
+        channel_axis = (0 if is_conv else 1) if q.per_channel else None
+        w_codes, w_scale = quantize_weight(weight, q.weight_bits, channel_axis)
+        if is_conv and q.per_channel:
+            w_scale = w_scale.reshape(-1, *([1] * (weight.ndim - 2)))  # broadcast over [N, C, H, W]
+        stem = f"{node.name}_w{q.weight_bits}a{q.activation_bits}"
+        nodes, (x_codes, x_scale, x_zero_point) = self.quantize_activation(node.input[0], q.activation_bits)
+        w_name = self.constant(f"{stem}_weight_codes", w_codes)
+        w_scale_name = self.constant(f"{stem}_weight_scale", w_scale)
+        w_zero_point = self.constant(f"{stem}_weight_zero_point", np.array(0, dtype=np.int8))
+        acc, acc_float, scales = f"{stem}_acc_int32", f"{stem}_acc_float", f"{stem}_scales"
+        output = node.output[0]
+        has_bias = len(node.input) > 2 and node.input[2] != ""
+        product = f"{stem}_product" if has_bias else output
+        if is_conv:
+            conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            integer_op = helper.make_node("ConvInteger", [x_codes, w_name, x_zero_point, w_zero_point], [acc], name=f"{stem}_conv_integer", **conv_attrs)
+        else:
+            integer_op = helper.make_node("MatMulInteger", [x_codes, w_name, x_zero_point, w_zero_point], [acc], name=f"{stem}_matmul_integer")
+        nodes += [
+            helper.make_node("Mul", [x_scale, w_scale_name], [scales], name=f"{stem}_scales"),
+            integer_op,
+            helper.make_node("Cast", [acc], [acc_float], to=TensorProto.FLOAT, name=f"{stem}_cast"),
+            helper.make_node("Mul", [acc_float, scales], [product], name=f"{stem}_rescale"),
+        ]
+        if has_bias:
+            bias = node.input[2]
+            if is_conv:
+                bias_array = numpy_helper.to_array(self.initializers[bias]).astype(np.float32)
+                bias = self.constant(f"{stem}_bias", bias_array.reshape(-1, *([1] * (weight.ndim - 2))))
+            nodes.append(helper.make_node("Add", [product, bias], [output], name=f"{stem}_bias_add"))
+        self.layer_tensors[node.name] = {
+            "x_codes": x_codes, "x_scale": x_scale, "x_zero_point": x_zero_point,
+            "w_codes": w_name, "w_scale": w_scale_name, "acc": acc, "output": output,
+        }
+        return nodes
+
+    def run(self, model: LoadedModel, policy: ResolvedPolicy) -> QuantizedModel:
+        graph = self.model.graph
+        layers = {layer.name: layer for layer in model.layers}
+        new_nodes = []
+        for node in graph.node:
+            q = policy.mapping.get(node.name)
+            new_nodes += self.integer_layer(node, layers[node.name], q) if q is not None else [node]
+        used = {name for node in new_nodes for name in node.input}
+        kept = [init for init in graph.initializer if init.name in used]
+        dropped = {init.name for init in graph.initializer} - used
+        # old exporters also list initializers as graph inputs; a dropped float weight must go from both
+        inputs = [i for i in graph.input if i.name not in dropped]
+        new_graph = helper.make_graph(
+            new_nodes, graph.name, inputs, list(graph.output),
+            kept + [i for i in self.new_initializers if i.name in used],
+            value_info=[],
+        )
+        proto = helper.make_model(new_graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        proto.producer_name = "ptqaudit"
+        onnx.checker.check_model(proto)
+        return QuantizedModel(proto, REWRITE, self.layer_tensors)
+
+
+def quantize(model: LoadedModel, policy: ResolvedPolicy, force_rewrite: bool = False) -> QuantizedModel:
+    """The graph ONNX Runtime runs for `policy`: quantize_dynamic itself where it can express the
+    policy (unless force_rewrite, used to cross-check the two paths), else the integer rewrite."""
+    if not policy.quantized:
+        return QuantizedModel(model.proto, "fp32")
+    if ort_quantizer_applies(model, policy) and not force_rewrite:
+        return _quantize_with_ort(model, policy)
+    source = _with_min_opset(model.proto)
+    return _Rewriter(source).run(model, policy)
