@@ -12,7 +12,7 @@ import click
 from . import __version__
 from .data import DataConfig, load_dataset
 from .errors import GateFailed, PtqauditError
-from .evaluate import DEVICES, EvalReport, evaluate
+from .evaluate import DEVICES, ENGINES, EvalReport, evaluate
 from .onnx_graph import load_model
 from .policy import builtin_policy_names, load_policy
 from .quantize import quantize
@@ -163,7 +163,8 @@ def quantize_command(model, policy, output, as_json):
 
 
 EVAL_COLUMNS = [("policy", None), ("accuracy", 9), ("drop (pts)", 10), ("agree w/ fp32", 13), ("BitOPs/img", 10),
-                ("eff. bits", 9), ("images/s", 9), ("built by", 0)]
+                ("eff. bits", 9), ("images/s", 9)]
+SIM_COLUMNS = [("sim = ort", 9), ("sim img/s", 9)]  # with --engine both: top-1 agreement and simulator speed
 
 
 def _si(value: float) -> str:
@@ -174,19 +175,25 @@ def _si(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _eval_line(cells: list[str], policy_width: int) -> str:
+def _eval_line(cells: list[str], columns: list, policy_width: int) -> str:
     """One row of the eval table at fixed widths, so rows can be printed as each policy finishes."""
     out = [cells[0].ljust(policy_width)]
-    out += [c.rjust(w) for c, (_, w) in zip(cells[1:-1], EVAL_COLUMNS[1:-1])]
+    out += [c.rjust(w) for c, (_, w) in zip(cells[1:-1], columns[1:])]
     return "  ".join(out + [cells[-1]]).rstrip()
 
 
+def _sim_cells(check) -> list[str]:
+    return [f"{100 * check.top1_agreement_with_ort:.2f}%", f"{check.images_per_second:,.0f}"] if check else ["", ""]
+
+
 def _report_rows(report: EvalReport) -> list[list[str]]:
+    both = report.engine == "both"
     rows = [["fp32", f"{100 * report.fp32_accuracy:.2f}%", "", "", _si(report.fp32_bitops), "32.00",
-             f"{report.fp32_images_per_second:,.0f}", "-"]]
+             f"{report.fp32_images_per_second:,.0f}"] + (_sim_cells(report.fp32_sim) if both else []) + ["-"]]
     for r in report.results:
         rows.append([r.policy, f"{100 * r.accuracy:.2f}%", f"{r.drop_points:+.2f}", f"{100 * r.agreement_with_fp32:.2f}%",
-                     _si(r.bitops), f"{r.effective_bits:.2f}", f"{r.images_per_second:,.0f}", r.method])
+                     _si(r.bitops), f"{r.effective_bits:.2f}", f"{r.images_per_second:,.0f}"]
+                    + (_sim_cells(r.sim) if both else []) + [r.method])
     return rows
 
 
@@ -201,36 +208,42 @@ def _report_rows(report: EvalReport) -> list[list[str]]:
 @click.option("--device", type=click.Choice(sorted(DEVICES)), default="cpu", show_default=True,
               help="cuda needs the onnxruntime-gpu extra; integer kernels without CUDA versions stay on the CPU.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--engine", type=click.Choice(ENGINES), default="ort", show_default=True,
+              help="ort: ONNX Runtime's integer kernels. sim: the PyTorch simulator (fast; for exploration). "
+                   "both: ORT's numbers plus the simulator's top-1 agreement with them and its speed.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 @json_option
 @debug_option
-def eval_command(model, data, data_root, download, split, limit, mean, std, policy_specs, batch_size, device, threads,
-                 no_progress, as_json):
+def eval_command(model, data, data_root, download, split, limit, mean, std, policy_specs, batch_size, engine, device,
+                 threads, no_progress, as_json):
     """Measure MODEL's FP32 accuracy and, for each policy, the accuracy of its dynamically quantized
     graph on ONNX Runtime's integer kernels: drop in points, top-1 agreement with FP32, cost and speed."""
     loaded = load_model(model)
     chosen = [load_policy(spec) for spec in (policy_specs or builtin_policy_names())]
     dataset = load_dataset(DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download))
     width = max(len(p.name) for p in chosen + [load_policy("w8a8")])
+    columns = EVAL_COLUMNS + (SIM_COLUMNS if engine == "both" else [])
     printed = 0
 
     def print_new_rows(report: EvalReport) -> None:
         nonlocal printed
         rows = _report_rows(report)
         for row in rows[printed:]:
-            click.echo(_eval_line(row, width))
+            click.echo(_eval_line(row, columns, width))
         printed = len(rows)
 
     if not as_json:
-        click.echo(f"model {model} | data {dataset.name}, {len(dataset)} images | batch size {batch_size}\n")
-        click.echo(_eval_line([name for name, _ in EVAL_COLUMNS], width))
-        click.echo(_eval_line(["-" * width] + ["-" * (w or len(name)) for name, w in EVAL_COLUMNS[1:]], width))
-    report = evaluate(loaded, dataset, chosen, batch_size=batch_size, device=device, threads=threads,
+        source = {"ort": "ONNX Runtime", "sim": "the simulator (not ORT)", "both": "ONNX Runtime, simulator checked"}[engine]
+        click.echo(f"model {model} | data {dataset.name}, {len(dataset)} images | batch size {batch_size} | "
+                   f"numbers from {source}\n")
+        click.echo(_eval_line([name for name, _ in columns] + ["built by"], columns, width))
+        click.echo(_eval_line(["-" * width] + ["-" * w for _, w in columns[1:]] + ["-" * 8], columns, width))
+    report = evaluate(loaded, dataset, chosen, batch_size=batch_size, engine=engine, device=device, threads=threads,
                       progress=not no_progress, on_update=None if as_json else print_new_rows)
     if as_json:
         _print_json(report.to_dict())
     else:
-        click.echo(f"\n{report.engine}, device {report.device}; drop = FP32 accuracy - policy accuracy, in points")
+        click.echo(f"\n{report.runtime}, device {report.device}; drop = FP32 accuracy - policy accuracy, in points")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Running models on ONNX Runtime: sessions, batched predictions, accuracy, agreement, throughput."""
+"""Evaluating policies: ORT sessions, batched predictions, accuracy, agreement, throughput, engines."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from tqdm import tqdm
 from .data import Dataset, check_input_shape
 from .errors import PtqauditError
 from .onnx_graph import LoadedModel
-from .policy import Policy
+from .policy import Policy, ResolvedPolicy
+from .predictions import Predictions, accuracy
 from .quantize import quantize
+from .sim.engine import EngineAgreement, sim_predict
+from .sim.model import SimModel
 
 DEVICES = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -33,19 +36,6 @@ def make_session(proto: onnx.ModelProto, device: str = "cpu", threads: int = 0) 
         return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
     except Exception as exc:
         raise PtqauditError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from exc
-
-
-@dataclass
-class Predictions:
-    logits: np.ndarray  # (N, classes) float32
-    seconds: float  # time spent inside session.run, for images/s
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.logits.argmax(axis=1)
-
-    def images_per_second(self) -> float:
-        return len(self.logits) / self.seconds if self.seconds > 0 else float("inf")
 
 
 def predict(session: ort.InferenceSession, dataset: Dataset, batch_size: int, desc: str, progress: bool = True) -> Predictions:
@@ -77,15 +67,31 @@ def check_model_fits_data(model: LoadedModel, dataset: Dataset, batch_size: int)
         )
 
 
-def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(predicted == labels))
+ENGINES = ("ort", "sim", "both")
+
+
+@dataclass
+class SimCheck:
+    """The simulator's run beside ORT's on the same inputs (engine "both")."""
+
+    accuracy: float
+    images_per_second: float
+    top1_agreement_with_ort: float
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+
+    @classmethod
+    def compare(cls, ort_run: Predictions, sim_run: Predictions, labels: np.ndarray) -> "SimCheck":
+        agreement = EngineAgreement.between(ort_run, sim_run)
+        return cls(accuracy(sim_run.labels, labels), sim_run.images_per_second(), agreement.top1_agreement,
+                   agreement.max_abs_logit_diff, agreement.mean_abs_logit_diff)
 
 
 @dataclass
 class PolicyResult:
     policy: str
     description: str
-    method: str  # which graph builder made the quantized model
+    method: str  # which graph builder made the quantized ORT model, or "simulator"
     layers: str  # settings used, e.g. "W4A8 x18, W8A8 x2"
     digest: str
     accuracy: float
@@ -94,6 +100,7 @@ class PolicyResult:
     bitops: int  # per input sample
     effective_bits: float
     images_per_second: float
+    sim: SimCheck | None = None
 
 
 @dataclass
@@ -102,11 +109,13 @@ class EvalReport:
     dataset: str
     images: int
     batch_size: int
-    engine: str
+    engine: str  # "ort" (numbers from ONNX Runtime), "sim" (from the simulator), "both" (ORT, sim checked)
+    runtime: str
     device: str
     fp32_accuracy: float
     fp32_images_per_second: float
     fp32_bitops: int
+    fp32_sim: SimCheck | None = None
     results: list[PolicyResult] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -122,40 +131,56 @@ def evaluate(
     dataset: Dataset,
     policies: list[Policy],
     batch_size: int = 1,
+    engine: str = "ort",
     device: str = "cpu",
     threads: int = 0,
     progress: bool = True,
     on_update=None,
 ) -> EvalReport:
-    """FP32 accuracy, then accuracy, drop, FP32 agreement, cost and speed of each policy on ORT's kernels.
+    """FP32 accuracy, then accuracy, drop, FP32 agreement, cost and speed of each policy: on ORT's
+    kernels (engine "ort"), on the simulator ("sim"), or on ORT with the simulator's agreement ("both").
     on_update(report) is called after FP32 and after each policy, so a CLI can print results as they come."""
+    if engine not in ENGINES:
+        raise PtqauditError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if batch_size < 1:
         raise PtqauditError(f"--batch-size must be at least 1, got {batch_size}")
     check_model_fits_data(model, dataset, batch_size)
     resolved = [policy.resolve(model.layers) for policy in policies]  # every policy checked before any long run
-    fp32 = predict(make_session(model.proto, device, threads), dataset, batch_size, "fp32", progress)
+    sim = SimModel(model).eval() if engine != "ort" else None
+
+    def run(policy: ResolvedPolicy | None, label: str) -> tuple[Predictions, SimCheck | None, str]:
+        """(primary predictions, simulator check, graph builder) for one policy (None: FP32)."""
+        if engine == "sim":
+            return sim_predict(sim, dataset, policy, batch_size, f"{label} (sim)", progress), None, "simulator"
+        quantized = quantize(model, policy) if policy is not None else None
+        proto = quantized.proto if quantized else model.proto
+        ort_run = predict(make_session(proto, device, threads), dataset, batch_size, label, progress)
+        check = None
+        if engine == "both":
+            sim_run = sim_predict(sim, dataset, policy, batch_size, f"{label} (sim)", progress)
+            check = SimCheck.compare(ort_run, sim_run, dataset.y)
+        return ort_run, check, quantized.method if quantized else "-"
+
+    fp32, fp32_check, _ = run(None, "fp32")
     fp32_accuracy = accuracy(fp32.labels, dataset.y)
-    fp32_bits = 32 * 32 * model.total_macs
     report = EvalReport(
-        model=str(model.path), dataset=dataset.name, images=len(dataset), batch_size=batch_size,
-        engine=engine_description(), device=device, fp32_accuracy=fp32_accuracy,
-        fp32_images_per_second=fp32.images_per_second(), fp32_bitops=fp32_bits,
+        model=str(model.path), dataset=dataset.name, images=len(dataset), batch_size=batch_size, engine=engine,
+        runtime=engine_description(), device=device, fp32_accuracy=fp32_accuracy,
+        fp32_images_per_second=fp32.images_per_second(), fp32_bitops=32 * 32 * model.total_macs, fp32_sim=fp32_check,
     )
     if on_update:
         on_update(report)
     for policy, applied in zip(policies, resolved):
-        quantized = quantize(model, applied)
-        run = predict(make_session(quantized.proto, device, threads), dataset, batch_size, policy.name, progress)
-        result = PolicyResult(
-            policy=policy.name, description=policy.description, method=quantized.method,
-            layers=applied.summary(), digest=applied.digest,
-            accuracy=accuracy(run.labels, dataset.y),
-            drop_points=100.0 * (fp32_accuracy - accuracy(run.labels, dataset.y)),
-            agreement_with_fp32=accuracy(run.labels, fp32.labels),
+        predictions, check, method = run(applied, policy.name)
+        policy_accuracy = accuracy(predictions.labels, dataset.y)
+        report.results.append(PolicyResult(
+            policy=policy.name, description=policy.description, method=method,
+            layers=applied.summary(), digest=applied.digest, accuracy=policy_accuracy,
+            drop_points=100.0 * (fp32_accuracy - policy_accuracy),
+            agreement_with_fp32=accuracy(predictions.labels, fp32.labels),
             bitops=applied.bitops(model.layers), effective_bits=applied.effective_bits(model.layers),
-            images_per_second=run.images_per_second(),
-        )
-        report.results.append(result)
+            images_per_second=predictions.images_per_second(), sim=check,
+        ))
         if on_update:
             on_update(report)
     return report

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import PtqauditError
 
@@ -249,8 +248,18 @@ def load_model(path: str | Path) -> LoadedModel:
     return LoadedModel(path, proto, layers, inputs[0].name, input_shape, num_classes)
 
 
-def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    raise KeyError(name)
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def upgrade_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
+    """The model itself when its opset is at least `minimum`, else a copy converted to opset 13."""
+    if default_opset(model) >= minimum:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, max(minimum, 13))
+    except Exception as exc:
+        raise PtqauditError(
+            f"model uses opset {default_opset(model)}; this needs opset >= {minimum} and the automatic upgrade "
+            f"failed ({str(exc).splitlines()[0]}); re-export the model with a newer opset"
+        ) from exc

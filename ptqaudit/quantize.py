@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from .errors import PtqauditError
-from .onnx_graph import Layer, LoadedModel, node_attribute
+from .onnx_graph import Layer, LoadedModel, node_attribute, upgrade_opset
 from .policy import LayerQuant, ResolvedPolicy
 
 ORT_QUANTIZER = "onnxruntime.quantize_dynamic"
@@ -66,6 +67,7 @@ class QuantizedModel:
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
                 tmp = Path(f.name)
                 f.write(data)
+            tmp.chmod(_default_file_mode())  # mkstemp makes 0600 files; give the usual umask-based mode
             tmp.replace(path)
         except BaseException as exc:
             if tmp is not None:
@@ -73,6 +75,12 @@ class QuantizedModel:
             if isinstance(exc, OSError):
                 raise PtqauditError(f"cannot write {path}: {exc.strerror or exc}") from exc
             raise
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def ort_quantizer_applies(model: LoadedModel, policy: ResolvedPolicy) -> bool:
@@ -88,22 +96,6 @@ def ort_quantizer_applies(model: LoadedModel, policy: ResolvedPolicy) -> bool:
     return setting.weight_bits in (7, 8) and setting.activation_bits == 8
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _with_min_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    if _default_opset(model) >= MIN_OPSET:
-        return model
-    try:
-        return onnx.version_converter.convert_version(model, 13)
-    except Exception as exc:
-        raise PtqauditError(
-            f"model uses opset {_default_opset(model)}; quantization needs opset >= {MIN_OPSET} and the "
-            f"automatic upgrade failed ({exc}); re-export the model with a newer opset"
-        ) from exc
-
-
 def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedModel:
     setting = next(iter(policy.quantized.values()))
     # quantize_dynamic first turns each Gemm into a MatMul named "<gemm>_MatMul" plus an Add, and
@@ -115,7 +107,7 @@ def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedM
         logging.disable(logging.WARNING)  # its advice to pre-process the model is noise in a CLI
         try:
             quantize_dynamic(
-                _with_min_opset(model.proto),
+                upgrade_opset(model.proto, MIN_OPSET),
                 out,
                 weight_type=QuantType.QInt8,
                 per_channel=setting.per_channel,
@@ -261,5 +253,5 @@ def quantize(model: LoadedModel, policy: ResolvedPolicy, force_rewrite: bool = F
         return QuantizedModel(model.proto, "fp32")
     if ort_quantizer_applies(model, policy) and not force_rewrite:
         return _quantize_with_ort(model, policy)
-    source = _with_min_opset(model.proto)
+    source = upgrade_opset(model.proto, MIN_OPSET)
     return _Rewriter(source).run(model, policy)

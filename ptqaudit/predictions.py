@@ -1,0 +1,25 @@
+"""Model outputs on a dataset, from either engine, with the accuracy measures computed from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Predictions:
+    logits: np.ndarray  # (N, classes) float32
+    seconds: float  # time spent computing them, for images/s
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    def images_per_second(self) -> float:
+        return len(self.logits) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of equal entries: accuracy against labels, or top-1 agreement between two runs."""
+    return float(np.mean(predicted == labels))

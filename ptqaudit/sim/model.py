@@ -1,0 +1,234 @@
+"""The simulator: an ONNX classifier as a torch module whose quantizable layers take their bit-widths
+at call time and compute ONNX Runtime's integer arithmetic exactly (with straight-through gradients)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
+
+from ..errors import PtqauditError
+from ..onnx_graph import Layer, LoadedModel, node_attribute, upgrade_opset
+from ..policy import LayerQuant, ResolvedPolicy
+from .ops import OPS, attributes, conv_forward
+from .quantizers import (
+    EXACT_FLOAT32_LIMIT,
+    accumulator_bound,
+    activation_scale_zero_point,
+    centered_activation_codes,
+    weight_codes,
+)
+
+OPS_OPSET = 13  # the op handlers follow opset-13+ semantics; older graphs are converted first
+RANGES = ("batch", "sample")  # activation range over the whole batch (ORT), or per input (batch size 1)
+
+
+class QuantLayer(nn.Module):
+    """One Conv / MatMul / Gemm layer; forward(x, setting) runs it in float (setting None) or as ORT's
+    integer kernel would: int codes, exact integer products, float32(acc) * (x_scale * w_scale) + bias."""
+
+    def __init__(self, layer: Layer, attrs: dict, weight: np.ndarray, bias: np.ndarray | None):
+        super().__init__()
+        self.name = layer.name
+        self.is_conv = layer.op_type == "Conv"
+        self.attrs = attrs
+        self.weight = nn.Parameter(torch.from_numpy(np.array(weight, dtype=np.float32)))
+        self.bias = nn.Parameter(torch.from_numpy(np.array(bias, dtype=np.float32))) if bias is not None else None
+        self._weight_cache: dict = {}
+
+    @property
+    def output_axis(self) -> int:
+        """Axis of the weight that indexes output channels: Conv filters, MatMul columns (K, N)."""
+        return 0 if self.is_conv else 1
+
+    def _linear(self, x, weight, bias):
+        if self.is_conv:
+            return conv_forward(x, weight, bias, self.attrs)
+        y = torch.matmul(x, weight)
+        return y if bias is None else y + bias
+
+    def _quantized_weight(self, setting: LayerQuant):
+        """Codes, scale and float32-exactness of the weight at a setting; cached per setting while the
+        weight is not being trained (the key includes the parameter's version counter)."""
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            codes, scale = weight_codes(self.weight, setting.weight_bits, self.output_axis if setting.per_channel else None)
+            return codes, scale, accumulator_bound(codes, setting.activation_bits, self.output_axis) < EXACT_FLOAT32_LIMIT
+        key = (setting, self.weight._version)
+        if key not in self._weight_cache:
+            with torch.no_grad():
+                codes, scale = weight_codes(self.weight, setting.weight_bits, self.output_axis if setting.per_channel else None)
+            exact = accumulator_bound(codes, setting.activation_bits, self.output_axis) < EXACT_FLOAT32_LIMIT
+            self._weight_cache = {k: v for k, v in self._weight_cache.items() if k[1] == self.weight._version}
+            self._weight_cache[key] = (codes, scale, exact)
+        return self._weight_cache[key]
+
+    def forward(self, x: torch.Tensor, setting: LayerQuant | None, ranges: str = "batch") -> torch.Tensor:
+        if setting is None:
+            return self._linear(x, self.weight, self.bias)
+        x_scale, x_zero_point = activation_scale_zero_point(x, setting.activation_bits, ranges == "sample")
+        x_codes = centered_activation_codes(x, x_scale, x_zero_point, setting.activation_bits)
+        w_codes, w_scale, exact_in_float32 = self._quantized_weight(setting)
+        if exact_in_float32:
+            acc = self._linear(x_codes, w_codes, None)
+        else:  # sums could pass 2^24: accumulate in float64, exact like ORT's int32, then round as its Cast does
+            acc = self._linear(x_codes.double(), w_codes.double(), None).float()
+        # scales shaped to the output: per-sample x_scale on axis 0, per-channel w_scale on the channel axis
+        if self.is_conv:
+            x_scale = x_scale.reshape(x_scale.shape[0], *([1] * (acc.dim() - 1)))
+            w_scale = w_scale.reshape(1, -1, *([1] * (acc.dim() - 2)))
+            bias = None if self.bias is None else self.bias.reshape(1, -1, *([1] * (acc.dim() - 2)))
+        else:
+            x_scale = x_scale.reshape(x_scale.shape[0], *([1] * (acc.dim() - 1))) if ranges == "sample" else x_scale.reshape(())
+            w_scale = w_scale.reshape(-1)
+            bias = self.bias
+        # in place: acc is a fresh tensor and neither op needs it for its gradient
+        y = acc.mul_(x_scale * w_scale)
+        return y if bias is None else y.add_(bias)
+
+
+def _preferred_layout(x: torch.Tensor) -> torch.Tensor:
+    """Images in channels-last layout, which oneDNN's CPU convolutions run without reordering."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+@dataclass
+class _Step:
+    """One node to run per forward: an op from OPS, or a quantizable layer."""
+
+    op_type: str
+    inputs: list[str]  # "" for an absent optional input
+    outputs: list[str]
+    attrs: dict
+    layer: str | None = None  # the layer name when this step is a QuantLayer
+    frees: tuple[str, ...] = ()  # tensors no later step reads, dropped after this step
+
+
+class SimModel(nn.Module):
+    """ONNX graph interpreted with torch ops; constant sub-graphs are folded once at construction."""
+
+    def __init__(self, model: LoadedModel):
+        super().__init__()
+        graph = upgrade_opset(model.proto, OPS_OPSET).graph
+        self.input_name = model.input_name
+        self.output_name = graph.output[0].name
+        self.layer_names = [layer.name for layer in model.layers]
+        initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+        layer_by_name = {layer.name: layer for layer in model.layers}
+        unsupported = sorted({n.op_type for n in graph.node if n.op_type not in OPS and n.name not in layer_by_name})
+        if unsupported:
+            raise PtqauditError(f"the simulator does not support op(s) {', '.join(unsupported)} in {model.path}")
+
+        self.quant_layers = nn.ModuleDict()
+        self._module_key: dict[str, str] = {}
+        constants: dict[str, torch.Tensor] = {}
+        layer_weights = set()
+        steps: list[_Step] = []
+        for node in graph.node:
+            if node.name in layer_by_name:
+                layer = layer_by_name[node.name]
+                weight = initializers[layer.weight_name]
+                if node.op_type == "Gemm" and node_attribute(node, "transB", 0):
+                    weight = weight.T
+                has_bias = len(node.input) > 2 and node.input[2] != ""
+                bias = initializers[node.input[2]] if has_bias else None
+                key = f"layer{layer.index}"
+                self.quant_layers[key] = QuantLayer(layer, attributes(node), weight, bias)
+                self._module_key[layer.name] = key
+                layer_weights.update(node.input[1:])
+                steps.append(_Step(node.op_type, [node.input[0]], [node.output[0]], {}, layer=layer.name))
+                continue
+            step = _Step(node.op_type, list(node.input), list(node.output), attributes(node))
+            if all(name == "" or name in initializers or name in constants for name in step.inputs):
+                self._fold(step, initializers, constants)
+            else:
+                steps.append(step)
+        used = {name for step in steps for name in step.inputs}
+        for name, value in initializers.items():
+            if name in used and name not in layer_weights:
+                constants[name] = torch.from_numpy(np.array(value))
+        self._constants = {name: value for name, value in constants.items() if name in used}
+        self.steps = self._plan_frees(steps)
+
+    @staticmethod
+    def _fold(step: _Step, initializers, constants) -> None:
+        args = [None if n == "" else constants[n] if n in constants else torch.from_numpy(np.array(initializers[n]))
+                for n in step.inputs]
+        outputs = OPS[step.op_type](step.attrs, *args)
+        for name, value in zip(step.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
+            constants[name] = value
+
+    def _plan_frees(self, steps: list[_Step]) -> list[_Step]:
+        last_use: dict[str, int] = {}
+        for i, step in enumerate(steps):
+            for name in step.inputs:
+                last_use[name] = i
+        for i, step in enumerate(steps):
+            step.frees = tuple(n for n in step.inputs if last_use.get(n) == i and n not in self._constants
+                               and n != self.output_name)
+        return steps
+
+    def quant_layer(self, name: str) -> QuantLayer:
+        return self.quant_layers[self._module_key[name]]
+
+    def _run_step(self, step: _Step, env: dict, setting: LayerQuant | None, ranges: str) -> None:
+        if step.layer is not None:
+            env[step.outputs[0]] = self.quant_layers[self._module_key[step.layer]](env[step.inputs[0]], setting, ranges)
+        else:
+            args = [None if n == "" else env[n] if n in env else self._constants[n] for n in step.inputs]
+            outputs = OPS[step.op_type](step.attrs, *args)
+            for name, value in zip(step.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
+                env[name] = value
+        for name in step.frees:
+            env.pop(name, None)
+
+    @staticmethod
+    def _settings(policy) -> Mapping[str, LayerQuant | None]:
+        if policy is None:
+            return {}
+        return policy.mapping if isinstance(policy, ResolvedPolicy) else policy
+
+    def forward(self, x: torch.Tensor, policy: ResolvedPolicy | Mapping | None = None, ranges: str = "batch") -> torch.Tensor:
+        """Logits of x under a policy (None or a layer missing from it: fp32). ranges="batch" measures each
+        activation range over the whole batch, as ORT does for that batch; "sample" per input."""
+        if ranges not in RANGES:
+            raise ValueError(f"ranges must be one of {RANGES}, got {ranges!r}")
+        settings = self._settings(policy)
+        env = {self.input_name: _preferred_layout(x)}
+        for step in self.steps:
+            self._run_step(step, env, settings.get(step.layer) if step.layer else None, ranges)
+        return env[self.output_name]
+
+    def forward_many(self, x: torch.Tensor, policies: Sequence, ranges: str = "batch") -> list[torch.Tensor]:
+        """Logits of x under each policy, computing once what policies share: the input and every
+        activation before the first layer where their settings differ (a depth-first walk of the
+        policies' common prefixes)."""
+        all_settings = [self._settings(p) for p in policies]
+        results: list[torch.Tensor | None] = [None] * len(policies)
+
+        def walk(start: int, env: dict, members: list[int]) -> None:
+            for i in range(start, len(self.steps)):
+                step = self.steps[i]
+                if step.layer is None:
+                    self._run_step(step, env, None, ranges)
+                    continue
+                groups = defaultdict(list)
+                for m in members:
+                    groups[all_settings[m].get(step.layer)].append(m)
+                if len(groups) == 1:
+                    self._run_step(step, env, next(iter(groups)), ranges)
+                    continue
+                for setting, group in groups.items():
+                    branch = dict(env)
+                    self._run_step(step, branch, setting, ranges)
+                    walk(i + 1, branch, group)
+                return
+            for m in members:
+                results[m] = env[self.output_name]
+
+        walk(0, {self.input_name: _preferred_layout(x)}, list(range(len(policies))))
+        return results

@@ -1,0 +1,87 @@
+"""Torch quantizers with ONNX Runtime's dynamic-quantization arithmetic and straight-through gradients.
+
+Bit-widths are call arguments, not constructor arguments: one model serves every policy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quantize import weight_code_limit
+
+EXACT_FLOAT32_LIMIT = 2**24  # integers up to this magnitude, and sums of them, are exact in float32
+
+
+class RoundHalfEvenSTE(torch.autograd.Function):
+    """torch.round (half to even, as ORT) forward; identity gradient (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def activation_scale_zero_point(x: torch.Tensor, bits: int, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynamicQuantizeLinear's parameters at b bits, over the whole tensor (ORT at this batch) or per
+    sample (each input alone, as a batch-size-1 deployment sees it). Shapes broadcast against x."""
+    with torch.no_grad():
+        # each sample's values as one row, without a copy in either memory layout; row-wise amin and amax
+        # are several times faster on CPU than aminmax or a whole-tensor min/max
+        rows = x.permute(0, 2, 3, 1) if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else x
+        rows = rows.reshape(x.shape[0], -1)
+        low, high = rows.amin(dim=1), rows.amax(dim=1)
+        if per_sample:
+            shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        else:
+            shape = (1,) * x.dim()
+            low, high = low.min(), high.max()
+        low, high = low.reshape(shape), high.reshape(shape)
+        zero = torch.zeros((), dtype=x.dtype)
+        rmin, rmax = torch.minimum(low, zero), torch.maximum(high, zero)
+        qmax = float(2**bits - 1)
+        span = rmax - rmin
+        scale = torch.where(span == 0, torch.ones_like(span), span / qmax)
+        zero_point = torch.round(torch.clamp(-rmin / scale, 0.0, qmax))
+    return scale, zero_point
+
+
+def centered_activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes - zero point, as floats holding exact integers: what ConvInteger / MatMulInteger multiply.
+    The gradient passes straight through the rounding and stops outside the code range."""
+    # clip(round(x / scale) + zp, 0, qmax) - zp, with the shift folded into the clip bounds (exact: all integers)
+    low, high = -zero_point, float(2**bits - 1) - zero_point
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.clamp(RoundHalfEvenSTE.apply(x / scale), low, high)
+    # no gradient needed: the same arithmetic in place, with plain-number bounds where the range is shared
+    codes = torch.div(x, scale).round_()
+    if zero_point.numel() == 1:
+        return codes.clamp_(low.item(), high.item())
+    return torch.minimum(torch.maximum(codes, low, out=codes), high, out=codes)
+
+
+def weight_codes(weight: torch.Tensor, bits: int, channel_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric b-bit codes (floats holding integers, straight-through gradient) and float32 scales
+    shaped to broadcast against the weight; the scale is computed in float64 and stored as float32,
+    as onnxruntime.quantization does (ptqaudit.quantize.quantize_weight is the NumPy twin)."""
+    limit = weight_code_limit(bits)
+    with torch.no_grad():
+        magnitude = weight.abs()
+        if channel_axis is None:
+            absmax = magnitude.max().reshape((1,) * weight.dim())
+        else:
+            other = tuple(a for a in range(weight.dim()) if a != channel_axis)
+            absmax = magnitude.amax(dim=other, keepdim=True)
+        scale = (2.0 * absmax.double() / (2 * limit)).float()
+        scale = torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
+    codes = torch.clamp(RoundHalfEvenSTE.apply(weight / scale), -limit, limit)
+    return codes, scale
+
+
+def accumulator_bound(codes: torch.Tensor, activation_bits: int, output_axis: int) -> float:
+    """Largest |int32 accumulator| any input can produce: sum of |weight codes| feeding one output
+    times the largest |activation code - zero point| (2^b - 1)."""
+    other = tuple(a for a in range(codes.dim()) if a != output_axis)
+    return float(codes.detach().abs().sum(dim=other).max()) * (2**activation_bits - 1)

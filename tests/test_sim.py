@@ -1,0 +1,223 @@
+"""The simulator against the NumPy integer reference (codes, accumulators) and against ONNX Runtime (top-1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+import numpy_reference as ref
+from ptqaudit.data import DataConfig, load_dataset
+from ptqaudit.evaluate import evaluate
+from ptqaudit.onnx_graph import load_model
+from ptqaudit.policy import LayerQuant, ResolvedPolicy, load_policy, parse_policy
+from ptqaudit.quantize import quantize
+from ptqaudit.sim.engine import sim_predict
+from ptqaudit.sim.model import SimModel
+from ptqaudit.sim.quantizers import activation_scale_zero_point, centered_activation_codes, weight_codes
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS_MODEL = REPO / "sample_models" / "digits_cnn.onnx"
+BITS = [(8, 8), (4, 8), (4, 4), (2, 8), (3, 5), (7, 8), (8, 2)]
+
+
+def _inputs(rng, shape):
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[0].flat[0] = 6.0  # an outlier widens the shared range
+    return x
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("kind", ["mixed", "negative", "zeros"])
+def test_activation_codes_match_reference(bits, kind):
+    rng = np.random.default_rng(bits)
+    x = {"mixed": _inputs(rng, (3, 4, 5)), "negative": -np.abs(_inputs(rng, (3, 4, 5))),
+         "zeros": np.zeros((3, 4, 5), np.float32)}[kind]
+    t = torch.from_numpy(x)
+    scale, zp = activation_scale_zero_point(t, bits, per_sample=False)
+    centered = centered_activation_codes(t, scale, zp, bits)
+    codes, ref_scale, ref_zp = ref.quantize_activation(x, bits)
+    assert scale.numpy().reshape(()).tobytes() == np.float32(ref_scale).tobytes()
+    assert int(zp.reshape(())) == int(ref_zp)
+    np.testing.assert_array_equal(centered.numpy(), codes.astype(np.int64) - int(ref_zp))
+    # per sample: each input quantized as if it were alone in its batch
+    scale, zp = activation_scale_zero_point(t, bits, per_sample=True)
+    centered = centered_activation_codes(t, scale, zp, bits)
+    for n in range(len(x)):
+        codes, ref_scale, ref_zp = ref.quantize_activation(x[n : n + 1], bits)
+        assert scale[n].reshape(()).numpy().tobytes() == np.float32(ref_scale).tobytes()
+        np.testing.assert_array_equal(centered[n].numpy(), codes[0].astype(np.int64) - int(ref_zp))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_weight_codes_match_reference(bits, axis):
+    w = np.random.default_rng(bits).standard_normal((6, 5, 3, 3) if axis != 1 else (7, 6)).astype(np.float32)
+    w[1] = 0.0  # an all-zero channel (or row)
+    codes, scale = weight_codes(torch.from_numpy(w), bits, axis)
+    ref_codes, ref_scales = ref.quantize_weight(w, bits, per_channel=axis is not None, axis=axis or 0)
+    np.testing.assert_array_equal(codes.numpy(), ref_codes)
+    assert scale.numpy().reshape(-1).tobytes() == np.asarray(ref_scales, np.float32).reshape(-1).tobytes()
+
+
+def _single_layer_model(tmp_path, op: str, rng) -> tuple[Path, np.ndarray, np.ndarray, dict]:
+    """One Conv (pads, stride, groups; flattened after, to be a classifier), MatMul or Gemm (transB=1)
+    layer with bias; returns path, weight, bias, attrs."""
+    if op == "Conv":
+        w = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+        b = rng.standard_normal(6).astype(np.float32)
+        attrs = dict(pads=[1, 0, 1, 2], strides=[2, 1], group=2)
+        node = helper.make_node("Conv", ["x", "w", "b"], ["conv_out"], name="layer", **attrs)
+        x_info, y_info = [None, 4, 7, 6], [None, 144]
+    elif op == "MatMul":
+        w = rng.standard_normal((5, 4)).astype(np.float32)
+        b = rng.standard_normal(4).astype(np.float32)
+        node = helper.make_node("MatMul", ["x", "w"], ["y"], name="layer")
+        x_info, y_info, attrs = [None, 5], [None, 4], {}
+    else:
+        w = rng.standard_normal((4, 5)).astype(np.float32)  # transB=1: (N, K)
+        b = rng.standard_normal(4).astype(np.float32)
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="layer", transB=1)
+        x_info, y_info, attrs = [None, 5], [None, 4], {}
+    inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(b, "b")] if op != "MatMul" else [])
+    nodes = [node, helper.make_node("Flatten", ["conv_out"], ["y"], name="flatten")] if op == "Conv" else [node]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_info)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_info)], inits)
+    path = tmp_path / f"{op}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path, w, (b if op != "MatMul" else None), attrs
+
+
+@pytest.mark.parametrize("op", ["Conv", "MatMul", "Gemm"])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_single_layer_matches_integer_reference(tmp_path, op, bits, per_channel):
+    """Codes and the int32 accumulator exactly, the float output to rounding, against NumPy integer math."""
+    rng = np.random.default_rng(hash((op, bits, per_channel)) % 2**32)
+    path, w, b, attrs = _single_layer_model(tmp_path, op, rng)
+    layer = SimModel(load_model(path)).quant_layer("layer")
+    setting = LayerQuant(bits[0], bits[1], per_channel)
+    x = _inputs(rng, (3, 4, 7, 6) if op == "Conv" else (3, 5))
+    if op == "Conv":
+        r = ref.conv_layer(x, w, b, bits[0], bits[1], per_channel, strides=(2, 1), pads=(1, 0, 1, 2), group=2)
+    elif op == "MatMul":
+        r = ref.matmul_layer(x, w, None, bits[0], bits[1], per_channel)
+    else:
+        r = ref.gemm_layer(x, w, b, bits[0], bits[1], per_channel, trans_b=True)
+    with torch.no_grad():
+        t = torch.from_numpy(x)
+        scale, zp = activation_scale_zero_point(t, bits[1], per_sample=False)
+        centered = centered_activation_codes(t, scale, zp, bits[1])
+        codes, _, _ = layer._quantized_weight(setting)
+        acc = layer._linear(centered, codes, None)
+        y = layer(t, setting)
+    np.testing.assert_array_equal(centered.numpy(), r["x_codes"].astype(np.int64) - int(r["x_zp"]))
+    np.testing.assert_array_equal(codes.numpy(), r["w_codes"] if op != "Gemm" else r["w_codes"])
+    np.testing.assert_array_equal(acc.numpy().astype(np.int64), r["acc"])
+    np.testing.assert_allclose(y.numpy(), r["y"], rtol=1e-6, atol=1e-6 * np.abs(r["y"]).max())
+
+
+def _ort_logits(proto, x, batch_size):
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {"input": x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+
+
+MIXED = {"description": "mixed", "default": {"weight_bits": 4, "activation_bits": 6},
+         "layers": {"@first": {"weight_bits": 8, "activation_bits": 8}, "@last": "fp32",
+                    "@Gemm": {"weight_bits": 3, "activation_bits": 5, "granularity": "per-channel"}}}
+
+
+@pytest.mark.parametrize("batch_size", [1, 60])
+def test_sim_agrees_with_ort_on_digits_model(batch_size):
+    """Top-1 agreement with ORT's kernels (target >= 99.5%) at a per-input and a shared batch range."""
+    model = load_model(DIGITS_MODEL)
+    dataset = load_dataset(DataConfig(name="digits", limit=240))
+    sim = SimModel(model).eval()
+    policies = [load_policy(n) for n in ("w8a8", "w4a4", "w2a8", "w4a8-first-last-w8a8", "w8a8-per-channel")]
+    policies.append(parse_policy(MIXED, "mixed", "test"))
+    for policy in policies:
+        resolved = policy.resolve(model.layers)
+        expected = _ort_logits(quantize(model, resolved).proto, dataset.x, batch_size)
+        got = sim_predict(sim, dataset, resolved, batch_size, progress=False).logits
+        agreement = np.mean(expected.argmax(1) == got.argmax(1))
+        assert agreement >= 0.995, (policy.name, agreement)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_sim_agrees_with_ort_on_resnet20(resnet20_path, cifar10_root):
+    model = load_model(resnet20_path)
+    dataset = load_dataset(DataConfig(name="cifar10", root=cifar10_root, limit=300))
+    policies = [load_policy(n) for n in ("w8a8", "w4a8", "w4a4", "w4a8-first-last-w8a8")]
+    for batch_size in (1, 100):
+        report = evaluate(model, dataset, policies, batch_size=batch_size, engine="both", progress=False)
+        assert report.fp32_sim.top1_agreement_with_ort == 1.0
+        for result in report.results:
+            assert result.sim.top1_agreement_with_ort >= 0.995, (batch_size, result.policy, result.sim)
+
+
+def test_forward_many_equals_separate_forwards():
+    model = load_model(DIGITS_MODEL)
+    sim = SimModel(model).eval()
+    x = torch.from_numpy(load_dataset(DataConfig(name="digits", limit=40)).x)
+    names = ["w8a8", "w4a4", "w4a8", "w4a8-first-last-w8a8", "w2a8"]
+    policies = [load_policy(n).resolve(model.layers) for n in names] + [None]
+    with torch.no_grad():
+        for ranges in ("batch", "sample"):
+            together = sim.forward_many(x, policies, ranges)
+            for policy, logits in zip(policies, together):
+                assert torch.equal(logits, sim(x, policy, ranges))
+
+
+def test_straight_through_gradients_match_float_layer_at_quantized_values(tmp_path):
+    """d/dx and d/dw through the quantizers equal the gradients of the float conv evaluated at the
+    dequantized input and weight (straight-through: rounding counts as identity)."""
+    rng = np.random.default_rng(7)
+    path, w, b, attrs = _single_layer_model(tmp_path, "Conv", rng)
+    layer = SimModel(load_model(path)).quant_layer("layer")
+    setting = LayerQuant(4, 6, True)
+    x = torch.from_numpy(_inputs(rng, (3, 4, 7, 6))).requires_grad_(True)
+    upstream = torch.from_numpy(rng.standard_normal((3, 6, 4, 6)).astype(np.float32))
+    (layer(x, setting) * upstream).sum().backward()
+
+    with torch.no_grad():
+        x_scale, zp = activation_scale_zero_point(x, 6, per_sample=False)
+        x_deq = centered_activation_codes(x, x_scale, zp, 6) * x_scale
+        codes, w_scale = weight_codes(layer.weight, 4, 0)
+        w_deq = codes * w_scale
+    x_ref, w_ref = x_deq.clone().requires_grad_(True), w_deq.clone().requires_grad_(True)
+    y_ref = F.conv2d(F.pad(x_ref, [0, 2, 1, 1]), w_ref, layer.bias.detach(), stride=(2, 1), groups=2)
+    (y_ref * upstream).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), x_ref.grad.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.weight.grad.numpy(), w_ref.grad.numpy(), rtol=1e-5, atol=1e-5)
+    assert layer.bias.grad is not None and torch.allclose(layer.bias.grad, upstream.sum(dim=(0, 2, 3)))
+
+
+def test_weight_cache_follows_in_place_updates():
+    """Cached weight codes must not outlive a change of the weights (as distillation makes)."""
+    model = load_model(DIGITS_MODEL)
+    sim = SimModel(model).eval()
+    policy = load_policy("w4a8").resolve(model.layers)
+    x = torch.from_numpy(load_dataset(DataConfig(name="digits", limit=20)).x)
+    with torch.no_grad():
+        before = sim(x, policy)
+        sim.quant_layer(model.layers[1].name).weight.mul_(-0.5)
+        after = sim(x, policy)
+        fresh = SimModel(model)
+        fresh.quant_layer(model.layers[1].name).weight.mul_(-0.5)
+        assert torch.equal(after, fresh(x, policy))
+        assert not torch.equal(before, after)
+
+
+def test_eval_engine_sim_reports_simulator_numbers():
+    model = load_model(DIGITS_MODEL)
+    dataset = load_dataset(DataConfig(name="digits", limit=100))
+    report = evaluate(model, dataset, [load_policy("w4a4")], engine="sim", progress=False)
+    assert report.engine == "sim" and report.results[0].method == "simulator" and report.results[0].sim is None
+    expected = _ort_logits(quantize(model, load_policy("w4a4").resolve(model.layers)).proto, dataset.x, 1)
+    assert abs(report.results[0].accuracy - np.mean(expected.argmax(1) == dataset.y)) <= 0.005
