@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
+from pathlib import Path
 
 import click
 
@@ -16,6 +18,8 @@ from .evaluate import DEVICES, ENGINES, EvalReport, evaluate
 from .onnx_graph import load_model
 from .policy import builtin_policy_names, load_policy
 from .quantize import quantize
+from .search.methods import METHODS
+from .search.run import SearchConfig, run_search
 
 EXIT_INTERNAL_ERROR = 3  # a bug in ptqaudit, kept apart from 1 (gate failed) and 2 (bad input)
 
@@ -244,6 +248,97 @@ def eval_command(model, data, data_root, download, split, limit, mean, std, poli
         _print_json(report.to_dict())
     else:
         click.echo(f"\n{report.runtime}, device {report.device}; drop = FP32 accuracy - policy accuracy, in points")
+
+
+def _ints(ctx, param, value):
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 2,4,8, got {value!r}") from None
+
+
+@cli.command(name="search")
+@model_argument
+@data_options
+@click.option("--bits", callback=_ints, default="2,3,4,5,6,8", show_default=True,
+              help="Bit-widths each layer's weights and activations may take.")
+@click.option("--budget-avg-bits", type=click.FloatRange(min=1, max=32), default=None,
+              help="Budget in effective bits, sqrt(BitOPs / MACs) [default: 6]. The worst case is searched at or "
+                   "above it, the best case at or below it.")
+@click.option("--budget-bitops", type=click.IntRange(min=1), default=None, help="Budget as absolute BitOPs per input instead.")
+@click.option("--objective", type=click.Choice(["worst", "best", "both"]), default="both", show_default=True,
+              help="Search the worst case, the best (robust) case, or both: their spread is the audit's headline.")
+@click.option("--method", type=click.Choice(METHODS), default="rl", show_default=True,
+              help="rl: policy-gradient agent; random; greedy (one step at a time); exhaustive (small spaces).")
+@click.option("--max-evaluations", type=click.IntRange(min=1), default=400, show_default=True,
+              help="Distinct policies the search may score with the simulator, per objective.")
+@click.option("--base-policy", default="w8a8", show_default=True,
+              help="Policy giving each layer's weight granularity; its fp32 layers stay fp32.")
+@click.option("--layers", "layer_globs", multiple=True, help="Search only these layers (name or glob, repeatable); "
+              "the others keep the base policy's setting.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Deployment batch size: the activation range is measured over the whole batch.")
+@click.option("--search-limit", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Images (a class-balanced subset of the evaluation data) the simulator scores policies on.")
+@click.option("--verify-top", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Leading candidates per objective measured on ONNX Runtime over the whole evaluation data.")
+@click.option("--dynamic", is_flag=True, help="Also audit an input-conditioned policy: a router that sends each input "
+              "(or each batch, when --batch-size > 1) to one of the verified candidates, run on ORT by routing.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Fixes every random choice of the search.")
+@click.option("--output", "-o", default=None, help="Run folder [default: runs/search-<model>-<time>].")
+@click.option("--resume", is_flag=True, help="Continue the run in --output, replaying what its trace holds.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@json_option
+@debug_option
+def search_command(model, data, data_root, download, split, limit, mean, std, bits, budget_avg_bits, budget_bitops,
+                   objective, method, max_evaluations, base_policy, layer_globs, batch_size, search_limit, verify_top,
+                   dynamic, seed, output, resume, no_progress, as_json):
+    """Find the worst and best static bit-width policies for MODEL within a budget: the simulator scores
+    candidates on a subset of the data, ONNX Runtime measures the leading ones on all of it. Writes the
+    run folder (run.json, trace.jsonl, worst.yaml, best.yaml, summary.json)."""
+    if budget_avg_bits is None and budget_bitops is None:
+        budget_avg_bits = 6.0
+    if output is None:
+        if resume:
+            raise PtqauditError("--resume needs --output, the run folder to continue")
+        output = f"runs/search-{Path(model).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    loaded = load_model(model)
+    data_config = DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download)
+    dataset = load_dataset(data_config)
+    config = SearchConfig(model=model, data=data_config, output=output, bits=bits, budget_avg_bits=budget_avg_bits,
+                          budget_bitops=budget_bitops, objective=objective, method=method,
+                          max_evaluations=max_evaluations, base_policy=base_policy, layers=layer_globs,
+                          batch_size=batch_size, search_limit=search_limit, verify_top=verify_top, seed=seed,
+                          dynamic=dynamic)
+    echo = (lambda message: click.echo(message, err=True)) if as_json else click.echo
+    try:
+        summary = run_search(config, loaded, dataset, resume=resume, progress=not no_progress, echo=echo)
+    except KeyboardInterrupt:
+        click.echo(f"ptqaudit: interrupted; {output} keeps every finished evaluation: continue with "
+                   f"`ptqaudit search ... -o {output} --resume`", err=True)
+        sys.exit(130)
+    if as_json:
+        _print_json(summary)
+        return
+    click.echo(f"model {model} | data {summary['dataset']}, {summary['images']} images "
+               f"(search on {summary['search_images']}) | batch size {batch_size} | budget "
+               f"{summary['budget']['effective_bits']:.2f} effective bits | {method}, seed {seed}\n")
+    rows = [["fp32", f"{100 * summary['fp32_accuracy']:.2f}%", "", "", "", ""]]
+    for name in ("worst", "best"):
+        if name in summary:
+            case = summary[name]
+            top = case["candidates"][0]
+            rows.append([f"{name} case", f"{100 * case['ort_accuracy']:.2f}%", f"{case['drop_points']:+.2f}",
+                         f"{top['effective_bits']:.2f}", f"{100 * top['sim_top1_agreement_with_ort']:.2f}%",
+                         f"{case['evaluations']}"])
+            if "dynamic" in case:
+                dyn = case["dynamic"]
+                rows.append([f"{name} dynamic", f"{100 * dyn['ort_accuracy']:.2f}%", f"{dyn['drop_points']:+.2f}",
+                             "", "", f"{len(dyn['menu'])} policies"])
+    click.echo(_table(["", "ORT accuracy", "drop (pts)", "eff. bits", "sim = ort", "evaluated"], rows, right={1, 2, 3, 4, 5}))
+    if "spread_points" in summary:
+        click.echo(f"\nspread between best and worst case: {summary['spread_points']:.2f} points")
+    click.echo(f"policies and details in {output}/ (worst.yaml, best.yaml, summary.json)")
 
 
 def main(argv: list[str] | None = None) -> None:

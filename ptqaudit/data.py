@@ -73,6 +73,13 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.y)
 
+    def subset(self, limit: int) -> "Dataset":
+        """A deterministic, class-balanced subset of at most `limit` examples (as --limit takes)."""
+        if limit >= len(self):
+            return self
+        keep = _balanced_subset(self.y, limit)
+        return Dataset(name=f"{self.name}[{limit}]", x=self.x[keep], y=self.y[keep], classes=self.classes)
+
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (x, y) views in order; the last batch may be smaller."""
         if batch_size <= 0:

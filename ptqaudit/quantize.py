@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from .errors import PtqauditError
 from .onnx_graph import Layer, LoadedModel, node_attribute, upgrade_opset
 from .policy import LayerQuant, ResolvedPolicy
+from .runs import write_atomic
 
 ORT_QUANTIZER = "onnxruntime.quantize_dynamic"
 REWRITE = "ptqaudit-rewrite"
@@ -57,30 +57,8 @@ class QuantizedModel:
     layer_tensors: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
-        """Write atomically: a temporary file in the destination folder, then a rename; a failed write
-        leaves nothing behind."""
-        path = Path(path)
-        data = self.proto.SerializeToString()
-        tmp = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-                tmp = Path(f.name)
-                f.write(data)
-            tmp.chmod(_default_file_mode())  # mkstemp makes 0600 files; give the usual umask-based mode
-            tmp.replace(path)
-        except BaseException as exc:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise PtqauditError(f"cannot write {path}: {exc.strerror or exc}") from exc
-            raise
-
-
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+        """Write atomically: a failed write leaves nothing behind."""
+        write_atomic(Path(path), self.proto.SerializeToString())
 
 
 def ort_quantizer_applies(model: LoadedModel, policy: ResolvedPolicy) -> bool:

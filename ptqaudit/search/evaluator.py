@@ -1,0 +1,86 @@
+"""Scoring candidate policies with the simulator: memoized, counted, traced, ranked per objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..data import Dataset
+from ..predictions import accuracy
+from ..sim.engine import sim_predict_many
+from ..sim.model import SimModel
+from .space import SearchSpace
+
+
+@dataclass(order=True)
+class Candidate:
+    sort_key: float  # lower is better for the objective being searched
+    digest: str = field(compare=False)
+    choice: np.ndarray = field(compare=False, repr=False)
+    sim_accuracy: float = field(compare=False)
+    bitops: int = field(compare=False)
+
+
+class SimEvaluator:
+    """Simulator accuracy of policies on the search subset. Results are memoized by policy digest
+    (seeded from a resumed run's trace, so a replayed search skips work already done), and every new
+    evaluation is handed to `record` for the run's trace."""
+
+    def __init__(self, sim: SimModel, dataset: Dataset, batch_size: int, space: SearchSpace, record, memo: dict):
+        self.sim, self.dataset, self.batch_size, self.space = sim, dataset, batch_size, space
+        self.record = record
+        self.memo = memo  # digest -> simulator accuracy
+        self.evaluations = 0  # distinct policies scored in this search (memoized ones included)
+        self._seen: set[str] = set()
+
+    def start_count(self) -> None:
+        """Count distinct policies from zero, for the next search (memoized results stay)."""
+        self.evaluations = 0
+        self._seen = set()
+
+    def accuracies(self, choices: list[np.ndarray], objective: str, method: str) -> list[float]:
+        policies = [self.space.policy(c) for c in choices]
+        todo = {p.digest: p for p in policies if p.digest not in self.memo}
+        if todo:
+            runs = sim_predict_many(self.sim, self.dataset, list(todo.values()), self.batch_size, progress=False)
+            records = []
+            for (digest, policy), run in zip(todo.items(), runs):
+                self.memo[digest] = accuracy(run.labels, self.dataset.y)
+                records.append({"objective": objective, "method": method, "digest": digest,
+                                "sim_accuracy": self.memo[digest], "bitops": policy.bitops(self.space.layers),
+                                "effective_bits": policy.effective_bits(self.space.layers),
+                                "policy": {name: (q.label if q else "fp32") for name, q in policy.mapping.items()}})
+            self.record(records)
+        for policy in policies:
+            if policy.digest not in self._seen:
+                self._seen.add(policy.digest)
+                self.evaluations += 1
+        return [self.memo[p.digest] for p in policies]
+
+
+class Leaderboard:
+    """The k best distinct policies found for one objective (lowest accuracy for worst, highest for best)."""
+
+    def __init__(self, objective: str, size: int):
+        self.objective, self.size = objective, size
+        self.entries: dict[str, Candidate] = {}
+
+    def key(self, sim_accuracy: float) -> float:
+        return sim_accuracy if self.objective == "worst" else -sim_accuracy
+
+    def offer(self, space: SearchSpace, choices: list[np.ndarray], accuracies: list[float]) -> None:
+        for choice, acc in zip(choices, accuracies):
+            digest = space.policy(choice).digest
+            if digest not in self.entries:
+                self.entries[digest] = Candidate(self.key(acc), digest, choice.copy(), acc, space.bitops(choice))
+        ranked = sorted(self.entries.values())[: self.size]
+        self.entries = {c.digest: c for c in ranked}
+
+    @property
+    def ranked(self) -> list[Candidate]:
+        return sorted(self.entries.values())
+
+    @property
+    def best_accuracy(self) -> float | None:
+        return self.ranked[0].sim_accuracy if self.entries else None

@@ -1,0 +1,124 @@
+"""Search methods over static bit-width policies: policy-gradient RL, random, greedy and exhaustive."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import PtqauditError
+from .evaluator import Leaderboard, SimEvaluator
+from .space import ACTIVATION, WEIGHT, SearchSpace
+
+METHODS = ("rl", "random", "greedy", "exhaustive")
+GROUP = 16  # policies scored per simulator pass (they share its input and common prefixes)
+
+
+class PolicyNetwork(nn.Module):
+    """Per-layer categorical distributions over weight and activation bits: a small MLP shared by all
+    layers reads each layer's features (so layers alike start alike), plus a free per-layer bias."""
+
+    def __init__(self, features: torch.Tensor, choices: int, hidden: int = 32):
+        super().__init__()
+        self.features = features
+        self.body = nn.Sequential(nn.Linear(features.shape[1], hidden), nn.Tanh(), nn.Linear(hidden, 2 * choices))
+        self.layer_bias = nn.Parameter(torch.zeros(features.shape[0], 2, choices))
+        nn.init.zeros_(self.body[-1].weight)  # start uniform: every bit-width equally likely
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self) -> torch.distributions.Categorical:
+        logits = self.body(self.features).reshape(self.layer_bias.shape) + self.layer_bias
+        return torch.distributions.Categorical(logits=logits)
+
+
+def rl_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: str, max_evaluations: int,
+              seed: int, features: np.ndarray, progress, lr: float = 0.05, entropy_weight: float = 0.01) -> None:
+    """REINFORCE with a per-step mean baseline: sample GROUP policies, project each onto the budget,
+    reward = -accuracy (worst) or accuracy (best) in points, standardized within the step."""
+    torch.manual_seed(seed)
+    network = PolicyNetwork(torch.from_numpy(features), len(space.bits))
+    optimizer = torch.optim.Adam(network.parameters(), lr=lr)
+    sign = -1.0 if objective == "worst" else 1.0
+    requests = 0
+    while evaluator.evaluations < max_evaluations and requests < 4 * max_evaluations:
+        distribution = network()
+        actions = distribution.sample((GROUP,))  # [GROUP, layers, 2]
+        log_prob = distribution.log_prob(actions).sum(dim=(1, 2))
+        choices = [space.project(a.numpy(), objective) for a in actions]
+        accuracies = evaluator.accuracies(choices, objective, "rl")
+        board.offer(space, choices, accuracies)
+        requests += GROUP
+        rewards = torch.tensor([sign * 100 * a for a in accuracies])
+        advantage = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+        loss = -(advantage * log_prob).mean() - entropy_weight * distribution.entropy().sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        progress(evaluator.evaluations, board.best_accuracy)
+
+
+def random_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: str,
+                  max_evaluations: int, seed: int, progress, **_) -> None:
+    """Uniformly random bits per operand, projected onto the budget."""
+    rng = np.random.default_rng(seed)
+    requests = 0
+    while evaluator.evaluations < max_evaluations and requests < 4 * max_evaluations:
+        choices = [space.project(rng.integers(0, len(space.bits), size=(len(space.searched), 2)), objective)
+                   for _ in range(GROUP)]
+        board.offer(space, choices, evaluator.accuracies(choices, objective, "random"))
+        requests += GROUP
+        progress(evaluator.evaluations, board.best_accuracy)
+
+
+def greedy_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: str,
+                  max_evaluations: int, progress, **_) -> None:
+    """From 8-bit-most everywhere, one operand one step down at a time, each time taking the step whose
+    accuracy is lowest (worst) or highest (best), as long as the budget allows (worst: stop at the
+    floor; best: go until under the ceiling, then stop)."""
+    choice = space.uniform(len(space.bits) - 1)
+    while evaluator.evaluations < max_evaluations:
+        moves = []
+        for layer, operand in itertools.product(range(len(space.searched)), (WEIGHT, ACTIVATION)):
+            if choice[layer, operand] > 0:
+                moved = choice.copy()
+                moved[layer, operand] -= 1
+                if objective == "best" or space.budget.admits(space.bitops(moved), objective):
+                    moves.append(moved)
+        if not moves:
+            break
+        accuracies = evaluator.accuracies(moves, objective, "greedy")
+        scores = [board.key(a) for a in accuracies]
+        admitted = [space.budget.admits(space.bitops(m), objective) for m in moves]
+        board.offer(space, [m for m, ok in zip(moves, admitted) if ok], [a for a, ok in zip(accuracies, admitted) if ok])
+        choice = moves[int(np.argmin(scores))]
+        progress(evaluator.evaluations, board.best_accuracy)
+        if objective == "best" and space.budget.admits(space.bitops(choice), objective):
+            break
+
+
+def exhaustive_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: str,
+                      max_evaluations: int, progress, **_) -> None:
+    """Every policy the budget admits, in an order that lets consecutive ones share their prefix."""
+    if space.size > max_evaluations * 50:
+        raise PtqauditError(
+            f"exhaustive search over {space.size:,} policies is too large (limit {max_evaluations * 50:,} with "
+            f"--max-evaluations {max_evaluations}); use fewer --bits or --layers, or another --method"
+        )
+    shape = (len(space.searched), 2)
+    batch = []
+    for flat in itertools.product(range(len(space.bits)), repeat=2 * len(space.searched)):
+        choice = np.array(flat, dtype=np.int64).reshape(shape)
+        if space.budget.admits(space.bitops(choice), objective):
+            batch.append(choice)
+        if len(batch) == 4 * GROUP:
+            board.offer(space, batch, evaluator.accuracies(batch, objective, "exhaustive"))
+            progress(evaluator.evaluations, board.best_accuracy)
+            batch = []
+    if batch:
+        board.offer(space, batch, evaluator.accuracies(batch, objective, "exhaustive"))
+        progress(evaluator.evaluations, board.best_accuracy)
+
+
+SEARCHES = {"rl": rl_search, "random": random_search, "greedy": greedy_search, "exhaustive": exhaustive_search}

@@ -1,0 +1,135 @@
+"""The search space: per-layer weight and activation bits, the budget, and projection onto it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import PtqauditError
+from ..onnx_graph import Layer
+from ..policy import FP32_BITS, LayerQuant, ResolvedPolicy
+
+OBJECTIVES = ("worst", "best")
+WEIGHT, ACTIVATION = 0, 1  # operand axis of a choice array
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The cost a policy is held to, in BitOPs per input. The worst case is searched among policies at
+    or above it (a floor: without one, 2 bits everywhere is a trivial worst case); the best case among
+    policies at or below it (a ceiling: without one, 8 bits everywhere is a trivial best case)."""
+
+    bitops: int
+
+    @classmethod
+    def from_average_bits(cls, average_bits: float, total_macs: int) -> "Budget":
+        return cls(int(math.ceil(average_bits**2 * total_macs)))
+
+    def effective_bits(self, total_macs: int) -> float:
+        return math.sqrt(self.bitops / total_macs)
+
+    def admits(self, bitops: int, objective: str) -> bool:
+        return bitops >= self.bitops if objective == "worst" else bitops <= self.bitops
+
+
+class SearchSpace:
+    """Layers whose bits are searched, each operand choosing from `bits`; the base policy fixes the
+    weight granularity and pins layers (fp32 layers, and layers outside --layers) to its setting.
+    A choice is an int array [searched layers, 2] of indices into `bits` (weight, activation)."""
+
+    def __init__(self, layers: list[Layer], base: ResolvedPolicy, bits: tuple[int, ...], searched: list[str],
+                 budget: Budget):
+        self.layers = layers
+        self.base = base
+        self.bits = tuple(sorted(set(bits)))
+        self.budget = budget
+        self.searched = [layer for layer in layers if layer.name in set(searched) and base.mapping[layer.name] is not None]
+        if not self.searched:
+            raise PtqauditError("nothing to search: every selected layer is fp32 in the base policy")
+        self._macs = np.array([layer.macs for layer in self.searched], dtype=np.int64)
+        bits_array = np.array(self.bits, dtype=np.int64)
+        self._bits = bits_array
+        pinned = [layer for layer in layers if layer not in self.searched]
+        self._pinned_bitops = sum(layer.macs * _operand_bits(base.mapping[layer.name]) for layer in pinned)
+        low, high = self.bitops(self.uniform(0)), self.bitops(self.uniform(len(self.bits) - 1))
+        self.bitops_range = (low, high)
+
+    @property
+    def size(self) -> int:
+        return len(self.bits) ** (2 * len(self.searched))
+
+    def uniform(self, index: int) -> np.ndarray:
+        return np.full((len(self.searched), 2), index, dtype=np.int64)
+
+    def bitops(self, choice: np.ndarray) -> int:
+        chosen = self._bits[choice]
+        return int(self._pinned_bitops + np.sum(self._macs * chosen[:, WEIGHT] * chosen[:, ACTIVATION]))
+
+    def check_budget(self, objective: str) -> None:
+        low, high = self.bitops_range
+        total = sum(layer.macs for layer in self.layers)
+        if objective == "worst" and high < self.budget.bitops:
+            raise PtqauditError(
+                f"budget of {self.budget.effective_bits(total):.2f} effective bits is above what --bits "
+                f"{','.join(map(str, self.bits))} can reach ({math.sqrt(high / total):.2f}): no policy qualifies"
+            )
+        if objective == "best" and low > self.budget.bitops:
+            raise PtqauditError(
+                f"budget of {self.budget.effective_bits(total):.2f} effective bits is below what --bits "
+                f"{','.join(map(str, self.bits))} can reach ({math.sqrt(low / total):.2f}): no policy qualifies"
+            )
+
+    def policy(self, choice: np.ndarray, name: str = "candidate") -> ResolvedPolicy:
+        mapping = dict(self.base.mapping)
+        for layer, (w, a) in zip(self.searched, choice):
+            mapping[layer.name] = LayerQuant(self.bits[w], self.bits[a], self.base.mapping[layer.name].per_channel)
+        return ResolvedPolicy(name, mapping)
+
+    def project(self, choice: np.ndarray, objective: str) -> np.ndarray:
+        """The nearest policy the budget admits, HAQ-style: while the cost is below the floor (worst) raise,
+        or above the ceiling (best) lower, the one operand whose step changes the cost most, so the
+        agent's choice is changed in as few places as possible."""
+        choice = choice.copy()
+        step = 1 if objective == "worst" else -1
+        while not self.budget.admits(self.bitops(choice), objective):
+            moved = choice + 0  # candidates: every operand one step up (or down)
+            gains = np.zeros(choice.shape)
+            for operand in (WEIGHT, ACTIVATION):
+                other = self._bits[choice[:, 1 - operand]]
+                target = choice[:, operand] + step
+                valid = (target >= 0) & (target < len(self.bits))
+                delta = np.where(valid, np.abs(self._bits[np.clip(target, 0, len(self.bits) - 1)]
+                                               - self._bits[choice[:, operand]]) * other * self._macs, -1)
+                gains[:, operand] = delta
+            layer, operand = np.unravel_index(np.argmax(gains), gains.shape)
+            if gains[layer, operand] <= 0:
+                raise PtqauditError("no policy within --bits meets the budget")  # check_budget prevents this
+            moved[layer, operand] += step
+            choice = moved
+        return choice
+
+
+def _operand_bits(q: LayerQuant | None) -> int:
+    return FP32_BITS * FP32_BITS if q is None else q.weight_bits * q.activation_bits
+
+
+def layer_features(layers: list[Layer], weights: list[np.ndarray]) -> np.ndarray:
+    """Per-layer state for the agent: depth, size, shape and weight statistics, each scaled to ~[0, 1]."""
+    rows = []
+    total = len(layers)
+    for layer, w in zip(layers, weights):
+        magnitude = np.abs(w)
+        kernel = int(np.prod(layer.weight_shape[2:])) if layer.op_type == "Conv" else 1
+        rows.append([
+            layer.index / max(total - 1, 1),
+            math.log10(layer.macs + 1) / 10,
+            math.log10(layer.params + 1) / 8,
+            float(layer.op_type == "Conv"), float(layer.op_type != "Conv"),
+            math.log2(kernel + 1) / 5,
+            math.log2(layer.weight_shape[0] + 1) / 12, math.log2(layer.output_channels + 1) / 12,
+            float(magnitude.max() / (magnitude.std() + 1e-12)) / 20,  # outlier ratio: hurts low-bit weights
+            float(np.mean(magnitude)) / (float(magnitude.max()) + 1e-12),
+        ])
+    return np.array(rows, dtype=np.float32)

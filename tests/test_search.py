@@ -1,0 +1,208 @@
+"""`ptqaudit search`: budget and projection, methods against brute force on ORT, the run folder, resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+
+from ptqaudit.cli import main
+from ptqaudit.data import DataConfig, load_dataset
+from ptqaudit.onnx_graph import load_model
+from ptqaudit.policy import LayerQuant, ResolvedPolicy, load_policy
+from ptqaudit.quantize import quantize
+from ptqaudit.search.run import SearchConfig, run_search
+from ptqaudit.search.space import Budget, SearchSpace
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS_MODEL = str(REPO / "sample_models" / "digits_cnn.onnx")
+SMALL = ("/conv1/Conv", "/MatMul")  # two searched layers: spaces small enough to enumerate here
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_model(DIGITS_MODEL)
+
+
+def _space(model, bits=(2, 3, 4, 5, 6, 8), avg_bits=6.0, layers=None):
+    base = load_policy("w8a8").resolve(model.layers)
+    names = list(layers) if layers else [layer.name for layer in model.layers]
+    return SearchSpace(model.layers, base, bits, names, Budget.from_average_bits(avg_bits, model.total_macs))
+
+
+@pytest.mark.parametrize("objective", ["worst", "best"])
+def test_projection_always_lands_inside_the_budget(digits, objective):
+    space = _space(digits)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        choice = rng.integers(0, len(space.bits), size=(len(space.searched), 2))
+        projected = space.project(choice, objective)
+        assert space.budget.admits(space.bitops(projected), objective)
+        if space.budget.admits(space.bitops(choice), objective):
+            assert np.array_equal(projected, choice)  # an admitted policy is left alone
+        else:  # only moved in the direction the budget demands
+            assert np.all(projected >= choice) if objective == "worst" else np.all(projected <= choice)
+
+
+def test_space_cost_equals_the_policy_cost(digits):
+    space = _space(digits)
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        choice = rng.integers(0, len(space.bits), size=(len(space.searched), 2))
+        policy = space.policy(choice)
+        expected = sum(layer.macs * policy.mapping[layer.name].weight_bits * policy.mapping[layer.name].activation_bits
+                       for layer in digits.layers)
+        assert space.bitops(choice) == expected
+
+
+def _ort_accuracy(model, policy, dataset) -> float:
+    session = ort.InferenceSession(quantize(model, policy).proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = np.concatenate([session.run(None, {"input": dataset.x[i : i + 1]})[0] for i in range(len(dataset))])
+    return float(np.mean(logits.argmax(1) == dataset.y))
+
+
+def _search(tmp_path, model, method, objective, **settings):
+    dataset = load_dataset(DataConfig(name="digits", limit=settings.pop("limit", 120)))
+    config = SearchConfig(model=DIGITS_MODEL, data=DataConfig(name="digits", limit=len(dataset)),
+                          output=str(tmp_path / f"{method}-{objective}"), method=method, objective=objective,
+                          **settings)
+    return run_search(config, model, dataset, progress=False, echo=lambda m: None), dataset
+
+
+@pytest.mark.parametrize("objective", ["worst", "best"])
+def test_exhaustive_search_finds_the_brute_force_extreme_on_ort(tmp_path, digits, objective):
+    """Every policy of a 16-policy space measured on ORT directly: the search's answer is the true extreme."""
+    bits, avg = (2, 8), 7.95  # the unsearched layers stay W8A8, so costs span 7.89 to 8 effective bits
+    summary, dataset = _search(tmp_path, digits, "exhaustive", objective, bits=bits, budget_avg_bits=avg,
+                               layers=SMALL, verify_top=16, max_evaluations=100)
+    budget = Budget.from_average_bits(avg, digits.total_macs)
+    truth = []
+    for flat in itertools.product(bits, repeat=4):
+        mapping = {layer.name: LayerQuant(8, 8) for layer in digits.layers}
+        mapping["/conv1/Conv"], mapping["/MatMul"] = LayerQuant(flat[0], flat[1]), LayerQuant(flat[2], flat[3])
+        policy = ResolvedPolicy("brute", mapping)
+        cost = sum(layer.macs * mapping[layer.name].weight_bits * mapping[layer.name].activation_bits for layer in digits.layers)
+        if (cost >= budget.bitops) if objective == "worst" else (cost <= budget.bitops):
+            truth.append(_ort_accuracy(digits, policy, dataset))
+    extreme = min(truth) if objective == "worst" else max(truth)
+    assert summary[objective]["evaluations"] == len(truth)
+    assert summary[objective]["ort_accuracy"] == pytest.approx(extreme)
+
+
+def test_rl_gets_close_to_the_exhaustive_worst_case(tmp_path, digits):
+    """81 policies (bits 2,4,8 on two layers); RL with 30 evaluations, fixed seed."""
+    settings = dict(bits=(2, 4, 8), budget_avg_bits=7.95, layers=SMALL, verify_top=1)
+    truth, _ = _search(tmp_path, digits, "exhaustive", "worst", max_evaluations=100, **settings)
+    found, _ = _search(tmp_path, digits, "rl", "worst", max_evaluations=30, **settings)
+    assert found["worst"]["evaluations"] <= 30
+    assert found["worst"]["ort_accuracy"] <= truth["worst"]["ort_accuracy"] + 0.02
+
+
+@pytest.mark.parametrize("method", ["random", "greedy", "rl"])
+def test_every_scored_policy_honours_the_budget(tmp_path, digits, method):
+    # greedy's best case walks down from 8 bits one operand at a time: it needs more evaluations
+    summary, _ = _search(tmp_path, digits, method, "both", max_evaluations=200 if method == "greedy" else 40,
+                         budget_avg_bits=5.0)
+    budget = summary["budget"]["bitops"]
+    records = [json.loads(line) for line in (tmp_path / f"{method}-both" / "trace.jsonl").read_text().splitlines()]
+    assert records and all(r["method"] == method for r in records)
+    for record in records:
+        if record["objective"] == "worst" or method != "greedy":  # greedy's best case walks down through the ceiling
+            assert (record["bitops"] >= budget) if record["objective"] == "worst" else (record["bitops"] <= budget)
+    assert summary["worst"]["ort_accuracy"] <= summary["best"]["ort_accuracy"]
+    for objective in ("worst", "best"):
+        for candidate in summary[objective]["candidates"]:
+            assert (candidate["bitops"] >= budget) if objective == "worst" else (candidate["bitops"] <= budget)
+
+
+def _cli(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_cli_run_folder_and_its_policy_files(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = _cli(capsys, "search", DIGITS_MODEL, "--limit", 150, "--search-limit", 100, "--max-evaluations", 24,
+                          "--budget-avg-bits", 5, "--no-progress", "--json", "-o", out_dir)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert {p.name for p in out_dir.iterdir()} == {"run.json", "trace.jsonl", "worst.yaml", "best.yaml", "summary.json"}
+    run = json.loads((out_dir / "run.json").read_text())
+    assert run["config"]["seed"] == 0 and run["config"]["batch_size"] == 1 and "torch" in run["environment"]
+    assert summary["batch_size"] == 1 and summary["budget"]["effective_bits"] == pytest.approx(5.0, abs=1e-3)
+    # the written worst-case policy, evaluated by `ptqaudit eval`, gives the accuracy the summary states
+    code, out, err = _cli(capsys, "eval", DIGITS_MODEL, "--limit", 150, "-p", out_dir / "worst.yaml", "--json", "--no-progress")
+    assert code == 0, err
+    assert json.loads(out)["results"][0]["accuracy"] == pytest.approx(summary["worst"]["ort_accuracy"])
+    policy = yaml.safe_load((out_dir / "best.yaml").read_text())
+    assert set(policy["layers"]) == {layer.name for layer in load_model(DIGITS_MODEL).layers}
+
+
+def test_cli_resume_replays_without_new_evaluations(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    argv = ["search", DIGITS_MODEL, "--limit", 100, "--search-limit", 60, "--max-evaluations", 16, "--method", "random",
+            "--no-progress", "--json", "-o", out_dir]
+    code, first, err = _cli(capsys, *argv)
+    assert code == 0, err
+    lines = (out_dir / "trace.jsonl").read_text()
+    code, again, err = _cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    assert (out_dir / "trace.jsonl").read_text() == lines  # everything came from the trace
+    for objective in ("worst", "best"):
+        assert json.loads(again)[objective]["ort_accuracy"] == json.loads(first)[objective]["ort_accuracy"]
+    code, _, err = _cli(capsys, *argv)  # same folder without --resume
+    assert code == 2 and "--resume" in err
+    code, _, err = _cli(capsys, *argv[:-3], "--seed", 5, "--json", "-o", out_dir, "--resume")
+    assert code == 2 and "seed" in err
+
+
+def test_cli_budget_out_of_reach_is_bad_input(tmp_path, capsys):
+    code, _, err = _cli(capsys, "search", DIGITS_MODEL, "--bits", "2,3", "--budget-avg-bits", 6, "--objective", "worst",
+                        "-o", tmp_path / "r", "--no-progress")
+    assert code == 2 and "no policy qualifies" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("batch_size", [1, 20])
+def test_dynamic_router_accuracy_reproduced_by_routing_on_ort(tmp_path, capsys, batch_size):
+    """Load the saved router and menu, route every input (or batch) ourselves, run each entry's quantized
+    graph on ORT: the accuracy must be the summary's; the oracle bounds the router."""
+    import torch
+
+    from ptqaudit.search.dynamic import Router, input_features
+
+    out_dir = tmp_path / "run"
+    code, out, err = _cli(capsys, "search", DIGITS_MODEL, "--limit", 120, "--search-limit", 80, "--max-evaluations", 24,
+                          "--dynamic", "--verify-top", 3, "--batch-size", batch_size, "--no-progress", "--json", "-o", out_dir)
+    assert code == 0, err
+    summary = json.loads(out)
+    model = load_model(DIGITS_MODEL)
+    dataset = load_dataset(DataConfig(name="digits", limit=120))
+    for objective in ("worst", "best"):
+        dynamic = summary[objective]["dynamic"]
+        saved = torch.load(out_dir / dynamic["router_file"])
+        menu = [load_policy(str(out_dir / name)).resolve(model.layers) for name in saved["menu"]]
+        router = Router(input_features(dataset.x[:2]), len(menu))
+        router.load_state_dict(saved["state_dict"])
+        sessions = [ort.InferenceSession(quantize(model, p).proto.SerializeToString(), providers=["CPUExecutionProvider"])
+                    for p in menu]
+        hits = 0
+        for start in range(0, len(dataset), batch_size):
+            x, y = dataset.x[start : start + batch_size], dataset.y[start : start + batch_size]
+            features = input_features(x).mean(axis=0, keepdims=True)
+            with torch.no_grad():
+                entry = int(router(torch.from_numpy(features)).argmax())
+            hits += int(np.sum(sessions[entry].run(None, {"input": x})[0].argmax(1) == y))
+        assert dynamic["ort_accuracy"] == pytest.approx(hits / len(dataset))
+        assert dynamic["routing"] == ("per input" if batch_size == 1 else "per batch")
+        if objective == "worst":
+            assert dynamic["oracle_sim_accuracy"] <= dynamic["router_sim_accuracy"]
+        else:
+            assert dynamic["oracle_sim_accuracy"] >= dynamic["router_sim_accuracy"]
