@@ -86,6 +86,7 @@ class RunFolder:
 
     def start(self, config: dict, resume: bool) -> None:
         run_file = self.path / "run.json"
+        config = json.loads(json.dumps(config, default=_jsonable))  # as stored: tuples become lists
         if resume:
             if not run_file.is_file():
                 raise PtqauditError(f"--resume: {self.path} holds no run to resume (no run.json)")

@@ -32,9 +32,11 @@ class QuantLayer(nn.Module):
     """One Conv / MatMul / Gemm layer; forward(x, setting) runs it in float (setting None) or as ORT's
     integer kernel would: int codes, exact integer products, float32(acc) * (x_scale * w_scale) + bias."""
 
-    def __init__(self, layer: Layer, attrs: dict, weight: np.ndarray, bias: np.ndarray | None):
+    def __init__(self, layer: Layer, attrs: dict, weight: np.ndarray, bias: np.ndarray | None,
+                 nonnegative_input: bool = False):
         super().__init__()
         self.name = layer.name
+        self.nonnegative_input = nonnegative_input  # input comes from a ReLU: its minimum is known to be >= 0
         self.is_conv = layer.op_type == "Conv"
         self.attrs = attrs
         self.weight = nn.Parameter(torch.from_numpy(np.array(weight, dtype=np.float32)))
@@ -70,7 +72,8 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor, setting: LayerQuant | None, ranges: str = "batch") -> torch.Tensor:
         if setting is None:
             return self._linear(x, self.weight, self.bias)
-        x_scale, x_zero_point = activation_scale_zero_point(x, setting.activation_bits, ranges == "sample")
+        x_scale, x_zero_point = activation_scale_zero_point(x, setting.activation_bits, ranges == "sample",
+                                                            self.nonnegative_input)
         x_codes = centered_activation_codes(x, x_scale, x_zero_point, setting.activation_bits)
         w_codes, w_scale, exact_in_float32 = self._quantized_weight(setting)
         if exact_in_float32:
@@ -89,6 +92,20 @@ class QuantLayer(nn.Module):
         # in place: acc is a fresh tensor and neither op needs it for its gradient
         y = acc.mul_(x_scale * w_scale)
         return y if bias is None else y.add_(bias)
+
+
+# ops whose output is >= 0 whenever their first input is (so a ReLU's sign survives them)
+SIGN_PRESERVING_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
+                       "Transpose", "Identity", "Squeeze", "Unsqueeze", "Dropout"}
+
+
+def _nonnegative_tensors(graph) -> set[str]:
+    """Tensors that are >= 0 by construction: ReLU outputs and what sign-preserving ops make of them."""
+    known: set[str] = set()
+    for node in graph.node:
+        if node.op_type == "Relu" or (node.op_type in SIGN_PRESERVING_OPS and node.input and node.input[0] in known):
+            known.add(node.output[0])
+    return known
 
 
 def _preferred_layout(x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +140,7 @@ class SimModel(nn.Module):
         if unsupported:
             raise PtqauditError(f"the simulator does not support op(s) {', '.join(unsupported)} in {model.path}")
 
+        nonnegative = _nonnegative_tensors(graph)
         self.quant_layers = nn.ModuleDict()
         self._module_key: dict[str, str] = {}
         constants: dict[str, torch.Tensor] = {}
@@ -137,7 +155,7 @@ class SimModel(nn.Module):
                 has_bias = len(node.input) > 2 and node.input[2] != ""
                 bias = initializers[node.input[2]] if has_bias else None
                 key = f"layer{layer.index}"
-                self.quant_layers[key] = QuantLayer(layer, attributes(node), weight, bias)
+                self.quant_layers[key] = QuantLayer(layer, attributes(node), weight, bias, node.input[0] in nonnegative)
                 self._module_key[layer.name] = key
                 layer_weights.update(node.input[1:])
                 steps.append(_Step(node.op_type, [node.input[0]], [node.output[0]], {}, layer=layer.name))

@@ -24,15 +24,18 @@ class RoundHalfEvenSTE(torch.autograd.Function):
         return grad
 
 
-def activation_scale_zero_point(x: torch.Tensor, bits: int, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def activation_scale_zero_point(x: torch.Tensor, bits: int, per_sample: bool,
+                                nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """DynamicQuantizeLinear's parameters at b bits, over the whole tensor (ORT at this batch) or per
-    sample (each input alone, as a batch-size-1 deployment sees it). Shapes broadcast against x."""
+    sample (each input alone, as a batch-size-1 deployment sees it). Shapes broadcast against x.
+    nonnegative: x is known to be >= 0 (a ReLU output), so rmin = 0 without reading x for its minimum."""
     with torch.no_grad():
         # each sample's values as one row, without a copy in either memory layout; row-wise amin and amax
         # are several times faster on CPU than aminmax or a whole-tensor min/max
         rows = x.permute(0, 2, 3, 1) if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else x
         rows = rows.reshape(x.shape[0], -1)
-        low, high = rows.amin(dim=1), rows.amax(dim=1)
+        high = rows.amax(dim=1)
+        low = torch.zeros_like(high) if nonnegative else rows.amin(dim=1)
         if per_sample:
             shape = (x.shape[0],) + (1,) * (x.dim() - 1)
         else:
