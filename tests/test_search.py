@@ -110,6 +110,8 @@ def test_every_scored_policy_honours_the_budget(tmp_path, digits, method):
                          budget_avg_bits=5.0)
     budget = summary["budget"]["bitops"]
     records = [json.loads(line) for line in (tmp_path / f"{method}-both" / "trace.jsonl").read_text().splitlines()]
+    # RL first probes each operand's sensitivity (one operand at the lowest width): measurements, not candidates
+    records = [r for r in records if not (method == "rl" and r["method"] == "sensitivity")]
     assert records and all(r["method"] == method for r in records)
     for record in records:
         if record["objective"] == "worst" or method != "greedy":  # greedy's best case walks down through the ceiling
@@ -206,3 +208,16 @@ def test_dynamic_router_accuracy_reproduced_by_routing_on_ort(tmp_path, capsys, 
             assert dynamic["oracle_sim_accuracy"] <= dynamic["router_sim_accuracy"]
         else:
             assert dynamic["oracle_sim_accuracy"] >= dynamic["router_sim_accuracy"]
+
+
+def test_sensitivity_prior_leans_the_right_way():
+    from ptqaudit.search.methods import sensitivity_prior
+
+    drop = np.array([[10.0, 0.0], [2.0, 5.0]])  # [layers, (weight, activation)] points lost at the lowest width
+    for objective, lowest_preferred in (("worst", True), ("best", False)):
+        prior = sensitivity_prior(drop, 4, objective)
+        probabilities = np.exp(prior) / np.exp(prior).sum(axis=-1, keepdims=True)
+        assert np.allclose(probabilities[0, 1], 0.25)  # insensitive operand: uniform
+        most_sensitive = probabilities[0, 0]
+        assert (most_sensitive.argmax() == 0) == lowest_preferred and (most_sensitive.argmax() == 3) != lowest_preferred
+        assert abs(most_sensitive[0] - most_sensitive[3]) > abs(probabilities[1, 0, 0] - probabilities[1, 0, 3])

@@ -18,14 +18,16 @@ GROUP = 16  # policies scored per simulator pass (they share its input and commo
 
 class PolicyNetwork(nn.Module):
     """Per-layer categorical distributions over weight and activation bits: a small MLP shared by all
-    layers reads each layer's features (so layers alike start alike), plus a free per-layer bias."""
+    layers reads each layer's features (so layers alike start alike), plus a per-layer bias that
+    starts at the sensitivity prior."""
 
-    def __init__(self, features: torch.Tensor, choices: int, hidden: int = 32):
+    def __init__(self, features: torch.Tensor, prior: torch.Tensor, hidden: int = 32):
         super().__init__()
         self.features = features
+        choices = prior.shape[-1]
         self.body = nn.Sequential(nn.Linear(features.shape[1], hidden), nn.Tanh(), nn.Linear(hidden, 2 * choices))
-        self.layer_bias = nn.Parameter(torch.zeros(features.shape[0], 2, choices))
-        nn.init.zeros_(self.body[-1].weight)  # start uniform: every bit-width equally likely
+        self.layer_bias = nn.Parameter(prior.clone())
+        nn.init.zeros_(self.body[-1].weight)  # the MLP starts neutral: the prior alone sets the first samples
         nn.init.zeros_(self.body[-1].bias)
 
     def forward(self) -> torch.distributions.Categorical:
@@ -33,24 +35,53 @@ class PolicyNetwork(nn.Module):
         return torch.distributions.Categorical(logits=logits)
 
 
+def sensitivity(space: SearchSpace, evaluator: SimEvaluator, objective: str) -> np.ndarray:
+    """Accuracy lost, in points, when one operand of one layer alone drops from the top width to the
+    lowest (everything else at the top width): 2 evaluations per searched layer, [layers, 2]."""
+    top = space.uniform(len(space.bits) - 1)
+    probes = []
+    for layer, operand in itertools.product(range(len(space.searched)), (WEIGHT, ACTIVATION)):
+        probe = top.copy()
+        probe[layer, operand] = 0
+        probes.append(probe)
+    reference, *dropped = evaluator.accuracies([top] + probes, objective, "sensitivity")
+    return np.maximum(100 * (reference - np.array(dropped)), 0).reshape(len(space.searched), 2)
+
+
+def sensitivity_prior(drop: np.ndarray, choices: int, objective: str, strength: float = 3.0) -> np.ndarray:
+    """Initial logits [layers, 2, choices]: where an operand is sensitive, the worst case leans to its low
+    widths and the best case to its high ones; insensitive operands start uniform."""
+    scaled = drop / max(drop.max(), 1e-9)
+    ramp = np.linspace(0.0, 1.0, choices)  # 0 at the lowest width, 1 at the highest
+    direction = -1.0 if objective == "worst" else 1.0
+    return (direction * strength * scaled[:, :, None] * ramp[None, None, :]).astype(np.float32)
+
+
 def rl_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: str, max_evaluations: int,
-              seed: int, features: np.ndarray, progress, lr: float = 0.05, entropy_weight: float = 0.01) -> None:
-    """REINFORCE with a per-step mean baseline: sample GROUP policies, project each onto the budget,
-    reward = -accuracy (worst) or accuracy (best) in points, standardized within the step."""
+              seed: int, features: np.ndarray, progress, lr: float = 0.1, entropy_weight: float = 0.01,
+              group: int = 8) -> None:
+    """REINFORCE: the agent starts from a per-layer sensitivity prior (2 probes per layer), then each
+    step samples `group` policies, projects them onto the budget and learns from reward = -accuracy
+    (worst) or accuracy (best), standardized within the step. The policy's current mode is scored too
+    (exploitation), outside the gradient."""
     torch.manual_seed(seed)
-    network = PolicyNetwork(torch.from_numpy(features), len(space.bits))
+    drop = sensitivity(space, evaluator, objective)
+    prior = sensitivity_prior(drop, len(space.bits), objective)
+    state = np.concatenate([features, drop / max(drop.max(), 1e-9)], axis=1).astype(np.float32)
+    network = PolicyNetwork(torch.from_numpy(state), torch.from_numpy(prior))
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
     sign = -1.0 if objective == "worst" else 1.0
     requests = 0
     while evaluator.evaluations < max_evaluations and requests < 4 * max_evaluations:
         distribution = network()
-        actions = distribution.sample((GROUP,))  # [GROUP, layers, 2]
+        actions = distribution.sample((group,))  # [group, layers, 2]
         log_prob = distribution.log_prob(actions).sum(dim=(1, 2))
-        choices = [space.project(a.numpy(), objective) for a in actions]
+        mode = distribution.probs.argmax(dim=-1)
+        choices = [space.project(a.numpy(), objective) for a in list(actions) + [mode]]
         accuracies = evaluator.accuracies(choices, objective, "rl")
         board.offer(space, choices, accuracies)
-        requests += GROUP
-        rewards = torch.tensor([sign * 100 * a for a in accuracies])
+        requests += len(choices)
+        rewards = torch.tensor([sign * 100 * a for a in accuracies[:group]])
         advantage = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
         loss = -(advantage * log_prob).mean() - entropy_weight * distribution.entropy().sum()
         optimizer.zero_grad()
