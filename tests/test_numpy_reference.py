@@ -13,10 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization import quant_utils
 
-try:
-    import numpy_reference as ref
-except ImportError:  # tests/ imported as a package
-    from tests import numpy_reference as ref
+import numpy_reference as ref
+from layer_cases import CONV_CASES, conv_kwargs
 
 OPSET = 17
 F32 = np.float32
@@ -139,26 +137,6 @@ PC_RR = [(pc, rr) for pc in (False, True) for rr in (False, True)]
 
 # ---------------------------------------------------------------- Conv against quantize_dynamic
 
-CONV_CASES = {
-    "3x3_pad1_bias": dict(x=(3, 3, 6, 6), w=(4, 3, 3, 3), bias=True, attrs=dict(pads=[1, 1, 1, 1])),
-    "stride2_asym_pad_dil2": dict(
-        x=(2, 3, 9, 8), w=(5, 3, 3, 2), bias=True, attrs=dict(strides=[2, 1], pads=[0, 1, 2, 0], dilations=[2, 1])
-    ),
-    "group2_nobias": dict(x=(2, 4, 7, 7), w=(6, 2, 3, 3), bias=False, attrs=dict(group=2, strides=[2, 2])),
-    "depthwise": dict(x=(2, 4, 5, 5), w=(4, 1, 3, 3), bias=True, attrs=dict(group=4, pads=[1, 1, 1, 1])),
-    "1x1": dict(x=(4, 8, 3, 3), w=(2, 8, 1, 1), bias=True, attrs={}),
-}
-
-
-def _conv_kwargs(attrs):
-    return dict(
-        strides=tuple(attrs.get("strides", (1, 1))),
-        pads=tuple(attrs.get("pads", (0, 0, 0, 0))),
-        dilations=tuple(attrs.get("dilations", (1, 1))),
-        group=attrs.get("group", 1),
-    )
-
-
 @pytest.mark.parametrize("per_channel,reduce_range", PC_RR)
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
 def test_conv_matches_quantize_dynamic(case, per_channel, reduce_range, tmp_path):
@@ -175,7 +153,7 @@ def test_conv_matches_quantize_dynamic(case, per_channel, reduce_range, tmp_path
         got, y_exp, y_def, weights, _ = _run_quantized(qmodel, x)
         # quantize_dynamic ignores per_channel for Conv: the ORT graph is always per tensor.
         assert weights["w_scale"].shape == ()
-        r = ref.conv_layer(x, w, b, bits_w, 8, False, **_conv_kwargs(spec["attrs"]))
+        r = ref.conv_layer(x, w, b, bits_w, 8, False, **conv_kwargs(spec["attrs"]))
         _compare(r, got, y_exp, y_def, weights)
         if kind == "zero":
             assert got["x_scale"] == 1.0 and got["x_zp"] == 0 and not got["x_codes"].any()
@@ -218,7 +196,7 @@ def test_conv_per_channel_against_ort_kernels(reduce_range, tmp_path):
     sess = _session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     x = _x(rng, (3, 4, 6, 7))
     y, xq, xs, xzp, acc = sess.run(None, {"x": x})
-    r = ref.conv_layer(x, w, b, bits_w, 8, True, **_conv_kwargs(attrs))
+    r = ref.conv_layer(x, w, b, bits_w, 8, True, **conv_kwargs(attrs))
     _assert_bitwise(r["w_codes"], codes, "weight codes")
     _compare(r, {"x_codes": xq, "x_scale": xs, "x_zp": xzp, "acc": acc}, y, y, None, check_weights=False)
 

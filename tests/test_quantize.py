@@ -16,10 +16,8 @@ from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import LayerQuant, ResolvedPolicy, load_policy, parse_policy
 from ptqaudit.quantize import ORT_QUANTIZER, REWRITE, quantize, quantize_weight, weight_code_limit
 
-try:
-    import numpy_reference as ref
-except ImportError:  # tests/ imported as a package
-    from tests import numpy_reference as ref
+import numpy_reference as ref
+from layer_cases import CONV_CASES, conv_kwargs
 
 F32 = np.float32
 OPSET = 17
@@ -185,26 +183,6 @@ def test_quantize_weight_all_zero():
 
 # ---------------------------------------------------------------- rewrite path, one layer at a time
 
-CONV_CASES = {
-    "3x3_pad1_bias": dict(x=(3, 3, 6, 6), w=(4, 3, 3, 3), bias=True, attrs=dict(pads=[1, 1, 1, 1])),
-    "stride2_asym_pad_dil": dict(
-        x=(2, 3, 9, 8), w=(5, 3, 3, 2), bias=True, attrs=dict(strides=[2, 1], pads=[0, 1, 2, 0], dilations=[2, 1])
-    ),
-    "group2_stride2_nobias": dict(x=(2, 4, 7, 7), w=(6, 2, 3, 3), bias=False, attrs=dict(group=2, strides=[2, 2])),
-    "depthwise_bias": dict(x=(2, 4, 5, 5), w=(4, 1, 3, 3), bias=True, attrs=dict(group=4, pads=[1, 1, 1, 1])),
-    "1x1_nobias": dict(x=(4, 8, 3, 3), w=(2, 8, 1, 1), bias=False, attrs={}),
-}
-
-
-def _conv_kwargs(attrs):
-    return dict(
-        strides=tuple(attrs.get("strides", (1, 1))),
-        pads=tuple(attrs.get("pads", (0, 0, 0, 0))),
-        dilations=tuple(attrs.get("dilations", (1, 1))),
-        group=attrs.get("group", 1),
-    )
-
-
 @pytest.fixture(scope="module")
 def module_tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("quantize")
@@ -236,7 +214,7 @@ def test_conv_rewrite_matches_reference(case, bits, per_channel, module_tmp):
     assert not [n for n in quantized.proto.graph.node if n.op_type in FLOAT_OPS]
     rng = np.random.default_rng(_seed("x", case, bits, per_channel))
     x = _x(rng, spec["x"])
-    r = ref.conv_layer(x, w, b, bits_w, bits_a, per_channel, **_conv_kwargs(spec["attrs"]))
+    r = ref.conv_layer(x, w, b, bits_w, bits_a, per_channel, **conv_kwargs(spec["attrs"]))
     _check_layer_against_reference(quantized, "conv", x, r, conv_per_channel=per_channel)
 
 

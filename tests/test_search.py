@@ -221,3 +221,36 @@ def test_sensitivity_prior_leans_the_right_way():
         most_sensitive = probabilities[0, 0]
         assert (most_sensitive.argmax() == 0) == lowest_preferred and (most_sensitive.argmax() == 3) != lowest_preferred
         assert abs(most_sensitive[0] - most_sensitive[3]) > abs(probabilities[1, 0, 0] - probabilities[1, 0, 3])
+
+
+def test_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of scoring: exit 130, a folder whose trace is whole lines; --resume then ends
+    where an uninterrupted run with the same settings ends."""
+    import ptqaudit.search.evaluator as evaluator_module
+
+    argv = ["search", DIGITS_MODEL, "--limit", 100, "--search-limit", 60, "--max-evaluations", 30, "--no-progress", "--json"]
+    code, uninterrupted, err = _cli(capsys, *argv, "-o", tmp_path / "whole")
+    assert code == 0, err
+
+    real = evaluator_module.sim_predict_many
+    calls = {"n": 0}
+
+    def interrupt_on_third_call(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "sim_predict_many", interrupt_on_third_call)
+    code, _, err = _cli(capsys, *argv, "-o", tmp_path / "cut")
+    assert code == 130 and "--resume" in err
+    lines = (tmp_path / "cut" / "trace.jsonl").read_text().splitlines()
+    assert lines and [json.loads(line)["step"] for line in lines] == list(range(1, len(lines) + 1))
+    assert not (tmp_path / "cut" / "summary.json").exists()
+
+    monkeypatch.setattr(evaluator_module, "sim_predict_many", real)
+    code, resumed, err = _cli(capsys, *argv, "-o", tmp_path / "cut", "--resume")
+    assert code == 0, err
+    for objective in ("worst", "best"):
+        assert json.loads(resumed)[objective]["policy"] == json.loads(uninterrupted)[objective]["policy"]
+        assert json.loads(resumed)[objective]["ort_accuracy"] == json.loads(uninterrupted)[objective]["ort_accuracy"]

@@ -221,3 +221,24 @@ def test_eval_engine_sim_reports_simulator_numbers():
     assert report.engine == "sim" and report.results[0].method == "simulator" and report.results[0].sim is None
     expected = _ort_logits(quantize(model, load_policy("w4a4").resolve(model.layers)).proto, dataset.x, 1)
     assert abs(report.results[0].accuracy - np.mean(expected.argmax(1) == dataset.y)) <= 0.005
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_nonnegative_shortcut_gives_the_general_codes(bits, per_sample):
+    """ReLU outputs skip the minimum pass and the clip; the codes must not change (checked against the
+    NumPy reference, including an all-zero input and inputs with a single positive value)."""
+    rng = np.random.default_rng(bits)
+    x = np.maximum(rng.standard_normal((6, 3, 5, 5)).astype(np.float32) * rng.uniform(0.01, 100, (6, 1, 1, 1)), 0)
+    x = x.astype(np.float32)
+    x[1] = 0.0
+    x[2] = 0.0
+    x[2, 0, 0, 0] = 3.7
+    t = torch.from_numpy(x)
+    scale, zp = activation_scale_zero_point(t, bits, per_sample, nonnegative=True)
+    fast = centered_activation_codes(t, scale, zp, bits, nonnegative=True)
+    general = centered_activation_codes(t, *activation_scale_zero_point(t, bits, per_sample), bits)
+    assert torch.equal(fast, general)
+    samples = [x[n : n + 1] for n in range(len(x))] if per_sample else [x]
+    expected = np.concatenate([ref.quantize_activation(s, bits)[0].astype(np.int64) for s in samples])
+    np.testing.assert_array_equal(fast.numpy(), expected)

@@ -31,6 +31,7 @@ class SimEvaluator:
         self.sim, self.dataset, self.batch_size, self.space = sim, dataset, batch_size, space
         self.record = record
         self.memo = memo  # digest -> simulator accuracy
+        self.step = len(memo)  # records in the run's trace so far: the next record's step number
         self.evaluations = 0  # distinct policies scored in this search (memoized ones included)
         self._seen: set[str] = set()
 
@@ -47,7 +48,8 @@ class SimEvaluator:
             records = []
             for (digest, policy), run in zip(todo.items(), runs):
                 self.memo[digest] = accuracy(run.labels, self.dataset.y)
-                records.append({"objective": objective, "method": method, "digest": digest,
+                self.step += 1
+                records.append({"step": self.step, "objective": objective, "method": method, "digest": digest,
                                 "sim_accuracy": self.memo[digest], "bitops": policy.bitops(self.space.layers),
                                 "effective_bits": policy.effective_bits(self.space.layers),
                                 "policy": {name: (q.label if q else "fp32") for name, q in policy.mapping.items()}})

@@ -49,12 +49,10 @@ class SearchSpace:
         if not self.searched:
             raise PtqauditError("nothing to search: every selected layer is fp32 in the base policy")
         self._macs = np.array([layer.macs for layer in self.searched], dtype=np.int64)
-        bits_array = np.array(self.bits, dtype=np.int64)
-        self._bits = bits_array
+        self._bits = np.array(self.bits, dtype=np.int64)
         pinned = [layer for layer in layers if layer not in self.searched]
         self._pinned_bitops = sum(layer.macs * _operand_bits(base.mapping[layer.name]) for layer in pinned)
-        low, high = self.bitops(self.uniform(0)), self.bitops(self.uniform(len(self.bits) - 1))
-        self.bitops_range = (low, high)
+        self.bitops_range = (self.bitops(self.uniform(0)), self.bitops(self.uniform(len(self.bits) - 1)))
 
     @property
     def size(self) -> int:
@@ -94,20 +92,17 @@ class SearchSpace:
         choice = choice.copy()
         step = 1 if objective == "worst" else -1
         while not self.budget.admits(self.bitops(choice), objective):
-            moved = choice + 0  # candidates: every operand one step up (or down)
-            gains = np.zeros(choice.shape)
+            change = np.zeros(choice.shape)  # |BitOPs change| of moving each operand one step (-1: cannot move)
             for operand in (WEIGHT, ACTIVATION):
                 other = self._bits[choice[:, 1 - operand]]
                 target = choice[:, operand] + step
-                valid = (target >= 0) & (target < len(self.bits))
-                delta = np.where(valid, np.abs(self._bits[np.clip(target, 0, len(self.bits) - 1)]
-                                               - self._bits[choice[:, operand]]) * other * self._macs, -1)
-                gains[:, operand] = delta
-            layer, operand = np.unravel_index(np.argmax(gains), gains.shape)
-            if gains[layer, operand] <= 0:
+                movable = (target >= 0) & (target < len(self.bits))
+                width_change = np.abs(self._bits[np.clip(target, 0, len(self.bits) - 1)] - self._bits[choice[:, operand]])
+                change[:, operand] = np.where(movable, width_change * other * self._macs, -1)
+            layer, operand = np.unravel_index(np.argmax(change), change.shape)
+            if change[layer, operand] <= 0:
                 raise PtqauditError("no policy within --bits meets the budget")  # check_budget prevents this
-            moved[layer, operand] += step
-            choice = moved
+            choice[layer, operand] += step
         return choice
 
 

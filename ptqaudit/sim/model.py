@@ -74,7 +74,7 @@ class QuantLayer(nn.Module):
             return self._linear(x, self.weight, self.bias)
         x_scale, x_zero_point = activation_scale_zero_point(x, setting.activation_bits, ranges == "sample",
                                                             self.nonnegative_input)
-        x_codes = centered_activation_codes(x, x_scale, x_zero_point, setting.activation_bits)
+        x_codes = centered_activation_codes(x, x_scale, x_zero_point, setting.activation_bits, self.nonnegative_input)
         w_codes, w_scale, exact_in_float32 = self._quantized_weight(setting)
         if exact_in_float32:
             acc = self._linear(x_codes, w_codes, None)

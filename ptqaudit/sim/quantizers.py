@@ -51,7 +51,8 @@ def activation_scale_zero_point(x: torch.Tensor, bits: int, per_sample: bool,
     return scale, zero_point
 
 
-def centered_activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+def centered_activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                              nonnegative: bool = False) -> torch.Tensor:
     """codes - zero point, as floats holding exact integers: what ConvInteger / MatMulInteger multiply.
     The gradient passes straight through the rounding and stops outside the code range."""
     # clip(round(x / scale) + zp, 0, qmax) - zp, with the shift folded into the clip bounds (exact: all integers)
@@ -60,6 +61,10 @@ def centered_activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: 
         return torch.clamp(RoundHalfEvenSTE.apply(x / scale), low, high)
     # no gradient needed: the same arithmetic in place, with plain-number bounds where the range is shared
     codes = torch.div(x, scale).round_()
+    if nonnegative:
+        # 0 <= x <= rmax, zero point 0 and scale = rmax / qmax (to float32 rounding): x / scale already lies
+        # in [0, qmax + 2^-15], so it rounds into [0, qmax] and the clip would change nothing
+        return codes
     if zero_point.numel() == 1:
         return codes.clamp_(low.item(), high.item())
     return torch.minimum(torch.maximum(codes, low, out=codes), high, out=codes)
