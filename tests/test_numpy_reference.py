@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import zlib
 
 import numpy as np
@@ -10,11 +9,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization import quant_utils
 
 import numpy_reference as ref
-from layer_cases import CONV_CASES, conv_kwargs
+from reference_cases import CONV_CASES, conv_kwargs, ort_quantize_dynamic
 
 OPSET = 17
 F32 = np.float32
@@ -37,21 +35,7 @@ def _model(nodes, inits, x_shape, extra_inputs=()):
 
 
 def _quantize(model, tmp_path, per_channel, reduce_range, **kw):
-    out = tmp_path / "q.onnx"
-    logging.disable(logging.WARNING)  # quantize_dynamic warns about missing pre-processing
-    try:
-        quantize_dynamic(
-            model,
-            out,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-            per_channel=per_channel,
-            reduce_range=reduce_range,
-            **kw,
-        )
-    finally:
-        logging.disable(logging.NOTSET)
-    return onnx.load(str(out))
+    return ort_quantize_dynamic(model, tmp_path / "q.onnx", per_channel, reduce_range, **kw)
 
 
 def _session(model, level):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import zlib
 
 import numpy as np
@@ -10,14 +9,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from ptqaudit.onnx_graph import load_model
-from ptqaudit.policy import LayerQuant, ResolvedPolicy, load_policy, parse_policy
+from ptqaudit.policy import ResolvedPolicy, load_policy, parse_policy
 from ptqaudit.quantize import ORT_QUANTIZER, REWRITE, quantize, quantize_weight, weight_code_limit
 
 import numpy_reference as ref
-from layer_cases import CONV_CASES, conv_kwargs
+from reference_cases import CONV_CASES, conv_kwargs, ort_quantize_dynamic
 
 F32 = np.float32
 OPSET = 17
@@ -495,21 +493,7 @@ def test_mixed_policy_chain_matches_reference(case, tmp_path):
 
 
 def _direct_quantize_dynamic(model, tmp_path, per_channel=False, reduce_range=False, **kw):
-    out = tmp_path / "direct.onnx"
-    logging.disable(logging.WARNING)  # quantize_dynamic warns about missing pre-processing
-    try:
-        quantize_dynamic(
-            model.path,
-            out,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-            per_channel=per_channel,
-            reduce_range=reduce_range,
-            **kw,
-        )
-    finally:
-        logging.disable(logging.NOTSET)
-    return onnx.load(str(out))
+    return ort_quantize_dynamic(model.path, tmp_path / "direct.onnx", per_channel, reduce_range, **kw)
 
 
 def _dense_model(tmp_path):

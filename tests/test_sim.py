@@ -16,7 +16,7 @@ import numpy_reference as ref
 from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.evaluate import evaluate
 from ptqaudit.onnx_graph import load_model
-from ptqaudit.policy import LayerQuant, ResolvedPolicy, load_policy, parse_policy
+from ptqaudit.policy import LayerQuant, load_policy, parse_policy
 from ptqaudit.quantize import quantize
 from ptqaudit.sim.engine import sim_predict
 from ptqaudit.sim.model import SimModel

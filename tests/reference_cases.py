@@ -1,4 +1,11 @@
-"""Conv layer variants shared by the tests that check quantized layers against the NumPy reference."""
+"""What the tests comparing against ONNX Runtime and the NumPy reference share: Conv layer variants and
+a direct call of onnxruntime.quantization.quantize_dynamic."""
+
+import logging
+from pathlib import Path
+
+import onnx
+from onnxruntime.quantization import QuantType, quantize_dynamic
 
 CONV_CASES = {
     "3x3_pad1_bias": dict(x=(3, 3, 6, 6), w=(4, 3, 3, 3), bias=True, attrs=dict(pads=[1, 1, 1, 1])),
@@ -20,3 +27,14 @@ def conv_kwargs(attrs: dict) -> dict:
         dilations=tuple(attrs.get("dilations", (1, 1))),
         group=attrs.get("group", 1),
     )
+
+
+def ort_quantize_dynamic(model, out: Path, per_channel: bool = False, reduce_range: bool = False, **options) -> onnx.ModelProto:
+    """ORT's own tool on a model (proto or path) with int8 weights over Conv, MatMul and Gemm."""
+    logging.disable(logging.WARNING)  # quantize_dynamic warns about missing pre-processing
+    try:
+        quantize_dynamic(model, out, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                         per_channel=per_channel, reduce_range=reduce_range, **options)
+    finally:
+        logging.disable(logging.NOTSET)
+    return onnx.load(str(out))
