@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -280,6 +281,9 @@ def _ints(ctx, param, value):
               help="Deployment batch size: the activation range is measured over the whole batch.")
 @click.option("--search-limit", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Images (a class-balanced subset of the evaluation data) the simulator scores policies on.")
+@click.option("--search-split", type=click.Choice(["test", "train"]), default=None,
+              help="Score candidates on this split of the data instead of the evaluation data, so the ORT numbers "
+                   "reported come from images the search never saw [default: the evaluation data].")
 @click.option("--verify-top", type=click.IntRange(min=1), default=3, show_default=True,
               help="Leading candidates per objective measured on ONNX Runtime over the whole evaluation data.")
 @click.option("--dynamic", is_flag=True, help="Also audit an input-conditioned policy: a router that sends each input "
@@ -291,8 +295,8 @@ def _ints(ctx, param, value):
 @json_option
 @debug_option
 def search_command(model, data, data_root, download, split, limit, mean, std, bits, budget_avg_bits, budget_bitops,
-                   objective, method, max_evaluations, base_policy, layer_globs, batch_size, search_limit, verify_top,
-                   dynamic, seed, output, resume, no_progress, as_json):
+                   objective, method, max_evaluations, base_policy, layer_globs, batch_size, search_limit,
+                   search_split, verify_top, dynamic, seed, output, resume, no_progress, as_json):
     """Find the worst and best static bit-width policies for MODEL within a budget: the simulator scores
     candidates on a subset of the data, ONNX Runtime measures the leading ones on all of it. Writes the
     run folder (run.json, trace.jsonl, worst.yaml, best.yaml, summary.json)."""
@@ -305,14 +309,19 @@ def search_command(model, data, data_root, download, split, limit, mean, std, bi
     loaded = load_model(model)
     data_config = DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download)
     dataset = load_dataset(data_config)
+    search_data = None
+    if search_split is not None and search_split != split:
+        # only the examples the search scores are kept: a limit on the evaluation data does not apply
+        search_data = load_dataset(dataclasses.replace(data_config, split=search_split, limit=search_limit))
     config = SearchConfig(model=model, data=data_config, output=output, bits=bits, budget_avg_bits=budget_avg_bits,
                           budget_bitops=budget_bitops, objective=objective, method=method,
                           max_evaluations=max_evaluations, base_policy=base_policy, layers=layer_globs,
-                          batch_size=batch_size, search_limit=search_limit, verify_top=verify_top, seed=seed,
-                          dynamic=dynamic)
+                          batch_size=batch_size, search_limit=search_limit, search_split=search_split,
+                          verify_top=verify_top, seed=seed, dynamic=dynamic)
     echo = (lambda message: click.echo(message, err=True)) if as_json else click.echo
     try:
-        summary = run_search(config, loaded, dataset, resume=resume, progress=not no_progress, echo=echo)
+        summary = run_search(config, loaded, dataset, resume=resume, progress=not no_progress, echo=echo,
+                             search_data=search_data)
     except KeyboardInterrupt:
         click.echo(f"ptqaudit: interrupted; {output} keeps every finished evaluation: continue with "
                    f"`ptqaudit search ... -o {output} --resume`", err=True)
@@ -321,7 +330,7 @@ def search_command(model, data, data_root, download, split, limit, mean, std, bi
         _print_json(summary)
         return
     click.echo(f"model {model} | data {summary['dataset']}, {summary['images']} images "
-               f"(search on {summary['search_images']}) | batch size {batch_size} | budget "
+               f"(search on {summary['search_images']} of {summary['search_dataset']}) | batch size {batch_size} | budget "
                f"{summary['budget']['effective_bits']:.2f} effective bits | {method}, seed {seed}\n")
     rows = [["fp32", f"{100 * summary['fp32_accuracy']:.2f}%", "", "", "", ""]]
     for name in ("worst", "best"):

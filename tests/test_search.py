@@ -254,3 +254,20 @@ def test_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path, capsys
     for objective in ("worst", "best"):
         assert json.loads(resumed)[objective]["policy"] == json.loads(uninterrupted)[objective]["policy"]
         assert json.loads(resumed)[objective]["ort_accuracy"] == json.loads(uninterrupted)[objective]["ort_accuracy"]
+
+
+def test_search_split_scores_candidates_on_the_other_split(tmp_path, capsys, digits):
+    """With --search-split train the simulator scores candidates on training images; ORT on those
+    images reproduces the recorded scores, and the reported numbers come from the test split."""
+    code, out, err = _cli(capsys, "search", DIGITS_MODEL, "--search-split", "train", "--search-limit", 200,
+                          "--max-evaluations", 24, "--no-progress", "--json", "-o", tmp_path / "run")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["search_dataset"] == "digits/train" and summary["search_images"] == 200
+    assert summary["dataset"] == "digits/test" and summary["images"] == len(load_dataset(DataConfig(name="digits")))
+    train = load_dataset(DataConfig(name="digits", split="train", limit=200))
+    for objective in ("worst", "best"):
+        candidate = summary[objective]["candidates"][0]
+        policy = ResolvedPolicy("candidate", {name: LayerQuant(int(label[1:label.index("A")]), int(label[label.index("A") + 1:]))
+                                              for name, label in candidate["layers"].items()})
+        assert _ort_accuracy(digits, policy, train) == pytest.approx(candidate["sim_accuracy_search_subset"])

@@ -47,6 +47,7 @@ class SearchConfig:
     layers: tuple[str, ...] = ()
     batch_size: int = 1
     search_limit: int = 1000
+    search_split: str | None = None  # score candidates on this split (None: the evaluation data itself)
     verify_top: int = 3
     seed: int = 0
     dynamic: bool = False  # also train a router choosing among the verified candidates per input
@@ -101,8 +102,9 @@ def _weights(model: LoadedModel, layers) -> list[np.ndarray]:
 
 
 def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resume: bool = False,
-               progress: bool = True, echo=print) -> dict:
-    """Search, verify on ORT, write the run folder; returns the summary (also in summary.json)."""
+               progress: bool = True, echo=print, search_data: Dataset | None = None) -> dict:
+    """Search, verify on ORT, write the run folder; returns the summary (also in summary.json).
+    search_data: where candidates are scored (the --search-split), else a subset of `dataset`."""
     config.validate()
     check_model_fits_data(model, dataset, config.batch_size)
     base = load_policy(config.base_policy).resolve(model.layers)
@@ -121,7 +123,7 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
 
     started = time.perf_counter()
     sim = SimModel(model).eval()
-    search_set = dataset.subset(config.search_limit)
+    search_set = (search_data if search_data is not None else dataset).subset(config.search_limit)
     features = layer_features(space.searched, _weights(model, space.searched))
     evaluator = SimEvaluator(sim, search_set, config.batch_size, space, folder.append_trace, memo)
     boards = {}
@@ -151,7 +153,8 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
     fp32 = predict(make_session(model.proto), dataset, config.batch_size, "fp32 (ORT)", progress)
     fp32_accuracy = accuracy(fp32.labels, dataset.y)
     summary = {
-        "model": config.model, "dataset": dataset.name, "images": len(dataset), "search_images": len(search_set),
+        "model": config.model, "dataset": dataset.name, "images": len(dataset), "search_dataset": search_set.name,
+        "search_images": len(search_set),
         "batch_size": config.batch_size, "seed": config.seed, "method": config.method,
         "budget": {"bitops": budget.bitops, "effective_bits": budget.effective_bits(model.total_macs),
                    "worst": "policies at or above it", "best": "policies at or below it"},
