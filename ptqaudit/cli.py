@@ -297,9 +297,10 @@ def _ints(ctx, param, value):
 def search_command(model, data, data_root, download, split, limit, mean, std, bits, budget_avg_bits, budget_bitops,
                    objective, method, max_evaluations, base_policy, layer_globs, batch_size, search_limit,
                    search_split, verify_top, dynamic, seed, output, resume, no_progress, as_json):
-    """Find the worst and best static bit-width policies for MODEL within a budget: the simulator scores
-    candidates on a subset of the data, ONNX Runtime measures the leading ones on all of it. Writes the
-    run folder (run.json, trace.jsonl, worst.yaml, best.yaml, summary.json)."""
+    """Find the worst and best bit-width policies for MODEL within a budget (static ones, and with
+    --dynamic an input-conditioned one): the simulator scores candidates on a subset of the data, ONNX
+    Runtime measures the leading ones on all of it. Writes the run folder (run.json, trace.jsonl,
+    worst.yaml, best.yaml, summary.json)."""
     if budget_avg_bits is None and budget_bitops is None:
         budget_avg_bits = 6.0
     if output is None:
