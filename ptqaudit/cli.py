@@ -25,13 +25,17 @@ from .search.run import SearchConfig, run_search
 EXIT_INTERNAL_ERROR = 3  # a bug in ptqaudit, kept apart from 1 (gate failed) and 2 (bad input)
 
 
-def _floats(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers such as 0.49,0.48,0.45, got {value!r}") from None
+def _comma_list(convert, example: str):
+    """A click callback parsing "a,b,c" into a tuple of `convert` values (None stays None)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(convert(v) for v in value.split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list such as {example}, got {value!r}") from None
+
+    return parse
 
 
 def debug_option(f):
@@ -57,8 +61,8 @@ def data_options(f):
         click.option("--download", is_flag=True, help="cifar10: fetch the official archive (checksum-verified) when missing."),
         click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True),
         click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a deterministic, class-balanced subset of N examples."),
-        click.option("--mean", callback=_floats, default=None, help="Per-channel mean to subtract after scaling pixels to [0,1], e.g. 0.49,0.48,0.45."),
-        click.option("--std", callback=_floats, default=None, help="Per-channel standard deviation to divide by, after --mean."),
+        click.option("--mean", callback=_comma_list(float, "0.49,0.48,0.45"), default=None, help="Per-channel mean to subtract after scaling pixels to [0,1], e.g. 0.49,0.48,0.45."),
+        click.option("--std", callback=_comma_list(float, "0.49,0.48,0.45"), default=None, help="Per-channel standard deviation to divide by, after --mean."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -251,17 +255,10 @@ def eval_command(model, data, data_root, download, split, limit, mean, std, poli
         click.echo(f"\n{report.runtime}, device {report.device}; drop = FP32 accuracy - policy accuracy, in points")
 
 
-def _ints(ctx, param, value):
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 2,4,8, got {value!r}") from None
-
-
 @cli.command(name="search")
 @model_argument
 @data_options
-@click.option("--bits", callback=_ints, default="2,3,4,5,6,8", show_default=True,
+@click.option("--bits", callback=_comma_list(int, "2,4,8"), default="2,3,4,5,6,8", show_default=True,
               help="Bit-widths each layer's weights and activations may take.")
 @click.option("--budget-avg-bits", type=click.FloatRange(min=1, max=32), default=None,
               help="Budget in effective bits, sqrt(BitOPs / MACs) [default: 6]. The worst case is searched at or "

@@ -122,7 +122,7 @@ class EvalReport:
         return asdict(self)
 
 
-def engine_description() -> str:
+def runtime_description() -> str:
     return f"onnxruntime {ort.__version__} on {platform.machine()}"
 
 
@@ -165,7 +165,7 @@ def evaluate(
     fp32_accuracy = accuracy(fp32.labels, dataset.y)
     report = EvalReport(
         model=str(model.path), dataset=dataset.name, images=len(dataset), batch_size=batch_size, engine=engine,
-        runtime=engine_description(), device=device, fp32_accuracy=fp32_accuracy,
+        runtime=runtime_description(), device=device, fp32_accuracy=fp32_accuracy,
         fp32_images_per_second=fp32.images_per_second(), fp32_bitops=32 * 32 * model.total_macs, fp32_sim=fp32_check,
     )
     if on_update:

@@ -8,10 +8,8 @@ import io
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import yaml
-from onnx import numpy_helper
 from tqdm import tqdm
 
 from ..data import DataConfig, Dataset
@@ -96,11 +94,6 @@ def _searched_layers(model: LoadedModel, globs: tuple[str, ...]) -> list[str]:
     return names
 
 
-def _weights(model: LoadedModel, layers) -> list[np.ndarray]:
-    initializers = {init.name: init for init in model.proto.graph.initializer}
-    return [numpy_helper.to_array(initializers[layer.weight_name]) for layer in layers]
-
-
 def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resume: bool = False,
                progress: bool = True, echo=print, search_data: Dataset | None = None) -> dict:
     """Search, verify on ORT, write the run folder; returns the summary (also in summary.json).
@@ -124,7 +117,8 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
     started = time.perf_counter()
     sim = SimModel(model).eval()
     search_set = (search_data if search_data is not None else dataset).subset(config.search_limit)
-    features = layer_features(space.searched, _weights(model, space.searched))
+    features = layer_features(space.searched, [sim.quant_layer(layer.name).weight.detach().numpy()
+                                               for layer in space.searched])
     evaluator = SimEvaluator(sim, search_set, config.batch_size, space, folder.append_trace, memo)
     boards = {}
     for objective in objectives:

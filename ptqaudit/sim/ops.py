@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 ONNX_TO_TORCH_DTYPE = {
     TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64, TensorProto.FLOAT16: torch.float16,
@@ -37,8 +37,6 @@ def _div(attrs, a, b):
 
 
 def _constant(attrs):
-    from onnx import numpy_helper
-
     if "value" in attrs:
         return torch.from_numpy(np.array(numpy_helper.to_array(attrs["value"])))
     for key, dtype in (("value_float", torch.float32), ("value_int", torch.int64)):
@@ -51,8 +49,6 @@ def _constant(attrs):
 
 
 def _constant_of_shape(attrs, shape):
-    from onnx import numpy_helper
-
     value = torch.from_numpy(np.array(numpy_helper.to_array(attrs["value"]))) if "value" in attrs else torch.zeros(1)
     return torch.full(_ints(shape), value.reshape(-1)[0].item(), dtype=value.dtype)
 
