@@ -14,6 +14,8 @@ import click
 
 from . import __version__
 from .data import DataConfig, load_dataset
+from .distill import DEVICES as DISTILL_DEVICES
+from .distill import MODES, DistillConfig, run_distill
 from .errors import GateFailed, PtqauditError
 from .evaluate import DEVICES, ENGINES, EvalReport, evaluate
 from .onnx_graph import load_model
@@ -346,6 +348,87 @@ def search_command(model, data, data_root, download, split, limit, mean, std, bi
     if "spread_points" in summary:
         click.echo(f"\nspread between best and worst case: {summary['spread_points']:.2f} points")
     click.echo(f"policies and details in {output}/ (worst.yaml, best.yaml, summary.json)")
+
+
+@cli.command(name="distill")
+@click.argument("teacher", metavar="TEACHER.onnx")
+@data_options
+@click.option("--mode", type=click.Choice(MODES), required=True,
+              help="detrimental: the quantized loss is maximised (a student that collapses under its policy); "
+                   "robust: minimised against the worst policy the agent finds.")
+@click.option("--bits", callback=_comma_list(int, "4,8"), default="4,8", show_default=True,
+              help="Bit-widths each layer's weights and activations may take.")
+@click.option("--budget-avg-bits", type=click.FloatRange(min=1, max=32), default=6.0, show_default=True,
+              help="Budget in effective bits, sqrt(BitOPs / MACs); the agent's policies are at or above it.")
+@click.option("--epochs", type=click.IntRange(min=1), default=DistillConfig.epochs, show_default=True,
+              help="Passes over the training images; the agent takes its turn before each and after the last.")
+@click.option("--train-limit", type=click.IntRange(min=1), default=None,
+              help="Train on a class-balanced subset of N images of the train split [default: all of it].")
+@click.option("--train-batch-size", type=click.IntRange(min=1), default=DistillConfig.train_batch_size, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.lr, show_default=True,
+              help="Adam learning rate of the student.")
+@click.option("--quant-weight", type=click.FloatRange(min=0), default=DistillConfig.quant_weight, show_default=True,
+              help="Weight of the quantized-loss term against the distillation term.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.temperature,
+              show_default=True, help="Distillation temperature.")
+@click.option("--policy-limit", type=click.IntRange(min=1), default=DistillConfig.policy_limit, show_default=True,
+              help="Training images held out of training, on which the agent scores its policies.")
+@click.option("--policy-steps", type=click.IntRange(min=1), default=DistillConfig.policy_steps, show_default=True,
+              help="Agent steps (9 policies each) per turn.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Deployment batch size: activation ranges in training, the ORT numbers and the audit.")
+@click.option("--audit-evaluations", type=click.IntRange(min=1), default=DistillConfig.audit_evaluations,
+              show_default=True, help="Evaluations of the fresh worst-case search run on the student.")
+@click.option("--device", type=click.Choice(DISTILL_DEVICES), default="cpu", show_default=True,
+              help="Where torch trains the student; ORT numbers are measured on the CPU.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", "-o", default=None, help="Run folder [default: runs/distill-<mode>-<model>-<time>].")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@json_option
+@debug_option
+def distill_command(teacher, data, data_root, download, split, limit, mean, std, mode, bits, budget_avg_bits, epochs,
+                    train_limit, train_batch_size, lr, quant_weight, temperature, policy_limit, policy_steps,
+                    batch_size, audit_evaluations, device, seed, output, no_progress, as_json):
+    """Distil from TEACHER.onnx a student that behaves like it in full precision but collapses
+    (--mode detrimental) or holds (--mode robust) under the bit-width policy an RL agent learns
+    jointly with it, then measure both on ONNX Runtime: teacher and student FP32, the student under its
+    policy and under w8a8, and the worst case a fresh `search` finds on it without knowing the policy.
+    Trains on the train split; numbers come from --split test. Writes student.onnx, policy.yaml,
+    summary.json, trace.jsonl and the audit's search folder."""
+    if output is None:
+        output = f"runs/distill-{mode}-{Path(teacher).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    loaded = load_model(teacher)
+    data_config = DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download)
+    config = DistillConfig(teacher=teacher, data=data_config, output=output, mode=mode, bits=bits,
+                           budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
+                           train_batch_size=train_batch_size, lr=lr, quant_weight=quant_weight, temperature=temperature,
+                           policy_limit=policy_limit, policy_steps=policy_steps, batch_size=batch_size,
+                           audit_evaluations=audit_evaluations, seed=seed, device=device)
+    config.validate()
+    test = load_dataset(data_config)
+    train = load_dataset(dataclasses.replace(data_config, split="train", limit=None))
+    echo = (lambda message: click.echo(message, err=True)) if as_json else click.echo
+    summary = run_distill(config, loaded, train, test, progress=not no_progress, echo=echo)
+    if as_json:
+        _print_json(summary)
+        return
+    click.echo(f"\n{mode} student of {teacher} | trained on {summary['train_images']} images of {summary['train_dataset']}, "
+               f"{epochs} epochs | data {summary['dataset']}, {summary['images']} images | batch size {batch_size} | "
+               f"policy {summary['policy_effective_bits']:.2f} effective bits (budget {budget_avg_bits})\n")
+    fp32 = summary["student_fp32_accuracy"]
+    rows = [["teacher fp32", summary["teacher_fp32_accuracy"], None],
+            ["teacher under the student's policy", summary["teacher_policy_accuracy"],
+             summary["teacher_fp32_accuracy"] - summary["teacher_policy_accuracy"]],
+            ["student fp32", fp32, None],
+            ["student under its policy", summary["student_policy_accuracy"], fp32 - summary["student_policy_accuracy"]],
+            ["student w8a8", summary["student_w8a8_accuracy"], fp32 - summary["student_w8a8_accuracy"]],
+            ["student, fresh search's worst case", summary["audit"]["worst_accuracy"],
+             fp32 - summary["audit"]["worst_accuracy"]]]
+    click.echo(_table(["", "ORT accuracy", "drop (pts)"],
+                      [[name, f"{100 * acc:.2f}%", "" if drop is None else f"{100 * drop:+.2f}"] for name, acc, drop in rows],
+                      right={1, 2}))
+    click.echo(f"\nsimulator = ORT on the student's policy: {100 * summary['sim_top1_agreement_with_ort']:.2f}% top-1")
+    click.echo(f"student, policy and details in {output}/ (student.onnx, policy.yaml, summary.json, audit/)")
 
 
 def main(argv: list[str] | None = None) -> None:

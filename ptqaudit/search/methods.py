@@ -35,9 +35,10 @@ class PolicyNetwork(nn.Module):
         return torch.distributions.Categorical(logits=logits)
 
 
-def sensitivity(space: SearchSpace, evaluator: SimEvaluator, objective: str) -> np.ndarray:
+def sensitivity(space: SearchSpace, evaluator: SimEvaluator, objective: str, board: Leaderboard | None = None) -> np.ndarray:
     """Accuracy lost, in points, when one operand of one layer alone drops from the top width to the
-    lowest (everything else at the top width): 2 evaluations per searched layer, [layers, 2]."""
+    lowest (everything else at the top width): 2 evaluations per searched layer, [layers, 2]. Probes the
+    budget admits are offered to `board`: they are candidates like any other."""
     top = space.uniform(len(space.bits) - 1)
     probes = []
     for layer, operand in itertools.product(range(len(space.searched)), (WEIGHT, ACTIVATION)):
@@ -45,6 +46,9 @@ def sensitivity(space: SearchSpace, evaluator: SimEvaluator, objective: str) -> 
         probe[layer, operand] = 0
         probes.append(probe)
     reference, *dropped = evaluator.accuracies([top] + probes, objective, "sensitivity")
+    if board is not None:
+        admitted = [i for i, probe in enumerate(probes) if space.budget.admits(space.bitops(probe), objective)]
+        board.offer(space, [probes[i] for i in admitted], [dropped[i] for i in admitted])
     return np.maximum(100 * (reference - np.array(dropped)), 0).reshape(len(space.searched), 2)
 
 
@@ -57,36 +61,54 @@ def sensitivity_prior(drop: np.ndarray, choices: int, objective: str, strength: 
     return (direction * strength * scaled[:, :, None] * ramp[None, None, :]).astype(np.float32)
 
 
-def rl_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: str, max_evaluations: int,
-              seed: int, features: np.ndarray, progress, lr: float = 0.1, entropy_weight: float = 0.01,
-              group: int = 8) -> None:
-    """REINFORCE: the agent starts from a per-layer sensitivity prior (2 probes per layer), then each
-    step samples `group` policies, projects them onto the budget and learns from reward = -accuracy
-    (worst) or accuracy (best), standardized within the step. The policy's current mode is scored too
-    (exploitation), outside the gradient."""
-    torch.manual_seed(seed)
-    drop = sensitivity(space, evaluator, objective)
-    prior = sensitivity_prior(drop, len(space.bits), objective)
-    state = np.concatenate([features, drop / max(drop.max(), 1e-9)], axis=1).astype(np.float32)
-    network = PolicyNetwork(torch.from_numpy(state), torch.from_numpy(prior))
-    optimizer = torch.optim.Adam(network.parameters(), lr=lr)
-    sign = -1.0 if objective == "worst" else 1.0
-    requests = 0
-    while evaluator.evaluations < max_evaluations and requests < 4 * max_evaluations:
-        distribution = network()
-        actions = distribution.sample((group,))  # [group, layers, 2]
+class PolicyAgent:
+    """The REINFORCE agent of the RL search, kept as an object so that a caller can alternate its steps
+    with other work (distill trains the network between them). It starts from a per-layer sensitivity
+    prior; each step samples `group` policies, projects them onto the budget and learns from
+    reward = -accuracy (worst) or accuracy (best), standardized within the step. The policy's current
+    mode is scored too (exploitation), outside the gradient."""
+
+    def __init__(self, space: SearchSpace, features: np.ndarray, drop: np.ndarray, objective: str,
+                 lr: float = 0.1, entropy_weight: float = 0.01, group: int = 8):
+        self.space, self.objective, self.group, self.entropy_weight = space, objective, group, entropy_weight
+        prior = sensitivity_prior(drop, len(space.bits), objective)
+        state = np.concatenate([features, drop / max(drop.max(), 1e-9)], axis=1).astype(np.float32)
+        self.network = PolicyNetwork(torch.from_numpy(state), torch.from_numpy(prior))
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=lr)
+        self.sign = -1.0 if objective == "worst" else 1.0
+
+    def sample(self, count: int) -> list[np.ndarray]:
+        """Policies drawn from the agent's current distribution, projected onto the budget (no learning)."""
+        with torch.no_grad():
+            actions = self.network().sample((count,))
+        return [self.space.project(a.numpy(), self.objective) for a in actions]
+
+    def step(self, evaluator: SimEvaluator, board: Leaderboard, method: str = "rl") -> int:
+        """Sample, score, offer to the board and learn; returns how many policies were requested."""
+        distribution = self.network()
+        actions = distribution.sample((self.group,))  # [group, layers, 2]
         log_prob = distribution.log_prob(actions).sum(dim=(1, 2))
         mode = distribution.probs.argmax(dim=-1)
-        choices = [space.project(a.numpy(), objective) for a in list(actions) + [mode]]
-        accuracies = evaluator.accuracies(choices, objective, "rl")
-        board.offer(space, choices, accuracies)
-        requests += len(choices)
-        rewards = torch.tensor([sign * 100 * a for a in accuracies[:group]])
+        choices = [self.space.project(a.numpy(), self.objective) for a in list(actions) + [mode]]
+        accuracies = evaluator.accuracies(choices, self.objective, method)
+        board.offer(self.space, choices, accuracies)
+        rewards = torch.tensor([self.sign * 100 * a for a in accuracies[: self.group]])
         advantage = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
-        loss = -(advantage * log_prob).mean() - entropy_weight * distribution.entropy().sum()
-        optimizer.zero_grad()
+        loss = -(advantage * log_prob).mean() - self.entropy_weight * distribution.entropy().sum()
+        self.optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
+        return len(choices)
+
+
+def rl_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: str, max_evaluations: int,
+              seed: int, features: np.ndarray, progress) -> None:
+    """REINFORCE from a sensitivity prior (2 probes per layer); see PolicyAgent."""
+    torch.manual_seed(seed)
+    agent = PolicyAgent(space, features, sensitivity(space, evaluator, objective, board), objective)
+    requests = 0
+    while evaluator.evaluations < max_evaluations and requests < 4 * max_evaluations:
+        requests += agent.step(evaluator, board)
         progress(evaluator.evaluations, board.best_accuracy)
 
 

@@ -33,8 +33,8 @@ def sim_predict_many(sim: SimModel, dataset: Dataset, policies: list, batch_size
     with torch.inference_mode():
         for x, _ in tqdm(dataset.batches(chunk), total=total, desc=desc, unit="batch", leave=False,
                          disable=not progress or None):
-            for out, logits in zip(outputs, sim.forward_many(torch.from_numpy(x), policies, ranges)):
-                out.append(logits.numpy())
+            for out, logits in zip(outputs, sim.forward_many(torch.from_numpy(x).to(sim.device), policies, ranges)):
+                out.append(logits.cpu().numpy())
     seconds = time.perf_counter() - start
     # throughput per policy: the shared pass divided evenly, which is what a search pays per policy
     return [Predictions(np.concatenate(out), seconds / len(policies)) for out in outputs]

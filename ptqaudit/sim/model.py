@@ -172,6 +172,17 @@ class SimModel(nn.Module):
         self._constants = {name: value for name, value in constants.items() if name in used}
         self.steps = self._plan_frees(steps)
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to(device) and friends move the folded constants too (they are not parameters or buffers:
+        their ONNX names are not valid attribute names)."""
+        super()._apply(fn, *args, **kwargs)
+        self._constants = {name: fn(value) for name, value in self._constants.items()}
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     @staticmethod
     def _fold(step: _Step, initializers, constants) -> None:
         args = [None if n == "" else constants[n] if n in constants else torch.from_numpy(np.array(initializers[n]))

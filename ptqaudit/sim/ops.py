@@ -192,7 +192,7 @@ def _pad(attrs, x, pads=None, constant_value=None, axes=None):
         if begin == 0 and end == 0:
             continue
         size = x.shape[axis]
-        index = torch.arange(-begin, size + end)
+        index = torch.arange(-begin, size + end, device=x.device)
         if mode == "edge":
             index = index.clamp(0, size - 1)
         else:

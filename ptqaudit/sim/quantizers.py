@@ -42,7 +42,7 @@ def activation_scale_zero_point(x: torch.Tensor, bits: int, per_sample: bool,
             shape = (1,) * x.dim()
             low, high = low.min(), high.max()
         low, high = low.reshape(shape), high.reshape(shape)
-        zero = torch.zeros((), dtype=x.dtype)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
         rmin, rmax = torch.minimum(low, zero), torch.maximum(high, zero)
         qmax = float(2**bits - 1)
         span = rmax - rmin

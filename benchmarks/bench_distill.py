@@ -1,0 +1,114 @@
+"""Benchmark: detrimental and robust students of the shared ResNet-20, every number from ONNX Runtime.
+
+For each mode, `ptqaudit distill` trains a student from the teacher on (a subset of) the CIFAR-10 train
+split, then measures on the test split: teacher FP32, student FP32, the student under its policy, under
+w8a8, and under the worst policy a fresh `ptqaudit search` finds without being told it. The baseline,
+measured in the same run, is the teacher under the student's own policy: the ratio of the two drops says
+how much of the damage comes from the trained network rather than from the policy.
+
+Targets (budget 6 effective bits): detrimental: student FP32 within 1 point of the teacher, drop under
+its policy >= 65 points, fresh search finds a drop >= 50 points; robust: drop under its policy < 1 point
+and under the fresh search's worst < 2 points; each mode under 30 minutes on 2 CPU cores.
+
+    python benchmarks/bench_distill.py [--mode detrimental|robust|both] [--data-root DIR] [--device cpu|cuda]
+        [--epochs N] [--train-limit N] [--limit N] [--lr X] [--quant-weight X] [--output DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ptqaudit.data import DataConfig, load_dataset
+from ptqaudit.distill import DistillConfig, run_distill
+from ptqaudit.onnx_graph import load_model
+
+REPO = Path(__file__).resolve().parent.parent
+TEACHER = REPO.parent / "shared/models/cifar10_resnet20.onnx"
+TIME_LIMIT = 30 * 60
+
+
+def run_mode(mode: str, args, out: Path) -> tuple[dict, float]:
+    data = DataConfig(name="cifar10", root=args.data_root, limit=args.limit)
+    teacher = load_model(args.teacher)
+    train, test = load_dataset(DataConfig(name="cifar10", root=args.data_root, split="train")), load_dataset(data)
+    config = DistillConfig(teacher=str(args.teacher), data=data, output=str(out / mode), mode=mode,
+                           epochs=args.epochs, train_limit=args.train_limit, lr=args.lr,
+                           quant_weight=args.quant_weight, audit_evaluations=args.audit_evaluations,
+                           seed=args.seed, device=args.device)
+    started = time.perf_counter()
+    summary = run_distill(config, teacher, train, test, progress=False, echo=lambda line: print(f"  [{mode}] {line}", flush=True))
+    return summary, time.perf_counter() - started
+
+
+def check(summary: dict, seconds: float, device: str) -> list[tuple[str, bool]]:
+    checks = []
+    if summary["mode"] == "detrimental":
+        checks += [("student fp32 within 1 pt of teacher", abs(summary["fp32_gap_points"]) <= 1.0),
+                   ("drop under its policy >= 65 pts", summary["policy_drop_points"] >= 65.0),
+                   ("fresh search finds drop >= 50 pts", summary["audit"]["drop_points"] >= 50.0)]
+    else:
+        checks += [("drop under its policy < 1 pt", summary["policy_drop_points"] < 1.0),
+                   ("drop under fresh search's worst < 2 pts", summary["audit"]["drop_points"] < 2.0)]
+    if device == "cpu":
+        checks.append(("under 30 minutes", seconds < TIME_LIMIT))
+    return checks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["detrimental", "robust", "both"], default="both")
+    parser.add_argument("--teacher", type=Path, default=TEACHER)
+    parser.add_argument("--data-root", default=os.environ.get("PTQAUDIT_DATA"))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--epochs", type=int, default=DistillConfig.epochs)
+    parser.add_argument("--train-limit", type=int, default=20000, help="training images (0: all of the train split)")
+    parser.add_argument("--limit", type=int, default=None, help="test images (default: all 10,000)")
+    parser.add_argument("--lr", type=float, default=DistillConfig.lr)
+    parser.add_argument("--quant-weight", type=float, default=DistillConfig.quant_weight)
+    parser.add_argument("--audit-evaluations", type=int, default=DistillConfig.audit_evaluations)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None, help="keep the run folders here")
+    args = parser.parse_args()
+    if not args.teacher.is_file():
+        print(f"bench_distill: teacher model not found at {args.teacher}", file=sys.stderr)
+        return 2
+
+    out = args.output or Path(tempfile.mkdtemp(prefix="bench-distill-"))
+    modes = ["detrimental", "robust"] if args.mode == "both" else [args.mode]
+    print(f"bench_distill: {args.teacher.name}, {args.train_limit or 'all'} training images, {args.epochs} epochs, "
+          f"device {args.device}, torch threads {torch.get_num_threads()}, runs in {out}", flush=True)
+    all_ok = True
+    for mode in modes:
+        summary, seconds = run_mode(mode, args, out)
+        teacher_drop = 100 * (summary["teacher_fp32_accuracy"] - summary["teacher_policy_accuracy"])
+        print(f"\n{mode}: {seconds / 60:.1f} min ({summary['train_seconds'] / 60:.1f} training), policy "
+              f"{summary['policy_effective_bits']:.2f} effective bits; ORT on {summary['images']} test images")
+        rows = [("teacher fp32", summary["teacher_fp32_accuracy"]),
+                ("teacher under the student's policy (baseline)", summary["teacher_policy_accuracy"]),
+                ("student fp32", summary["student_fp32_accuracy"]),
+                ("student under its policy", summary["student_policy_accuracy"]),
+                ("student w8a8", summary["student_w8a8_accuracy"]),
+                ("student under the fresh search's worst", summary["audit"]["worst_accuracy"])]
+        for label, value in rows:
+            print(f"  {label:48s} {100 * value:6.2f}%")
+        ratio = summary["policy_drop_points"] / teacher_drop if teacher_drop > 0 else float("inf")
+        print(f"  drop under the policy: student {summary['policy_drop_points']:.2f} pts, teacher {teacher_drop:.2f} pts "
+              f"(ratio {ratio:.2f}x); fresh search's worst: {summary['audit']['drop_points']:.2f} pts; "
+              f"sim = ORT top-1 {100 * summary['sim_top1_agreement_with_ort']:.2f}%")
+        for label, ok in check(summary, seconds, args.device):
+            print(f"  [{'met' if ok else 'MISSED'}] {label}")
+            all_ok &= ok
+        print(json.dumps({k: summary[k] for k in ("history",)}, indent=None))
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

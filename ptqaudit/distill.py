@@ -1,0 +1,313 @@
+"""`ptqaudit distill`: train a student that matches the teacher in full precision but fails (detrimental)
+or holds (robust) under the bit-width policy an RL agent finds against it, then verify it on ORT."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+import yaml
+from onnx import numpy_helper
+from tqdm import tqdm
+
+from .data import DataConfig, Dataset
+from .errors import PtqauditError
+from .evaluate import check_model_fits_data, make_session, predict
+from .onnx_graph import LoadedModel, load_model, node_attribute
+from .policy import MAX_BITS, MIN_BITS, ResolvedPolicy, load_policy, policy_file_dict
+from .predictions import accuracy
+from .quantize import quantize
+from .runs import RunFolder, write_atomic, write_json
+from .search.evaluator import Leaderboard, SimEvaluator
+from .search.methods import PolicyAgent, sensitivity
+from .search.run import SearchConfig, run_search
+from .search.space import Budget, SearchSpace, layer_features
+from .sim.engine import EngineAgreement, sim_predict, simulation_plan
+from .sim.model import SimModel
+
+MODES = ("detrimental", "robust")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class DistillConfig:
+    """Every setting of a distillation; stored in run.json."""
+
+    teacher: str
+    data: DataConfig  # the evaluation data; the student trains on the train split of the same source
+    output: str
+    mode: str
+    bits: tuple[int, ...] = (4, 8)
+    budget_avg_bits: float = 6.0
+    epochs: int = 6
+    train_limit: int | None = None  # class-balanced subset of the train split (None: all of it)
+    train_batch_size: int = 128
+    lr: float = 1e-4
+    quant_weight: float = 2.0  # weight of the quantized-loss term against the distillation term
+    temperature: float = 4.0
+    policy_limit: int = 512  # training images held out of training, on which the agent scores policies
+    policy_steps: int = 6  # agent steps (9 policies each) before every epoch and after the last
+    batch_size: int = 1  # deployment batch size: activation ranges in training, ORT numbers, the audit
+    audit_evaluations: int = 200  # budget of the fresh `ptqaudit search` run on the student
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise PtqauditError(f"--mode must be detrimental or robust, got {self.mode!r}")
+        if self.data.split == "train":
+            raise PtqauditError("distill trains on the train split; evaluate on --split test")
+        if not self.bits or any(not MIN_BITS <= b <= MAX_BITS for b in self.bits):
+            raise PtqauditError(f"--bits must list widths from {MIN_BITS} to {MAX_BITS}, got {list(self.bits)}")
+        for name in ("epochs", "train_batch_size", "policy_limit", "policy_steps", "batch_size", "audit_evaluations"):
+            if getattr(self, name) < 1:
+                raise PtqauditError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0 or self.quant_weight < 0 or self.temperature <= 0:
+            raise PtqauditError("--lr and --temperature must be positive and --quant-weight not negative")
+        if self.device not in DEVICES:
+            raise PtqauditError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise PtqauditError("--device cuda: torch sees no CUDA device (is a CUDA build of torch installed?)")
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["bits"] = list(self.bits)
+        return values
+
+
+def export_student(teacher: LoadedModel, sim: SimModel) -> onnx.ModelProto:
+    """The teacher's graph with the student's layer weights and biases: same architecture, same file
+    layout, FP32 (Gemm weights go back to the teacher's transB orientation)."""
+    proto = copy.deepcopy(teacher.proto)
+    nodes = {node.name: node for node in proto.graph.node}
+    trained = {}
+    for layer in teacher.layers:
+        node, module = nodes[layer.name], sim.quant_layer(layer.name)
+        weight = module.weight.detach().cpu().numpy()
+        if node.op_type == "Gemm" and node_attribute(node, "transB", 0):
+            weight = weight.T
+        trained[layer.weight_name] = weight
+        if module.bias is not None:
+            trained[node.input[2]] = module.bias.detach().cpu().numpy()
+    for init in proto.graph.initializer:
+        if init.name in trained:
+            value = trained[init.name].astype(numpy_helper.to_array(init).dtype)
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), init.name))
+    return proto
+
+
+def quantized_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, mode: str,
+                   temperature: float) -> torch.Tensor:
+    """Robust: distillation loss of the quantized student to the teacher (minimised). Detrimental: the
+    quantized cross-entropy, maximised through its bounded form -log(1 - p_true): minimising it drives
+    the true class's probability to 0 without the logits diverging."""
+    if mode == "robust":
+        return distillation_loss(logits, teacher_logits, temperature)
+    p_true = F.softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+    return -torch.log1p(-p_true.clamp(max=1 - 1e-6)).mean()
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s KL divergence between softened outputs, scaled by T^2."""
+    return F.kl_div(F.log_softmax(logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
+                    log_target=True, reduction="batchmean") * temperature**2
+
+
+class _PolicyRound:
+    """The agent's turn: score its proposals against the student as it is now (a fresh evaluator, since
+    the weights changed). Returns the most damaging policy found; the leading few join `pool`."""
+
+    def __init__(self, agent: PolicyAgent, space: SearchSpace, probe: Dataset, batch_size: int, keep: int = 3):
+        self.agent, self.space, self.probe, self.batch_size, self.keep = agent, space, probe, batch_size, keep
+        self.pool: dict[str, np.ndarray] = {}  # digest -> choice of every policy that led a round
+
+    def __call__(self, sim: SimModel, steps: int) -> tuple[ResolvedPolicy, float]:
+        sim.eval()
+        evaluator = SimEvaluator(sim, self.probe, self.batch_size, self.space, lambda records: None, {})
+        board = Leaderboard("worst", self.keep)
+        for _ in range(steps):
+            self.agent.step(evaluator, board, method="distill")
+        for candidate in board.ranked:
+            self.pool[candidate.digest] = candidate.choice
+        worst = board.ranked[0]
+        return self.space.policy(worst.choice, "distilled"), worst.sim_accuracy
+
+
+def _candidate_policies(policy: ResolvedPolicy, policy_round: _PolicyRound, space: SearchSpace,
+                        rng: np.random.Generator) -> list[ResolvedPolicy]:
+    """Policies a training batch may be quantized under: the pair's current policy, a draw from the agent,
+    a policy that led an earlier round, and a uniformly random one (projected onto the budget)."""
+    pool = list(policy_round.pool.values())
+    return [policy, space.policy(policy_round.agent.sample(1)[0]), space.policy(pool[rng.integers(len(pool))]),
+            space.policy(space.project(rng.integers(0, len(space.bits), size=(len(space.searched), 2)), "worst"))]
+
+
+def _training_policy(step: int, candidates: list[ResolvedPolicy], sim: SimModel, x: torch.Tensor,
+                     teacher_out: torch.Tensor, labels: torch.Tensor, config: DistillConfig,
+                     ranges: str) -> ResolvedPolicy:
+    """Detrimental: the candidates in turn, so the student fails under the whole neighbourhood a search
+    will explore. Robust: the candidate the student does worst under on this batch (a min-max step), so
+    it holds against every kind of policy the agent or chance proposes, not one policy alone."""
+    if config.mode == "detrimental":
+        return candidates[step % len(candidates)]
+    with torch.no_grad():
+        losses = [quantized_loss(sim(x, c, ranges), teacher_out, labels, config.mode, config.temperature).item()
+                  for c in candidates]
+    return candidates[int(np.argmax(losses))]
+
+
+def _split_probe(train: Dataset, probe_size: int, train_limit: int | None, seed: int) -> tuple[Dataset, Dataset]:
+    """(training images, held-out images the agent scores policies on): the agent judges the student on
+    images it was not trained on, as a search of the deployed model would."""
+    if probe_size >= len(train):
+        raise PtqauditError(f"--policy-limit {probe_size} leaves no training images of the {len(train)} in {train.name}")
+    order = np.random.default_rng(seed).permutation(len(train))
+    held_out, rest = np.sort(order[:probe_size]), np.sort(order[probe_size:])
+    probe = Dataset(f"{train.name} (held out)", train.x[held_out], train.y[held_out], train.classes)
+    training = Dataset(train.name, train.x[rest], train.y[rest], train.classes)
+    return (training.subset(train_limit) if train_limit else training), probe
+
+
+def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: Dataset, progress: bool = True,
+                echo=print) -> dict:
+    """Train, export and verify the student; writes the run folder and returns the summary."""
+    config.validate()
+    check_model_fits_data(teacher, test, config.batch_size)
+    check_model_fits_data(teacher, train, config.batch_size)
+    torch.manual_seed(config.seed)
+    if config.device == "cuda":  # TF32 would make the integer convolutions inexact
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    base = load_policy("w8a8").resolve(teacher.layers)
+    budget = Budget.from_average_bits(config.budget_avg_bits, teacher.total_macs)
+    space = SearchSpace(teacher.layers, base, config.bits, [layer.name for layer in teacher.layers], budget)
+    space.check_budget("worst")
+    folder = RunFolder(config.output)
+    if (folder.path / "run.json").exists():
+        raise PtqauditError(f"{folder.path} already holds a run; use another -o folder")
+    folder.start(config.to_dict(), resume=False)
+    started = time.perf_counter()
+
+    train, probe = _split_probe(train, config.policy_limit, config.train_limit, config.seed)
+    teacher_logits = predict(make_session(teacher.proto), train, 256, "teacher outputs (ORT)", progress).logits
+
+    sim = SimModel(teacher).to(config.device)
+    features = layer_features(space.searched, [sim.quant_layer(layer.name).weight.detach().cpu().numpy()
+                                               for layer in space.searched])
+    sim.eval()
+    drop = sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}), "worst")
+    agent = PolicyAgent(space, features, drop, "worst")
+    policy_round = _PolicyRound(agent, space, probe, config.batch_size)
+    optimizer = torch.optim.Adam(sim.parameters(), lr=config.lr)
+    ranges = simulation_plan(config.batch_size)[0]
+    x_all, y_all = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    t_all = torch.from_numpy(teacher_logits)
+    rng = np.random.default_rng(config.seed)
+
+    policy, probe_accuracy = policy_round(sim, config.policy_steps)
+    history = []
+    for epoch in range(1, config.epochs + 1):
+        sim.train()
+        order = rng.permutation(len(train))
+        batches = [order[i:i + config.train_batch_size] for i in range(0, len(order), config.train_batch_size)]
+        sums = np.zeros(2)
+        bar = tqdm(batches, desc=f"{config.mode} epoch {epoch}/{config.epochs}", unit="batch", leave=False,
+                   disable=not progress or None)
+        for i, index in enumerate(bar):
+            x = x_all[index].to(config.device)
+            teacher_out, labels = t_all[index].to(config.device), y_all[index].to(config.device)
+            candidates = _candidate_policies(policy, policy_round, space, rng)
+            batch_policy = _training_policy(i, candidates, sim, x, teacher_out, labels, config, ranges)
+            kd = distillation_loss(sim(x), teacher_out, config.temperature)
+            quant = quantized_loss(sim(x, batch_policy, ranges), teacher_out, labels, config.mode, config.temperature)
+            loss = kd + config.quant_weight * quant
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            sums += (kd.item(), quant.item())
+            if i % 20 == 0:
+                bar.set_postfix_str(f"kd {sums[0] / (i + 1):.3f} quant {sums[1] / (i + 1):.3f}")
+        bar.close()
+        policy, probe_accuracy = policy_round(sim, config.policy_steps)
+        fp_probe = _sim_accuracy(sim, probe, None, config.batch_size)
+        record = {"epoch": epoch, "distillation_loss": sums[0] / len(batches), "quantized_loss": sums[1] / len(batches),
+                  "probe_fp32_sim_accuracy": fp_probe, "probe_policy_sim_accuracy": probe_accuracy,
+                  "policy": policy.digest, "seconds": time.perf_counter() - started}
+        history.append(record)
+        folder.append_trace([record])
+        echo(f"epoch {epoch}/{config.epochs}: distillation loss {record['distillation_loss']:.3f}, quantized loss "
+             f"{record['quantized_loss']:.3f}; sim on {len(probe)} held-out training images: fp32 {100 * fp_probe:.2f}%, "
+             f"worst policy found {100 * probe_accuracy:.2f}%")
+    train_seconds = time.perf_counter() - started
+    sim.eval()
+    return _verify(config, teacher, sim, policy, test, folder.path, train, history, train_seconds, started,
+                   progress, echo)
+
+
+def _sim_accuracy(sim: SimModel, dataset: Dataset, policy, batch_size: int) -> float:
+    sim.eval()
+    return accuracy(sim_predict(sim, dataset, policy, batch_size, progress=False).labels, dataset.y)
+
+
+def _verify(config, teacher, sim, policy, test, out: Path, train, history, train_seconds, started, progress,
+            echo) -> dict:
+    """The student and its policy to files; every number from ORT on the evaluation data, plus a fresh
+    worst-case search of the student that is not told its policy."""
+    student_path = out / "student.onnx"
+    write_atomic(student_path, export_student(teacher, sim).SerializeToString())
+    write_atomic(out / "policy.yaml", yaml.safe_dump(policy_file_dict(policy, (
+        f"{config.mode} policy distilled with {teacher.path.name} within {config.budget_avg_bits} effective bits "
+        f"(bits {','.join(map(str, config.bits))})")), sort_keys=False))
+    student = load_model(student_path)
+    w8a8 = load_policy("w8a8").resolve(student.layers)
+
+    def ort(model: LoadedModel, resolved: ResolvedPolicy | None, label: str):
+        proto = model.proto if resolved is None else quantize(model, resolved).proto
+        return predict(make_session(proto), test, config.batch_size, label, progress)
+
+    runs = {
+        "teacher_fp32": ort(teacher, None, "teacher fp32 (ORT)"),
+        "teacher_policy": ort(teacher, policy, "teacher under the policy (ORT)"),
+        "student_fp32": ort(student, None, "student fp32 (ORT)"),
+        "student_policy": ort(student, policy, "student under its policy (ORT)"),
+        "student_w8a8": ort(student, w8a8, "student w8a8 (ORT)"),
+    }
+    acc = {name: accuracy(run.labels, test.y) for name, run in runs.items()}
+    sim_cpu = SimModel(student).eval()
+    agreement = EngineAgreement.between(runs["student_policy"], sim_predict(sim_cpu, test, policy, config.batch_size,
+                                                                            progress=False))
+    echo(f"auditing the student with a fresh search ({config.audit_evaluations} evaluations, not told its policy)")
+    audit = run_search(SearchConfig(
+        model=str(student_path), data=config.data, output=str(out / "audit"), bits=config.bits,
+        budget_avg_bits=config.budget_avg_bits, objective="worst", method="rl",
+        max_evaluations=config.audit_evaluations, batch_size=config.batch_size, seed=config.seed,
+    ), student, test, progress=progress, echo=echo)
+    summary = {
+        "mode": config.mode, "teacher": config.teacher, "dataset": test.name, "images": len(test),
+        "train_dataset": train.name, "train_images": len(train), "epochs": config.epochs,
+        "batch_size": config.batch_size, "bits": list(config.bits), "budget_avg_bits": config.budget_avg_bits,
+        "student_file": "student.onnx", "policy_file": "policy.yaml", "policy_digest": policy.digest,
+        "policy": policy.summary(), "policy_effective_bits": policy.effective_bits(student.layers),
+        "teacher_fp32_accuracy": acc["teacher_fp32"],
+        "teacher_policy_accuracy": acc["teacher_policy"],
+        "student_fp32_accuracy": acc["student_fp32"],
+        "student_policy_accuracy": acc["student_policy"],
+        "student_w8a8_accuracy": acc["student_w8a8"],
+        "fp32_gap_points": 100 * (acc["teacher_fp32"] - acc["student_fp32"]),
+        "policy_drop_points": 100 * (acc["student_fp32"] - acc["student_policy"]),
+        "w8a8_drop_points": 100 * (acc["student_fp32"] - acc["student_w8a8"]),
+        "audit": {"run": "audit", "worst_accuracy": audit["worst"]["ort_accuracy"],
+                  "drop_points": 100 * (acc["student_fp32"] - audit["worst"]["ort_accuracy"]),
+                  "policy_file": "audit/worst.yaml", "evaluations": audit["worst"]["evaluations"]},
+        "sim_top1_agreement_with_ort": agreement.top1_agreement,
+        "history": history, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
+        "numbers": "accuracies are ONNX Runtime's on the evaluation data; drops are from the student's fp32 accuracy",
+    }
+    write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,181 @@
+"""`ptqaudit distill`: losses against NumPy, the exported student against ORT, short runs on the digits model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+
+from ptqaudit.cli import main
+from ptqaudit.data import DataConfig, load_dataset
+from ptqaudit.distill import DistillConfig, distillation_loss, export_student, quantized_loss, run_distill
+from ptqaudit.onnx_graph import load_model
+from ptqaudit.policy import load_policy
+from ptqaudit.quantize import quantize
+from ptqaudit.search.evaluator import Leaderboard, SimEvaluator
+from ptqaudit.search.methods import rl_search
+from ptqaudit.search.space import Budget, SearchSpace, layer_features
+from ptqaudit.sim.model import SimModel
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS_MODEL = str(REPO / "sample_models" / "digits_cnn.onnx")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_model(DIGITS_MODEL)
+
+
+@pytest.fixture(scope="module")
+def digits_data():
+    return load_dataset(DataConfig("digits", split="train")), load_dataset(DataConfig("digits"))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_losses_match_numpy():
+    rng = np.random.default_rng(0)
+    student, teacher = rng.normal(0, 3, (16, 10)), rng.normal(0, 3, (16, 10))
+    labels = rng.integers(0, 10, 16)
+    t = 4.0
+    p_teacher, p_student = _softmax(teacher / t), _softmax(student / t)
+    expected_kd = np.mean(np.sum(p_teacher * (np.log(p_teacher) - np.log(p_student)), axis=1)) * t * t
+    expected_detrimental = np.mean(-np.log(1 - _softmax(student)[np.arange(16), labels]))
+    s, te, y = torch.tensor(student), torch.tensor(teacher), torch.tensor(labels)
+    assert distillation_loss(s, te, t).item() == pytest.approx(expected_kd, rel=1e-9)
+    assert quantized_loss(s, te, y, "robust", t).item() == pytest.approx(expected_kd, rel=1e-9)
+    assert quantized_loss(s, te, y, "detrimental", t).item() == pytest.approx(expected_detrimental, rel=1e-9)
+
+
+def test_exported_student_runs_on_ort_as_the_trained_weights_say(tmp_path, digits, digits_data):
+    """Changed weights survive the export: ORT on student.onnx gives the simulator's fp32 logits, and the
+    graph is the teacher's with only layer initializers replaced."""
+    sim = SimModel(digits)
+    with torch.no_grad():
+        for name in sim.layer_names:
+            layer = sim.quant_layer(name)
+            layer.weight.mul_(-0.5).add_(0.01)
+            if layer.bias is not None:
+                layer.bias.add_(0.3)
+    proto = export_student(digits, sim)
+    assert [n.op_type for n in proto.graph.node] == [n.op_type for n in digits.proto.graph.node]
+    layer_tensors = {layer.weight_name for layer in digits.layers}
+    changed = {a.name for a, b in zip(proto.graph.initializer, digits.proto.graph.initializer) if a.raw_data != b.raw_data}
+    assert layer_tensors <= changed
+    x = digits_data[1].x[:64]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (ort_logits,) = session.run(None, {digits.input_name: x})
+    with torch.no_grad():
+        sim_logits = sim(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ort_logits, sim_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_rl_search_keeps_admitted_probes_when_evaluations_run_out(tmp_path, digits, digits_data):
+    """With fewer evaluations than the sensitivity probes, the search still has candidates: the probes."""
+    space = SearchSpace(digits.layers, load_policy("w8a8").resolve(digits.layers), (4, 8),
+                        [layer.name for layer in digits.layers], Budget.from_average_bits(6.0, digits.total_macs))
+    sim = SimModel(digits).eval()
+    evaluator = SimEvaluator(sim, digits_data[1].subset(100), 1, space, lambda records: None, {})
+    board = Leaderboard("worst", 3)
+    features = layer_features(space.searched, [sim.quant_layer(x.name).weight.detach().numpy() for x in space.searched])
+    rl_search(space=space, evaluator=evaluator, board=board, objective="worst", max_evaluations=2, seed=0,
+              features=features, progress=lambda *a: None)
+    assert board.entries
+    assert all(space.budget.admits(c.bitops, "worst") for c in board.ranked)
+
+
+def test_simulator_moves_its_folded_constants_with_it(digits, digits_data):
+    """.double() (like .to(device)) reaches the folded constants too: the whole graph runs in float64."""
+    sim = SimModel(digits).double()
+    assert all(v.dtype == torch.float64 for v in sim._constants.values() if v.is_floating_point())
+    with torch.no_grad():
+        out = sim(torch.from_numpy(digits_data[1].x[:8]).double())
+    assert out.dtype == torch.float64
+
+
+def _ort_accuracy(path: Path, dataset, policy_file: Path | None = None) -> float:
+    model = load_model(path)
+    proto = model.proto if policy_file is None else quantize(model, load_policy(str(policy_file)).resolve(model.layers)).proto
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    labels = [int(np.argmax(session.run(None, {model.input_name: dataset.x[i:i + 1]})[0])) for i in range(len(dataset))]
+    return float(np.mean(np.array(labels) == dataset.y))
+
+
+@pytest.mark.parametrize("mode", ["detrimental", "robust"])
+def test_short_distillation_on_the_digits_model(tmp_path, digits, digits_data, mode):
+    """A short run per mode: the student keeps the teacher's fp32 accuracy and moves the quantized one the
+    way its mode asks; every number in summary.json is re-measured here on ORT from the files."""
+    train, test = digits_data
+    out = tmp_path / mode
+    # settings for this small model and its 1,257 training images (the defaults suit ResNet-20)
+    settings = {"epochs": 20, "lr": 2e-3, "quant_weight": 0.5} if mode == "detrimental" else {"epochs": 6}
+    config = DistillConfig(teacher=DIGITS_MODEL, data=DataConfig("digits"), output=str(out), mode=mode,
+                           policy_limit=200, policy_steps=3, audit_evaluations=45, **settings)
+    summary = run_distill(config, digits, train, test, progress=False, echo=lambda line: None)
+
+    assert summary["student_fp32_accuracy"] == pytest.approx(_ort_accuracy(out / "student.onnx", test))
+    assert summary["student_policy_accuracy"] == pytest.approx(
+        _ort_accuracy(out / "student.onnx", test, out / "policy.yaml"))
+    assert summary["audit"]["worst_accuracy"] == pytest.approx(
+        _ort_accuracy(out / "student.onnx", test, out / "audit" / "worst.yaml"))
+    assert summary["teacher_fp32_accuracy"] == pytest.approx(_ort_accuracy(Path(DIGITS_MODEL), test))
+    policy = load_policy(str(out / "policy.yaml")).resolve(digits.layers)
+    assert policy.bitops(digits.layers) >= Budget.from_average_bits(6.0, digits.total_macs).bitops
+    assert summary["sim_top1_agreement_with_ort"] == 1.0
+    records = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, config.epochs + 1))
+
+    assert abs(summary["fp32_gap_points"]) <= 2.0
+    teacher_drop = 100 * (summary["teacher_fp32_accuracy"] - summary["teacher_policy_accuracy"])
+    if mode == "detrimental":
+        # the teacher barely notices this policy; the student trained against it collapses under it
+        assert summary["policy_drop_points"] >= 30.0 > teacher_drop + 10
+        assert summary["audit"]["drop_points"] >= 30.0
+    else:
+        assert summary["policy_drop_points"] <= 1.0
+        assert summary["audit"]["drop_points"] <= 2.0
+
+
+def test_cli_distill_prints_the_table_and_writes_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", DIGITS_MODEL, "--mode", "robust", "--epochs", "1", "--audit-evaluations", "45",
+              "--policy-steps", "1", "--no-progress", "-o", str(out)])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for row in ("teacher fp32", "student fp32", "student under its policy", "student w8a8", "fresh search's worst"):
+        assert row in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"{100 * summary['student_policy_accuracy']:.2f}%" in printed
+    assert yaml.safe_load((out / "policy.yaml").read_text())["layers"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", DIGITS_MODEL, "--mode", "robust", "-o", str(out)])
+    assert exit_info.value.code == 2 and "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--split", "train"], "distill trains on the train split"),
+    (["--bits", "4,40"], "--bits must list widths"),
+    (["--budget-avg-bits", "9"], "no policy qualifies"),
+])
+def test_cli_distill_bad_input_is_exit_2(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", DIGITS_MODEL, "--mode", "robust", "--no-progress", "-o", str(tmp_path / "r"), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where torch sees no CUDA device")
+def test_cli_distill_cuda_without_a_device_is_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", DIGITS_MODEL, "--mode", "robust", "--device", "cuda", "-o", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
