@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .analysis import AnalysisSettings, analyse, cached_analysis, load_run
 from .data import DataConfig, load_dataset
 from .distill import DEVICES as DISTILL_DEVICES
 from .distill import MODES, DistillConfig, run_distill
@@ -21,6 +22,8 @@ from .evaluate import DEVICES, ENGINES, EvalReport, evaluate
 from .onnx_graph import load_model
 from .policy import builtin_policy_names, load_policy
 from .quantize import quantize
+from .report import FORMATS, Gate, build, plots, render
+from .runs import write_atomic
 from .search.methods import METHODS
 from .search.run import SearchConfig, run_search
 
@@ -69,6 +72,14 @@ def data_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def gate_options(f):
+    """The release gate on the worst case, shared by search and report."""
+    f = click.option("--min-accuracy", type=click.FloatRange(min=0, max=100), default=None,
+                     help="Gate: exit 1 when the worst-case accuracy (percent) is below A.")(f)
+    return click.option("--max-drop", type=click.FloatRange(min=0), default=None,
+                        help="Gate: exit 1 when the worst-case drop from FP32 (points) exceeds D.")(f)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -291,17 +302,21 @@ def eval_command(model, data, data_root, download, split, limit, mean, std, poli
 @click.option("--output", "-o", default=None, help="Run folder [default: runs/search-<model>-<time>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output, replaying what its trace holds.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@gate_options
 @json_option
 @debug_option
 def search_command(model, data, data_root, download, split, limit, mean, std, bits, budget_avg_bits, budget_bitops,
                    objective, method, max_evaluations, base_policy, layer_globs, batch_size, search_limit,
-                   search_split, verify_top, dynamic, seed, output, resume, no_progress, as_json):
+                   search_split, verify_top, dynamic, seed, output, resume, no_progress, max_drop, min_accuracy, as_json):
     """Find the worst and best bit-width policies for MODEL within a budget (static ones, and with
     --dynamic an input-conditioned one): the simulator scores candidates on a subset of the data, ONNX
     Runtime measures the leading ones on all of it. Writes the run folder (run.json, trace.jsonl,
     worst.yaml, best.yaml, summary.json)."""
     if budget_avg_bits is None and budget_bitops is None:
         budget_avg_bits = 6.0
+    gate = Gate(max_drop, min_accuracy)
+    if gate.is_set and objective == "best":
+        raise PtqauditError("--max-drop / --min-accuracy gate the worst case: search with --objective worst or both")
     if output is None:
         if resume:
             raise PtqauditError("--resume needs --output, the run folder to continue")
@@ -326,8 +341,10 @@ def search_command(model, data, data_root, download, split, limit, mean, std, bi
         click.echo(f"ptqaudit: interrupted; {output} keeps every finished evaluation: continue with "
                    f"`ptqaudit search ... -o {output} --resume`", err=True)
         sys.exit(130)
+    failure = gate.failure(summary["fp32_accuracy"], summary["worst"]["ort_accuracy"]) if gate.is_set else None
     if as_json:
         _print_json(summary)
+        _raise_gate(failure)
         return
     click.echo(f"model {model} | data {summary['dataset']}, {summary['images']} images "
                f"(search on {summary['search_images']} of {summary['search_dataset']}) | batch size {batch_size} | budget "
@@ -348,6 +365,66 @@ def search_command(model, data, data_root, download, split, limit, mean, std, bi
     if "spread_points" in summary:
         click.echo(f"\nspread between best and worst case: {summary['spread_points']:.2f} points")
     click.echo(f"policies and details in {output}/ (worst.yaml, best.yaml, summary.json)")
+    if gate.is_set and failure is None:
+        click.echo("gate passed: " + "; ".join(c["name"] for c in gate.checks(summary["fp32_accuracy"],
+                                                                                summary["worst"]["ort_accuracy"])))
+    _raise_gate(failure)
+
+
+def _raise_gate(failure: str | None) -> None:
+    if failure is not None:
+        raise GateFailed(failure)
+
+
+@cli.command(name="report")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="md", show_default=True,
+              help="md (Markdown, plots as PNG files beside it), html (one self-contained file, plots embedded), "
+                   "json (for other tools), junit (the gate as JUnit XML test cases, for CI systems).")
+@click.option("--output", "-o", default=None, help="Where to write the report; - for standard output "
+              "[default: standard output; for html, RUN_DIR/report.html].")
+@gate_options
+@click.option("--model", "model_path", default=None,
+              help="The model file, when the path stored in RUN_DIR/run.json does not resolve from here.")
+@click.option("--analysis-limit", type=click.IntRange(min=1), default=AnalysisSettings.limit, show_default=True,
+              help="Images (a class-balanced subset of the run's evaluation data) the vulnerability analysis measures.")
+@click.option("--no-analysis", is_flag=True, help="Only the headline and gate, from the run's summary (no ORT work).")
+@click.option("--recompute", is_flag=True, help="Measure the analysis again even if RUN_DIR holds one made the same way.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@debug_option
+def report_command(run_dir, fmt, output, max_drop, min_accuracy, model_path, analysis_limit, no_analysis, recompute,
+                   no_progress):
+    """Report on a `search` (or `distill`) run folder: the headline (FP32, best and worst case within the
+    budget, the drop, batch size, budget, engine agreement, verdict), the vulnerability analysis measured
+    on ONNX Runtime (per-layer sensitivity and low-bit frequency, flipped inputs and per-class drops,
+    batch size and composition, common corruptions, accuracy versus budget; cached in
+    RUN_DIR/analysis.json) and plots. With --max-drop / --min-accuracy it is a release gate: exit 1, with
+    one line naming the failing figure, when the worst case breaks a threshold (the report is still
+    written)."""
+    run = load_run(run_dir, model_path)
+    gate = Gate(max_drop, min_accuracy)
+    analysis = None
+    if not no_analysis:
+        settings = AnalysisSettings(limit=analysis_limit)
+        analysis = None if recompute else cached_analysis(run, settings)
+        if analysis is None:
+            analysis = analyse(run, settings, progress=not no_progress, echo=lambda m: click.echo(m, err=True))
+    document = build(run, gate, analysis)
+    figures = plots(document)
+    plot_dir = run.path / "plots"
+    for name, png in figures.items():
+        write_atomic(plot_dir / f"{name}.png", png)
+    if output is None and fmt == "html":
+        output = str(Path(run_dir) / "report.html")
+    target = None if output in (None, "-") else Path(output)
+    text = render(document, fmt, figures, plot_dir, target)
+    if target is None:
+        click.echo(text, nl=False)
+    else:
+        write_atomic(target, text)
+        click.echo(f"{fmt} report written to {target}", err=True)
+    headline_figures = document["headline"]
+    _raise_gate(gate.failure(headline_figures["fp32_accuracy"], headline_figures["worst_accuracy"]) if gate.is_set else None)
 
 
 @cli.command(name="distill")

@@ -1,0 +1,372 @@
+"""Vulnerability analysis of a search run, every accuracy measured on ONNX Runtime: per layer, per input and
+class, batch size and batch composition, common corruptions, accuracy versus budget. Stored in analysis.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from PIL import Image
+from tqdm import tqdm
+
+from .data import DataConfig, Dataset, load_dataset
+from .errors import PtqauditError
+from .evaluate import make_session, predict
+from .onnx_graph import LoadedModel, load_model
+from .policy import LayerQuant, ResolvedPolicy, load_policy
+from .predictions import accuracy
+from .quantize import quantize
+from .runs import RunFolder, read_json, write_json
+
+ANALYSIS_FILE = "analysis.json"
+CORRUPTIONS = ("brightness", "contrast", "gaussian_noise", "jpeg")
+# severity 1..5 parameters, after the CIFAR-10-C benchmark's (Hendrycks & Dietterich, 2019)
+SEVERITY_PARAMETERS = {
+    "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),  # added to every pixel
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),  # distance to the image mean scaled by this
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),  # noise standard deviation
+    "jpeg": (80, 65, 58, 50, 40),  # JPEG quality
+}
+_LABEL = re.compile(r"W(\d+)A(\d+)")
+
+
+@dataclass
+class AnalysisSettings:
+    """How much the analysis measures; stored beside its results so a cached analysis is reused only
+    when it was made the same way."""
+
+    limit: int = 1000  # images: a class-balanced subset of the run's evaluation data
+    batch_sizes: tuple[int, ...] = (1, 8, 32, 128)
+    composition_batch: int = 32
+    severities: tuple[int, ...] = (1, 3, 5)
+    budget_points: int = 5
+    worst_policies: int = 20  # the run's lowest-scoring worst-case policies, for the low-bit frequency
+
+
+@dataclass
+class SearchRun:
+    """A search run folder as the report reads it (for a distill run: its audit/ search, plus its summary)."""
+
+    path: Path
+    config: dict
+    summary: dict
+    model: LoadedModel
+    data: DataConfig
+    distill: dict | None = None  # the distill run's summary.json when the report is of a distill run
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.config["batch_size"])
+
+    def policy(self, objective: str) -> ResolvedPolicy | None:
+        if objective not in self.summary:
+            return None
+        return load_policy(str(self.path / self.summary[objective]["policy_file"])).resolve(self.model.layers)
+
+
+def load_run(run_dir: str | Path, model_path: str | None = None) -> SearchRun:
+    """Read a `search` or `distill` run folder; the model comes from run.json unless model_path is given."""
+    root = Path(run_dir)
+    if not (root / "summary.json").is_file():
+        raise PtqauditError(f"{root} holds no finished run (no summary.json): give the -o folder of `ptqaudit search` "
+                            "or `ptqaudit distill`")
+    summary = read_json(root / "summary.json")
+    distill = None
+    if "mode" in summary and "audit" in summary:  # a distill run: report on its audit of the student
+        distill, root = summary, root / summary["audit"]["run"]
+        if model_path is None:
+            model_path = str(Path(run_dir) / summary["student_file"])
+        summary = read_json(root / "summary.json")
+    config = read_json(root / "run.json")["config"]
+    path = model_path or config["model"]
+    if not Path(path).is_file():
+        raise PtqauditError(f"model {path} named by {root / 'run.json'} not found (relative paths are read from the "
+                            "current folder): pass --model PATH")
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    data = DataConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config["data"].items() if k in data_fields})
+    return SearchRun(root, config, summary, load_model(path), data, distill)
+
+
+class _Meter:
+    """ORT accuracy of policies on the analysis data, one cached session per policy, one progress bar."""
+
+    def __init__(self, run: SearchRun, dataset: Dataset, limit: int, progress: bool, total: int):
+        self.run, self.dataset, self.limit = run, dataset, limit
+        self.bar = tqdm(total=total, desc="analysis on ORT", unit="run", leave=False, disable=not progress or None)
+        self._sessions: dict = {}
+
+    def session(self, policy: ResolvedPolicy | None):
+        key = None if policy is None else policy.digest
+        if key not in self._sessions:
+            proto = self.run.model.proto if policy is None else quantize(self.run.model, policy).proto
+            self._sessions[key] = make_session(proto)
+        return self._sessions[key]
+
+    def labels(self, policy: ResolvedPolicy | None, dataset: Dataset | None = None, batch_size: int | None = None):
+        dataset = dataset if dataset is not None else self.dataset
+        run = predict(self.session(policy), dataset, batch_size or self.run.batch_size, "", progress=False)
+        self.bar.update(1)
+        return run.labels
+
+    def accuracy(self, policy, dataset: Dataset | None = None, batch_size: int | None = None) -> float:
+        dataset = dataset if dataset is not None else self.dataset
+        return accuracy(self.labels(policy, dataset, batch_size), dataset.y)
+
+
+def _low_bits(run: SearchRun) -> list[int]:
+    bits = sorted(run.config["bits"])
+    return [b for b in bits if b < bits[-1]]
+
+
+def layer_sensitivity(meter: _Meter, run: SearchRun, base: ResolvedPolicy, reference: float) -> list[dict]:
+    """Each layer alone at each low width (weights and activations), the others at the base policy."""
+    rows = []
+    for layer in run.model.layers:
+        setting = base.mapping[layer.name]
+        if setting is None:
+            continue
+        for bits in _low_bits(run):
+            mapping = dict(base.mapping)
+            mapping[layer.name] = LayerQuant(bits, bits, setting.per_channel)
+            acc = meter.accuracy(ResolvedPolicy(f"{layer.name}@{bits}", mapping))
+            rows.append({"layer": layer.name, "bits": bits, "accuracy": acc, "drop_points": 100 * (reference - acc)})
+    return rows
+
+
+def low_bit_frequency(run: SearchRun, count: int) -> dict:
+    """How often each layer has an operand below the top width among the worst policies the search found
+    (its verified candidates and its lowest-scoring traced worst-case policies)."""
+    top = max(run.config["bits"])
+    policies = [c["layers"] for c in run.summary.get("worst", {}).get("candidates", [])]
+    trace = [r for r in RunFolder(run.path).read_trace() if r.get("objective") == "worst" and "policy" in r]
+    trace.sort(key=lambda r: r["sim_accuracy"])
+    policies += [r["policy"] for r in trace[:count]]
+    if not policies:
+        return {"policies": 0, "layers": {}}
+    frequency = {}
+    for layer in run.model.layers:
+        low = 0
+        for policy in policies:
+            match = _LABEL.match(policy.get(layer.name, ""))
+            low += bool(match and min(int(match[1]), int(match[2])) < top)
+        frequency[layer.name] = low / len(policies)
+    return {"policies": len(policies), "layers": frequency}
+
+
+def activation_ranges(model: LoadedModel, dataset: Dataset) -> np.ndarray:
+    """[inputs, layers]: each input's activation range (max - min) at the input of every quantized layer,
+    in full precision (ORT, the tensors made graph outputs), divided by that layer's median range."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    nodes = {node.name: node for node in proto.graph.node}
+    names = list(dict.fromkeys(nodes[layer.name].input[0] for layer in model.layers))
+    existing = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in existing:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = make_session(proto)
+    input_name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+    index = [outputs.index(n) for n in names]
+    ranges = []
+    for x, _ in dataset.batches(100):
+        values = session.run(None, {input_name: x})
+        ranges.append(np.stack([np.ptp(values[i].reshape(len(x), -1), axis=1) for i in index], axis=1))
+    ranges = np.concatenate(ranges)
+    column = {n: i for i, n in enumerate(names)}
+    per_layer = ranges[:, [column[nodes[layer.name].input[0]] for layer in model.layers]]
+    return per_layer / np.maximum(np.median(per_layer, axis=0, keepdims=True), 1e-12)
+
+
+def per_input(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, relative_ranges: np.ndarray) -> dict:
+    """Inputs the worst policy flips (right in fp32, wrong under it), per-class drops, and how the
+    flipped inputs' activation ranges compare with the others'."""
+    data = meter.dataset
+    fp32, low = meter.labels(None), meter.labels(worst)
+    flipped = (fp32 == data.y) & (low != data.y)
+    range_score = relative_ranges.max(axis=1)  # an input's largest range relative to the layer's median
+    classes = []
+    for c, name in enumerate(data.classes):
+        members = data.y == c
+        if members.any():
+            fp_acc, low_acc = float(np.mean(fp32[members] == c)), float(np.mean(low[members] == c))
+            classes.append({"class": name, "images": int(members.sum()), "fp32_accuracy": fp_acc,
+                            "worst_accuracy": low_acc, "drop_points": 100 * (fp_acc - low_acc)})
+    order = np.argsort(-range_score[flipped]) if flipped.any() else np.array([], dtype=int)
+    flipped_index = np.flatnonzero(flipped)[order]
+    return {
+        "images": len(data), "flipped": int(flipped.sum()), "flipped_fraction": float(flipped.mean()),
+        "flipped_inputs": [{"index": int(i), "class": data.classes[data.y[i]], "fp32_label": data.classes[fp32[i]],
+                            "worst_label": data.classes[low[i]], "range_score": float(range_score[i])}
+                           for i in flipped_index[:50]],
+        "mean_range_score_flipped": float(range_score[flipped].mean()) if flipped.any() else None,
+        "mean_range_score_kept": float(range_score[~flipped].mean()) if (~flipped).any() else None,
+        "per_class": classes,
+        "range_score": "an input's largest activation range at a quantized layer's input, over that layer's median",
+    }
+
+
+def batch_sizes(meter: _Meter, worst: ResolvedPolicy, sizes: tuple[int, ...]) -> list[dict]:
+    return [{"batch_size": b, "worst_accuracy": meter.accuracy(worst, batch_size=b)} for b in sizes]
+
+
+def batch_composition(meter: _Meter, worst: ResolvedPolicy, relative_ranges: np.ndarray, size: int) -> dict:
+    """Per-tensor dynamic ranges are shared by a batch: the accuracy of the other inputs when the
+    highest-range input joins each batch, against the same inputs in ordinary batches and alone."""
+    data = meter.dataset
+    outlier = int(np.argmax(relative_ranges.max(axis=1)))
+    others = np.flatnonzero(np.arange(len(data)) != outlier)
+    chunks = [others[i:i + size - 1] for i in range(0, len(others), size - 1)]
+    session, name = meter.session(worst), meter.session(worst).get_inputs()[0].name
+    with_outlier, ordinary = [], []
+    for chunk in chunks:
+        batch = np.concatenate([data.x[chunk], data.x[outlier:outlier + 1]])
+        with_outlier.append(session.run(None, {name: batch})[0][:-1].argmax(axis=1))
+    meter.bar.update(1)
+    for start in range(0, len(others), size):
+        chunk = others[start:start + size]
+        ordinary.append(session.run(None, {name: data.x[chunk]})[0].argmax(axis=1))
+    meter.bar.update(1)
+    alone = np.concatenate([session.run(None, {name: data.x[i:i + 1]})[0].argmax(axis=1) for i in others])
+    meter.bar.update(1)
+    y = data.y[others]
+    return {"batch_size": size, "outlier_index": outlier, "outlier_class": data.classes[data.y[outlier]],
+            "outlier_range_score": float(relative_ranges[outlier].max()),
+            "alone_accuracy": float(np.mean(alone == y)),
+            "ordinary_batches_accuracy": float(np.mean(np.concatenate(ordinary) == y)),
+            "with_outlier_accuracy": float(np.mean(np.concatenate(with_outlier) == y))}
+
+
+def corrupt(x: np.ndarray, kind: str, severity: int, seed: int = 0) -> np.ndarray:
+    """A copy of x (NCHW float32 in [0, 1]) under a common corruption at severity 1..5."""
+    parameter = SEVERITY_PARAMETERS[kind][severity - 1]
+    if kind == "brightness":
+        out = x + parameter
+    elif kind == "contrast":
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        out = (x - mean) * parameter + mean
+    elif kind == "gaussian_noise":
+        out = x + np.random.default_rng(seed).normal(0, parameter, size=x.shape).astype(np.float32)
+    elif kind == "jpeg":
+        out = np.stack([_jpeg(image, parameter) for image in x])
+    else:
+        raise ValueError(f"unknown corruption {kind!r}")
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    mode_image = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
+    buffer = io.BytesIO()
+    mode_image.save(buffer, format="JPEG", quality=quality)
+    decoded = np.asarray(Image.open(buffer), dtype=np.float32) / 255
+    return decoded[None] if pixels.shape[0] == 1 else decoded.transpose(2, 0, 1)
+
+
+def corruptions(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, severities: tuple[int, ...]) -> dict:
+    """FP32 and worst-case accuracy under each corruption, on the raw [0, 1] images (normalised after)."""
+    raw = load_dataset(dataclasses.replace(run.data, mean=None, std=None, limit=meter.limit))
+    if raw.x.min() < 0 or raw.x.max() > 1:
+        return {"skipped": "the data's pixels are not scaled to [0, 1], so the corruptions do not apply"}
+    channels = raw.x.shape[1]
+    mean = np.broadcast_to(np.asarray(run.data.mean or [0.0], np.float32), (channels,)).reshape(1, -1, 1, 1)
+    std = np.broadcast_to(np.asarray(run.data.std or [1.0], np.float32), (channels,)).reshape(1, -1, 1, 1)
+    rows = []
+    for kind in CORRUPTIONS:
+        if kind == "jpeg" and channels not in (1, 3):
+            continue
+        for severity in severities:
+            x = (corrupt(raw.x, kind, severity) - mean) / std
+            corrupted = Dataset(f"{raw.name}+{kind}{severity}", x.astype(np.float32), raw.y, raw.classes)
+            fp_acc, low_acc = meter.accuracy(None, corrupted), meter.accuracy(worst, corrupted)
+            rows.append({"corruption": kind, "severity": severity, "fp32_accuracy": fp_acc, "worst_accuracy": low_acc,
+                         "drop_points": 100 * (fp_acc - low_acc)})
+    return {"rows": rows}
+
+
+def budget_curves(meter: _Meter, run: SearchRun, points: int) -> dict:
+    """Accuracy versus budget from the policies the search scored: at each budget level the lowest-scoring
+    worst-case policy costing at least it, and the highest-scoring best-case policy costing at most it,
+    each re-measured on ORT."""
+    trace = [r for r in RunFolder(run.path).read_trace() if "effective_bits" in r and r.get("objective") in ("worst", "best")]
+    if not trace:
+        return {"worst": [], "best": []}
+    costs = [r["effective_bits"] for r in trace]
+    levels = np.linspace(min(costs), max(costs), points)
+    curves = {"worst": [], "best": []}
+    measured: dict[str, float] = {}
+    for objective in ("worst", "best"):
+        records = [r for r in trace if r["objective"] == objective]
+        for level in levels:
+            admitted = [r for r in records if (r["effective_bits"] >= level - 1e-9 if objective == "worst"
+                                               else r["effective_bits"] <= level + 1e-9)]
+            if not admitted:
+                continue
+            pick = (min if objective == "worst" else max)(admitted, key=lambda r: r["sim_accuracy"])
+            if pick["digest"] not in measured:
+                policy = _policy_from_labels(run, pick["policy"])
+                measured[pick["digest"]] = meter.accuracy(policy)
+            curves[objective].append({"budget_effective_bits": float(level), "policy_effective_bits": pick["effective_bits"],
+                                      "ort_accuracy": measured[pick["digest"]], "digest": pick["digest"]})
+    return curves
+
+
+def _policy_from_labels(run: SearchRun, labels: dict) -> ResolvedPolicy:
+    mapping = {}
+    for layer in run.model.layers:
+        label = labels.get(layer.name, "fp32")
+        match = _LABEL.match(label)
+        mapping[layer.name] = None if match is None else LayerQuant(int(match[1]), int(match[2]), label.endswith("/ch"))
+    return ResolvedPolicy("traced", mapping)
+
+
+def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, echo=print) -> dict:
+    """Every measurement of the analysis on a class-balanced subset of the run's evaluation data."""
+    worst = run.policy("worst")
+    if worst is None:
+        raise PtqauditError(f"{run.path} has no worst case (searched with --objective best): the vulnerability "
+                            "analysis follows the worst policy")
+    started = time.perf_counter()
+    dataset = load_dataset(dataclasses.replace(run.data, limit=settings.limit))
+    base = load_policy(run.config.get("base_policy", "w8a8")).resolve(run.model.layers)
+    jpeg_runs = 4 if dataset.x.shape[1] in (1, 3) else 3
+    total = (len(run.model.layers) * len(_low_bits(run)) + 3 + len(settings.batch_sizes) + 3
+             + 2 * jpeg_runs * len(settings.severities) + 2 * settings.budget_points)
+    meter = _Meter(run, dataset, settings.limit, progress, total)
+    echo(f"analysing {run.model.path.name} on {len(dataset)} images of {dataset.name} with ONNX Runtime "
+         f"(batch size {run.batch_size}); cached in {run.path / ANALYSIS_FILE}")
+    fp32 = meter.accuracy(None)
+    relative_ranges = activation_ranges(run.model, dataset)
+    result = {
+        "settings": dataclasses.asdict(settings), "dataset": dataset.name, "images": len(dataset),
+        "batch_size": run.batch_size, "fp32_accuracy": fp32, "worst_accuracy": meter.accuracy(worst),
+        "base_policy": run.config.get("base_policy", "w8a8"),
+        "layer_sensitivity": layer_sensitivity(meter, run, base, fp32),
+        "low_bit_frequency": low_bit_frequency(run, settings.worst_policies),
+        "per_input": per_input(meter, run, worst, relative_ranges),
+        "batch_sizes": batch_sizes(meter, worst, settings.batch_sizes),
+        "batch_composition": batch_composition(meter, worst, relative_ranges, settings.composition_batch),
+        "corruptions": corruptions(meter, run, worst, settings.severities),
+        "budget_curves": budget_curves(meter, run, settings.budget_points),
+        "numbers": "every accuracy is ONNX Runtime's on this subset of the evaluation data",
+    }
+    meter.bar.close()
+    result["seconds"] = time.perf_counter() - started
+    write_json(run.path / ANALYSIS_FILE, result)
+    return result
+
+
+def cached_analysis(run: SearchRun, settings: AnalysisSettings) -> dict | None:
+    """The stored analysis when it was made with these settings, else None."""
+    path = run.path / ANALYSIS_FILE
+    if not path.is_file():
+        return None
+    stored = read_json(path)
+    as_stored = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+    return stored if stored.get("settings") == as_stored else None

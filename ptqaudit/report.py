@@ -1,0 +1,341 @@
+"""`ptqaudit report`: the audit's headline, the release gate and the vulnerability analysis, as Markdown,
+self-contained HTML (plots embedded), JSON or JUnit XML."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from .analysis import SearchRun
+from .errors import PtqauditError
+
+FORMATS = ("md", "html", "json", "junit")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Release thresholds on the worst case: its drop from FP32 (points) and its accuracy (percent)."""
+
+    max_drop: float | None = None
+    min_accuracy: float | None = None
+
+    @property
+    def is_set(self) -> bool:
+        return self.max_drop is not None or self.min_accuracy is not None
+
+    def checks(self, fp32: float, worst: float) -> list[dict]:
+        """One entry per threshold: its name, the figure, and whether it holds."""
+        drop = 100 * (fp32 - worst)
+        checks = []
+        if self.max_drop is not None:
+            checks.append({"name": f"worst-case drop <= {self.max_drop:g} points", "figure": "worst-case drop",
+                           "value": drop, "threshold": self.max_drop, "passed": drop <= self.max_drop,
+                           "message": f"worst-case drop {drop:.2f} points exceeds --max-drop {self.max_drop:g} "
+                                      f"(fp32 {100 * fp32:.2f}%, worst case {100 * worst:.2f}%)"})
+        if self.min_accuracy is not None:
+            checks.append({"name": f"worst-case accuracy >= {self.min_accuracy:g}%", "figure": "worst-case accuracy",
+                           "value": 100 * worst, "threshold": self.min_accuracy,
+                           "passed": 100 * worst >= self.min_accuracy,
+                           "message": f"worst-case accuracy {100 * worst:.2f}% is below --min-accuracy "
+                                      f"{self.min_accuracy:g}%"})
+        return checks
+
+    def failure(self, fp32: float, worst: float) -> str | None:
+        """The one line naming every failing figure, or None when the worst case passes."""
+        failed = [c["message"] for c in self.checks(fp32, worst) if not c["passed"]]
+        return "gate failed: " + "; ".join(failed) if failed else None
+
+
+def headline(run: SearchRun, gate: Gate) -> dict:
+    """The figures an engineer decides on, all from ORT over the run's whole evaluation data."""
+    summary = run.summary
+    if "worst" not in summary:
+        raise PtqauditError(f"{run.path} has no worst case (searched with --objective best): the report and the gate "
+                            "need it; search with --objective worst or both")
+    candidates = [c for objective in ("worst", "best") if objective in summary for c in summary[objective]["candidates"]]
+    fp32, worst = summary["fp32_accuracy"], summary["worst"]["ort_accuracy"]
+    checks = gate.checks(fp32, worst)
+    return {
+        "model": str(run.model.path), "dataset": summary["dataset"], "images": summary["images"],
+        "batch_size": summary["batch_size"], "budget_effective_bits": summary["budget"]["effective_bits"],
+        "bits": summary["bits"], "method": summary["method"],
+        "fp32_accuracy": fp32, "worst_accuracy": worst, "worst_drop_points": 100 * (fp32 - worst),
+        "best_accuracy": summary["best"]["ort_accuracy"] if "best" in summary else None,
+        "spread_points": summary.get("spread_points"),
+        "engine_agreement": min(c["sim_top1_agreement_with_ort"] for c in candidates),
+        "worst_policy": summary["worst"]["policy"], "worst_policy_file": str(run.path / summary["worst"]["policy_file"]),
+        "gate": {"max_drop": gate.max_drop, "min_accuracy": gate.min_accuracy, "checks": checks,
+                 "verdict": "not gated" if not checks else "pass" if all(c["passed"] for c in checks) else "fail"},
+    }
+
+
+def build(run: SearchRun, gate: Gate, analysis: dict | None) -> dict:
+    """The whole report as data: what the JSON format prints and the other formats render."""
+    document = {"headline": headline(run, gate), "analysis": analysis, "run": str(run.path)}
+    if run.distill is not None:
+        d = run.distill
+        document["distill"] = {key: d[key] for key in (
+            "mode", "teacher", "teacher_fp32_accuracy", "teacher_policy_accuracy", "student_fp32_accuracy",
+            "student_policy_accuracy", "student_w8a8_accuracy", "policy_drop_points", "policy_effective_bits")}
+    return document
+
+
+# --- plots -------------------------------------------------------------------------------------------
+
+def plots(document: dict) -> dict[str, bytes]:
+    """PNG plots of the analysis (none without one): name -> PNG bytes."""
+    analysis = document["analysis"]
+    if not analysis:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figures = {}
+
+    def save(name, fig):
+        buffer = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        figures[name] = buffer.getvalue()
+
+    rows = analysis["layer_sensitivity"]
+    if rows:
+        layers = list(dict.fromkeys(r["layer"] for r in rows))
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers)), 4))
+        for bits in sorted({r["bits"] for r in rows}):
+            ax.plot(range(len(layers)), [next(r["drop_points"] for r in rows if r["layer"] == layer and r["bits"] == bits)
+                                         for layer in layers], marker="o", label=f"W{bits}A{bits}")
+        ax.set_xticks(range(len(layers)), [_short(layer) for layer in layers], rotation=70, fontsize=7)
+        ax.set_ylabel("accuracy drop (points)")
+        ax.set_title("Per-layer sensitivity: one layer at low bits, the rest at the base policy")
+        ax.legend(fontsize=8)
+        save("sensitivity", fig)
+
+    curves = analysis["budget_curves"]
+    if curves["worst"] or curves["best"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for objective, style in (("worst", "v-"), ("best", "^-")):
+            points = curves[objective]
+            if points:
+                ax.plot([p["budget_effective_bits"] for p in points], [100 * p["ort_accuracy"] for p in points], style,
+                        label=f"{objective} case")
+        ax.axhline(100 * analysis["fp32_accuracy"], color="gray", linestyle="--", label="fp32")
+        ax.set_xlabel("budget (effective bits)")
+        ax.set_ylabel("ORT accuracy (%)")
+        ax.set_title("Accuracy versus budget")
+        ax.legend(fontsize=8)
+        save("budget", fig)
+
+    classes = analysis["per_input"]["per_class"]
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(classes)), 3.5))
+    ax.bar([c["class"] for c in classes], [c["drop_points"] for c in classes], color="#c0392b")
+    ax.set_ylabel("drop under the worst policy (points)")
+    ax.set_title("Per-class accuracy drop")
+    ax.tick_params(axis="x", rotation=45, labelsize=8)
+    save("per_class", fig)
+
+    sizes = analysis["batch_sizes"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([s["batch_size"] for s in sizes], [100 * s["worst_accuracy"] for s in sizes], "o-", label="worst case")
+    ax.axhline(100 * analysis["fp32_accuracy"], color="gray", linestyle="--", label="fp32")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("ORT accuracy (%)")
+    ax.set_title("Accuracy versus batch size")
+    ax.legend(fontsize=8)
+    save("batch_size", fig)
+
+    corruption_rows = analysis["corruptions"].get("rows", [])
+    if corruption_rows:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        labels = [f"{r['corruption']} {r['severity']}" for r in corruption_rows]
+        positions = range(len(labels))
+        ax.bar([p - 0.2 for p in positions], [100 * r["fp32_accuracy"] for r in corruption_rows], 0.4, label="fp32")
+        ax.bar([p + 0.2 for p in positions], [100 * r["worst_accuracy"] for r in corruption_rows], 0.4, label="worst case")
+        ax.set_xticks(list(positions), labels, rotation=60, fontsize=7)
+        ax.set_ylabel("ORT accuracy (%)")
+        ax.set_title("Common corruptions: full precision versus the worst policy")
+        ax.legend(fontsize=8)
+        save("corruptions", fig)
+    return figures
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= 28 else "…" + name[-27:]
+
+
+# --- tables shared by Markdown and HTML -------------------------------------------------------------
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}%"
+
+
+def _pts(value) -> str:
+    return "" if value is None else f"{value:+.2f}"
+
+
+def tables(document: dict) -> list[tuple[str, str, list[str], list[list[str]], str | None]]:
+    """(anchor, title, headers, rows, plot name) for every section of the report."""
+    h = document["headline"]
+    gate = h["gate"]
+    verdict = {"pass": "PASS", "fail": "FAIL", "not gated": "not gated (no --max-drop / --min-accuracy)"}[gate["verdict"]]
+    sections = [("headline", "Headline (ONNX Runtime, whole evaluation data)", ["figure", "value"], [
+        ["model", h["model"]], ["data", f"{h['dataset']}, {h['images']} images"], ["batch size", str(h["batch_size"])],
+        ["budget", f"{h['budget_effective_bits']:.2f} effective bits (bits {','.join(map(str, h['bits']))})"],
+        ["fp32 accuracy", _pct(h["fp32_accuracy"])], ["best case", _pct(h["best_accuracy"])],
+        ["worst case", _pct(h["worst_accuracy"])], ["worst-case drop (points)", f"{h['worst_drop_points']:.2f}"],
+        ["engine agreement (simulator = ORT, top-1)", _pct(h["engine_agreement"])],
+        ["verdict", verdict],
+    ] + [[c["name"], ("pass" if c["passed"] else "FAIL") + f" ({c['value']:.2f})"] for c in gate["checks"]], None)]
+    if "distill" in document:
+        d = document["distill"]
+        sections.append(("distill", f"Distilled {d['mode']} student", ["model", "ORT accuracy"], [
+            ["teacher fp32", _pct(d["teacher_fp32_accuracy"])],
+            ["teacher under the student's policy", _pct(d["teacher_policy_accuracy"])],
+            ["student fp32", _pct(d["student_fp32_accuracy"])],
+            ["student under its policy", _pct(d["student_policy_accuracy"])],
+            ["student w8a8", _pct(d["student_w8a8_accuracy"])]], None))
+    sections.append(("worst-policy", "Worst policy found", ["layer", "setting"],
+                     [[name, label] for name, label in h["worst_policy"].items()], None))
+    a = document["analysis"]
+    if not a:
+        return sections
+    note = f"{a['images']} images of {a['dataset']}, batch size {a['batch_size']}"
+    by_layer: dict[str, dict] = {}
+    for r in a["layer_sensitivity"]:
+        by_layer.setdefault(r["layer"], {})[r["bits"]] = r["drop_points"]
+    widths = sorted({r["bits"] for r in a["layer_sensitivity"]})
+    frequency = a["low_bit_frequency"]["layers"]
+    ranked = sorted(by_layer, key=lambda layer: -max(by_layer[layer].values()))
+    sections.append(("sensitivity", f"Per-layer sensitivity: drop in points with one layer at WbAb ({note})",
+                     ["layer"] + [f"W{b}A{b}" for b in widths] + ["low bits in worst policies"],
+                     [[layer] + [f"{by_layer[layer][b]:+.2f}" for b in widths]
+                      + [f"{100 * frequency.get(layer, 0):.0f}%"] for layer in ranked], "sensitivity"))
+    if a["budget_curves"]["worst"] or a["budget_curves"]["best"]:
+        sections.append(("budget", "Accuracy versus budget (policies the search scored, re-measured on ORT)",
+                         ["case", "budget (eff. bits)", "policy (eff. bits)", "accuracy"],
+                         [[objective, f"{p['budget_effective_bits']:.2f}", f"{p['policy_effective_bits']:.2f}",
+                           _pct(p["ort_accuracy"])] for objective in ("worst", "best")
+                          for p in a["budget_curves"][objective]], "budget"))
+    pi = a["per_input"]
+    sections.append(("per-class", f"Per class under the worst policy ({note}; {pi['flipped']} inputs flipped, "
+                     f"{100 * pi['flipped_fraction']:.1f}%)", ["class", "images", "fp32", "worst case", "drop (pts)"],
+                     [[c["class"], str(c["images"]), _pct(c["fp32_accuracy"]), _pct(c["worst_accuracy"]),
+                       _pts(c["drop_points"])] for c in pi["per_class"]], "per_class"))
+    if pi["flipped_inputs"]:
+        ratio = (f"; mean range score {pi['mean_range_score_flipped']:.2f} for flipped inputs against "
+                 f"{pi['mean_range_score_kept']:.2f} for the others" if pi["mean_range_score_kept"] is not None else "")
+        sections.append(("flipped", f"Inputs the worst policy flips, highest activation range first{ratio}",
+                         ["index", "class", "fp32 says", "worst case says", "range score"],
+                         [[str(f["index"]), f["class"], f["fp32_label"], f["worst_label"], f"{f['range_score']:.2f}"]
+                          for f in pi["flipped_inputs"][:20]], None))
+    sections.append(("batch-size", "Worst-case accuracy versus batch size", ["batch size", "accuracy"],
+                     [[str(s["batch_size"]), _pct(s["worst_accuracy"])] for s in a["batch_sizes"]], "batch_size"))
+    c = a["batch_composition"]
+    sections.append(("composition", f"Batch composition: the highest-range input (#{c['outlier_index']}, "
+                     f"{c['outlier_class']}, range score {c['outlier_range_score']:.2f}) in every batch of "
+                     f"{c['batch_size']}", ["the other inputs", "worst-case accuracy"],
+                     [["each alone (batch size 1)", _pct(c["alone_accuracy"])],
+                      ["in ordinary batches", _pct(c["ordinary_batches_accuracy"])],
+                      ["beside the high-range input", _pct(c["with_outlier_accuracy"])]], None))
+    corruption = a["corruptions"]
+    if "rows" in corruption:
+        sections.append(("corruptions", "Common corruptions", ["corruption", "severity", "fp32", "worst case",
+                                                                "drop (pts)"],
+                         [[r["corruption"], str(r["severity"]), _pct(r["fp32_accuracy"]), _pct(r["worst_accuracy"]),
+                           _pts(r["drop_points"])] for r in corruption["rows"]], "corruptions"))
+    return sections
+
+
+# --- renderers --------------------------------------------------------------------------------------
+
+def render_markdown(document: dict, plot_links: dict[str, str]) -> str:
+    lines = ["# ptqaudit report", ""]
+    for _, title, headers, rows, plot in tables(document):
+        lines += [f"## {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+        if plot and plot in plot_links:
+            lines += ["", f"![{title}]({plot_links[plot]})"]
+        lines.append("")
+    lines.append("Every accuracy comes from ONNX Runtime's kernels; the simulator only ranks candidates.")
+    return "\n".join(lines) + "\n"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f3f3f3}img{max-width:100%;display:block;margin:0.5em 0 2em}.fail{color:#b00;font-weight:bold}
+.pass{color:#070;font-weight:bold}"""
+
+
+def render_html(document: dict, figures: dict[str, bytes]) -> str:
+    verdict = document["headline"]["gate"]["verdict"]
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>ptqaudit report</title>',
+             f"<style>{STYLE}</style></head><body>", "<h1>ptqaudit report</h1>",
+             f'<p>Verdict: <span class="{ {"pass": "pass", "fail": "fail"}.get(verdict, "")}">'
+             f"{html.escape(verdict)}</span></p>"]
+    for anchor, title, headers, rows, plot in tables(document):
+        parts.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>')
+        parts.append(f'<table id="table-{anchor}"><thead><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+                     + "</tr></thead><tbody>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
+        parts.append("</tbody></table>")
+        if plot and plot in figures:
+            data = base64.b64encode(figures[plot]).decode("ascii")
+            parts.append(f'<img id="plot-{plot}" alt="{html.escape(title)}" src="data:image/png;base64,{data}">')
+    parts.append("<p>Every accuracy comes from ONNX Runtime's kernels; the simulator only ranks candidates.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def render_json(document: dict) -> str:
+    return json.dumps(document, indent=2) + "\n"
+
+
+def render_junit(document: dict) -> str:
+    """The gate as JUnit XML: one test case per threshold (one passing case when none is set)."""
+    h = document["headline"]
+    checks = h["gate"]["checks"]
+    suite = ET.Element("testsuite", name="ptqaudit", tests=str(max(len(checks), 1)),
+                       failures=str(sum(not c["passed"] for c in checks)), errors="0", skipped="0")
+    properties = ET.SubElement(suite, "properties")
+    for key in ("model", "dataset", "batch_size", "budget_effective_bits", "fp32_accuracy", "worst_accuracy",
+                "worst_drop_points", "best_accuracy", "engine_agreement"):
+        ET.SubElement(properties, "property", name=key, value=str(h[key]))
+    summary = (f"fp32 {100 * h['fp32_accuracy']:.2f}%, worst case {100 * h['worst_accuracy']:.2f}% "
+               f"(drop {h['worst_drop_points']:.2f} points) within {h['budget_effective_bits']:.2f} effective bits, "
+               f"batch size {h['batch_size']}")
+    for check in checks or [{"name": "worst-case audit (no thresholds set)", "passed": True}]:
+        case = ET.SubElement(suite, "testcase", classname=f"ptqaudit.gate.{Path(h['model']).stem}", name=check["name"])
+        if not check["passed"]:
+            failure = ET.SubElement(case, "failure", message=check["message"], type="GateFailed")
+            failure.text = summary
+        ET.SubElement(case, "system-out").text = summary
+    suites = ET.Element("testsuites", name="ptqaudit", tests=suite.get("tests"), failures=suite.get("failures"))
+    suites.append(suite)
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def render(document: dict, fmt: str, figures: dict[str, bytes], plot_dir: Path, output: Path | None) -> str:
+    """The report in `fmt`. Markdown links the PNGs in plot_dir, relative to where the report is written
+    (to the run folder when it goes to standard output)."""
+    if fmt == "md":
+        base = output.parent if output is not None else Path(document["run"])
+        links = {name: os.path.relpath(plot_dir / f"{name}.png", base) for name in figures}
+        return render_markdown(document, links)
+    if fmt == "html":
+        return render_html(document, figures)
+    if fmt == "json":
+        return render_json(document)
+    if fmt == "junit":
+        return render_junit(document)
+    raise PtqauditError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -1,0 +1,266 @@
+"""`ptqaudit report` and the release gate: the analysis against direct ORT runs, every format, exit codes,
+and the HTML report rendered in a real headless browser."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from ptqaudit.analysis import AnalysisSettings, analyse, corrupt, load_run
+from ptqaudit.cli import main
+from ptqaudit.data import DataConfig, load_dataset
+from ptqaudit.onnx_graph import load_model
+from ptqaudit.policy import load_policy
+from ptqaudit.quantize import quantize
+from ptqaudit.report import Gate
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS_MODEL = str(REPO / "sample_models" / "digits_cnn.onnx")
+LIMIT = 200
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def search_run(tmp_path_factory) -> Path:
+    """A small worst-and-best search of the digits model, shared by this module's tests."""
+    out = tmp_path_factory.mktemp("report") / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", DIGITS_MODEL, "--max-evaluations", "60", "--no-progress", "-o", str(out)])
+    assert exit_info.value.code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def analysis(search_run) -> dict:
+    run = load_run(search_run)
+    return analyse(run, AnalysisSettings(limit=LIMIT, batch_sizes=(1, 4, 16)), progress=False, echo=lambda m: None)
+
+
+def _ort_labels(proto, x: np.ndarray, batch_size: int) -> np.ndarray:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0].argmax(axis=1)
+                           for i in range(0, len(x), batch_size)])
+
+
+def _worst_proto(search_run: Path):
+    model = load_model(DIGITS_MODEL)
+    return quantize(model, load_policy(str(search_run / "worst.yaml")).resolve(model.layers)).proto
+
+
+def test_analysis_accuracies_match_direct_ort_runs(search_run, analysis):
+    data = load_dataset(DataConfig("digits", limit=LIMIT))
+    model = load_model(DIGITS_MODEL)
+    fp32 = _ort_labels(model.proto, data.x, 1)
+    worst = _ort_labels(_worst_proto(search_run), data.x, 1)
+    assert analysis["fp32_accuracy"] == pytest.approx(np.mean(fp32 == data.y))
+    assert analysis["worst_accuracy"] == pytest.approx(np.mean(worst == data.y))
+    flipped = (fp32 == data.y) & (worst != data.y)
+    assert analysis["per_input"]["flipped"] == int(flipped.sum())
+    assert {f["index"] for f in analysis["per_input"]["flipped_inputs"]} <= set(np.flatnonzero(flipped).tolist())
+    for row in analysis["per_input"]["per_class"]:
+        members = data.y == data.classes.index(row["class"])
+        assert row["worst_accuracy"] == pytest.approx(np.mean(worst[members] == data.y[members]))
+    at_16 = next(r for r in analysis["batch_sizes"] if r["batch_size"] == 16)
+    assert at_16["worst_accuracy"] == pytest.approx(np.mean(_ort_labels(_worst_proto(search_run), data.x, 16) == data.y))
+
+
+def test_layer_sensitivity_matches_a_policy_file_run_on_ort(analysis):
+    row = max(analysis["layer_sensitivity"], key=lambda r: r["drop_points"])
+    model = load_model(DIGITS_MODEL)
+    policy = load_policy("w8a8").resolve(model.layers)
+    policy.mapping[row["layer"]] = type(policy.mapping[row["layer"]])(row["bits"], row["bits"], False)
+    data = load_dataset(DataConfig("digits", limit=LIMIT))
+    labels = _ort_labels(quantize(model, policy).proto, data.x, 1)
+    assert row["accuracy"] == pytest.approx(np.mean(labels == data.y))
+    layers = {r["layer"] for r in analysis["layer_sensitivity"]}
+    assert layers == {layer.name for layer in model.layers}
+
+
+def test_batch_composition_matches_batches_built_here(search_run, analysis):
+    c = analysis["batch_composition"]
+    data = load_dataset(DataConfig("digits", limit=LIMIT))
+    others = np.array([i for i in range(len(data)) if i != c["outlier_index"]])
+    proto = _worst_proto(search_run)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    labels = []
+    for start in range(0, len(others), c["batch_size"] - 1):
+        chunk = others[start:start + c["batch_size"] - 1]
+        batch = np.concatenate([data.x[chunk], data.x[c["outlier_index"]:c["outlier_index"] + 1]])
+        labels.append(session.run(None, {name: batch})[0][:-1].argmax(axis=1))
+    assert c["with_outlier_accuracy"] == pytest.approx(np.mean(np.concatenate(labels) == data.y[others]))
+    # the outlier is the input with the widest first-layer input range (the image itself, relative to the median)
+    spans = np.ptp(data.x.reshape(len(data), -1), axis=1)
+    assert spans[c["outlier_index"]] / np.median(spans) <= c["outlier_range_score"] + 1e-6
+
+
+def test_corruptions_follow_their_definitions():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, size=(3, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(corrupt(x, "brightness", 2), np.clip(x + 0.2, 0, 1), atol=1e-7)
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(corrupt(x, "contrast", 5), np.clip((x - mean) * 0.15 + mean, 0, 1), atol=1e-6)
+    noisy = corrupt(x, "gaussian_noise", 5) - x
+    assert 0.05 < noisy.std() < 0.12 and np.all(corrupt(x, "gaussian_noise", 5) <= 1)
+    image = Image.fromarray(np.round(x[0] * 255).astype(np.uint8).transpose(1, 2, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=40)
+    expected = np.asarray(Image.open(buffer), dtype=np.float32).transpose(2, 0, 1) / 255
+    np.testing.assert_allclose(corrupt(x, "jpeg", 5)[0], expected, atol=1e-6)
+
+
+def test_corruption_rows_match_direct_ort_runs(search_run, analysis):
+    row = next(r for r in analysis["corruptions"]["rows"] if r["corruption"] == "gaussian_noise" and r["severity"] == 3)
+    data = load_dataset(DataConfig("digits", limit=LIMIT))
+    x = corrupt(data.x, "gaussian_noise", 3)
+    assert row["fp32_accuracy"] == pytest.approx(np.mean(_ort_labels(load_model(DIGITS_MODEL).proto, x, 1) == data.y))
+    assert row["worst_accuracy"] == pytest.approx(np.mean(_ort_labels(_worst_proto(search_run), x, 1) == data.y))
+
+
+def test_gate_checks_each_threshold():
+    assert Gate().failure(0.9, 0.1) is None
+    assert Gate(max_drop=2.0).failure(0.90, 0.885) is None
+    message = Gate(max_drop=2.0).failure(0.90, 0.85)
+    assert "worst-case drop 5.00 points exceeds --max-drop 2" in message
+    assert "below --min-accuracy 80" in Gate(min_accuracy=80).failure(0.9, 0.79)
+    both = Gate(max_drop=1, min_accuracy=95).failure(0.9, 0.5)
+    assert "--max-drop" in both and "--min-accuracy" in both
+
+
+def _figures(search_run: Path) -> tuple[float, float]:
+    summary = json.loads((search_run / "summary.json").read_text())
+    return summary["fp32_accuracy"], summary["worst"]["ort_accuracy"]
+
+
+def test_report_gate_exit_codes(search_run, analysis, capsys):
+    fp32, worst = _figures(search_run)
+    drop = 100 * (fp32 - worst)
+    code, out, err = _run_cli(["report", str(search_run), "--format", "json", "--no-progress",
+                               "--analysis-limit", str(LIMIT), "--max-drop", f"{drop / 2:.3f}"], capsys)
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("ptqaudit: gate failed: worst-case drop")
+    assert json.loads(out)["headline"]["gate"]["verdict"] == "fail"  # the report is written all the same
+    code, out, err = _run_cli(["report", str(search_run), "--format", "json", "--no-analysis",
+                               "--max-drop", f"{drop + 1:.3f}", "--min-accuracy", f"{100 * worst - 1:.3f}"], capsys)
+    assert code == 0 and json.loads(out)["headline"]["gate"]["verdict"] == "pass"
+    code, _, err = _run_cli(["report", str(search_run), "--no-analysis", "--min-accuracy", f"{100 * worst + 1:.3f}"],
+                            capsys)
+    assert code == 1 and "worst-case accuracy" in err and "--min-accuracy" in err
+
+
+def test_search_accepts_the_gate(tmp_path, capsys):
+    args = ["search", DIGITS_MODEL, "--objective", "worst", "--max-evaluations", "45", "--no-progress"]
+    code, out, err = _run_cli(args + ["-o", str(tmp_path / "a"), "--max-drop", "0"], capsys)
+    fp32, worst = _figures(tmp_path / "a")
+    assert (code == 1) == (fp32 > worst)
+    assert code == 1 and "gate failed" in err and len(err.strip().splitlines()) == 1
+    code, out, err = _run_cli(args + ["-o", str(tmp_path / "b"), "--max-drop", "100"], capsys)
+    assert code == 0 and "gate passed" in out
+    code, _, err = _run_cli(["search", DIGITS_MODEL, "--objective", "best", "--max-drop", "1"], capsys)
+    assert code == 2 and "--objective worst or both" in err
+
+
+def test_json_and_junit_carry_the_run_figures(search_run, analysis, capsys):
+    fp32, worst = _figures(search_run)
+    code, out, _ = _run_cli(["report", str(search_run), "--format", "json", "--analysis-limit", str(LIMIT),
+                             "--no-progress"], capsys)
+    document = json.loads(out)
+    assert code == 0
+    assert document["headline"]["fp32_accuracy"] == fp32 and document["headline"]["worst_accuracy"] == worst
+    assert document["analysis"]["layer_sensitivity"] == analysis["layer_sensitivity"]  # the cached analysis
+    code, out, _ = _run_cli(["report", str(search_run), "--format", "junit", "--no-analysis", "--max-drop", "0",
+                             "--min-accuracy", "0"], capsys)
+    root = ET.fromstring(out)
+    suite = root.find("testsuite")
+    cases = suite.findall("testcase")
+    assert len(cases) == 2 and suite.get("failures") == str(int(fp32 > worst))
+    failed = [c for c in cases if c.find("failure") is not None]
+    assert [c.get("name") for c in failed] == (["worst-case drop <= 0 points"] if fp32 > worst else [])
+    assert code == (1 if fp32 > worst else 0)
+
+
+def test_markdown_links_plots_that_exist(search_run, analysis, tmp_path, capsys):
+    target = tmp_path / "out" / "report.md"
+    code, _, _ = _run_cli(["report", str(search_run), "-o", str(target), "--analysis-limit", str(LIMIT),
+                           "--no-progress"], capsys)
+    assert code == 0
+    text = target.read_text()
+    links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
+    assert len(links) == 5
+    for link in links:
+        png = (target.parent / link).resolve()
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| fp32 accuracy |" in text
+
+
+def test_report_of_a_distill_run_includes_the_student_table(tmp_path, capsys):
+    out = tmp_path / "distilled"
+    code, _, _ = _run_cli(["distill", DIGITS_MODEL, "--mode", "detrimental", "--epochs", "1", "--policy-steps", "1",
+                           "--audit-evaluations", "45", "--no-progress", "-o", str(out)], capsys)
+    assert code == 0
+    code, text, _ = _run_cli(["report", str(out), "--no-analysis"], capsys)
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "Distilled detrimental student" in text
+    assert f"| student under its policy | {100 * summary['student_policy_accuracy']:.2f}% |" in text
+    assert str(out / "student.onnx") in text
+
+
+def test_report_bad_input_is_exit_2(tmp_path, capsys):
+    code, _, err = _run_cli(["report", str(tmp_path)], capsys)
+    assert code == 2 and "no finished run" in err
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (apt-get install chromium; .ci/run installs it)")
+def test_html_report_renders_its_tables_and_images_in_headless_chromium(search_run, analysis, tmp_path, capsys):
+    from playwright.sync_api import sync_playwright
+
+    target = tmp_path / "report.html"
+    code, _, _ = _run_cli(["report", str(search_run), "--format", "html", "-o", str(target),
+                           "--analysis-limit", str(LIMIT), "--no-progress"], capsys)
+    assert code == 0
+    text = target.read_text()
+    assert "src=\"http" not in text and "<link" not in text  # self-contained
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(target.as_uri())
+        images = page.evaluate("""[...document.images].map(i => ({id: i.id, complete: i.complete,
+                                  w: i.naturalWidth, h: i.naturalHeight, shown: i.getBoundingClientRect().height}))""")
+        headline = page.evaluate("""[...document.querySelectorAll('#table-headline tr')].map(
+                                    r => [...r.cells].map(c => c.innerText))""")
+        tables = page.evaluate("[...document.querySelectorAll('table')].map(t => t.rows.length)")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert len(images) == 5
+    assert all(i["complete"] and i["w"] > 100 and i["h"] > 100 and i["shown"] > 50 for i in images), images
+    fp32, worst = _figures(search_run)
+    assert ["fp32 accuracy", f"{100 * fp32:.2f}%"] in headline and ["worst case", f"{100 * worst:.2f}%"] in headline
+    assert len(tables) >= 8 and all(rows >= 2 for rows in tables)
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_html_default_location_is_the_run_folder(search_run, analysis, capsys):
+    code, _, err = _run_cli(["report", str(search_run), "--format", "html", "--analysis-limit", str(LIMIT),
+                             "--no-progress"], capsys)
+    assert code == 0 and (search_run / "report.html").is_file() and "report.html" in err
+    assert os.path.getsize(search_run / "report.html") > 20_000
