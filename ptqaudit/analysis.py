@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,6 @@ SEVERITY_PARAMETERS = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),  # noise standard deviation
     "jpeg": (80, 65, 58, 50, 40),  # JPEG quality
 }
-_LABEL = re.compile(r"W(\d+)A(\d+)")
 
 
 @dataclass
@@ -100,6 +98,7 @@ class _Meter:
         self.run, self.dataset, self.limit = run, dataset, limit
         self.bar = tqdm(total=total, desc="analysis on ORT", unit="run", leave=False, disable=not progress or None)
         self._sessions: dict = {}
+        self._labels: dict = {}
 
     def session(self, policy: ResolvedPolicy | None):
         key = None if policy is None else policy.digest
@@ -109,14 +108,22 @@ class _Meter:
         return self._sessions[key]
 
     def labels(self, policy: ResolvedPolicy | None, dataset: Dataset | None = None, batch_size: int | None = None):
-        dataset = dataset if dataset is not None else self.dataset
-        run = predict(self.session(policy), dataset, batch_size or self.run.batch_size, "", progress=False)
+        """Predicted labels. On the analysis data they are measured once per (policy, batch size): several
+        sections read the same run (the worst policy at the run's batch size, above all)."""
+        batch_size = batch_size or self.run.batch_size
+        if dataset is not None:
+            labels = predict(self.session(policy), dataset, batch_size, "", progress=False).labels
+        else:
+            key = (None if policy is None else policy.digest, batch_size)
+            if key not in self._labels:
+                self._labels[key] = predict(self.session(policy), self.dataset, batch_size, "", progress=False).labels
+            labels = self._labels[key]
         self.bar.update(1)
-        return run.labels
+        return labels
 
     def accuracy(self, policy, dataset: Dataset | None = None, batch_size: int | None = None) -> float:
-        dataset = dataset if dataset is not None else self.dataset
-        return accuracy(self.labels(policy, dataset, batch_size), dataset.y)
+        labels = self.labels(policy, dataset, batch_size)
+        return accuracy(labels, (dataset if dataset is not None else self.dataset).y)
 
 
 def _low_bits(run: SearchRun) -> list[int]:
@@ -153,8 +160,8 @@ def low_bit_frequency(run: SearchRun, count: int) -> dict:
     for layer in run.model.layers:
         low = 0
         for policy in policies:
-            match = _LABEL.match(policy.get(layer.name, ""))
-            low += bool(match and min(int(match[1]), int(match[2])) < top)
+            setting = LayerQuant.from_label(policy.get(layer.name, "fp32"))
+            low += setting is not None and min(setting.weight_bits, setting.activation_bits) < top
         frequency[layer.name] = low / len(policies)
     return {"policies": len(policies), "layers": frequency}
 
@@ -233,8 +240,7 @@ def batch_composition(meter: _Meter, worst: ResolvedPolicy, relative_ranges: np.
         chunk = others[start:start + size]
         ordinary.append(session.run(None, {name: data.x[chunk]})[0].argmax(axis=1))
     meter.bar.update(1)
-    alone = np.concatenate([session.run(None, {name: data.x[i:i + 1]})[0].argmax(axis=1) for i in others])
-    meter.bar.update(1)
+    alone = meter.labels(worst, batch_size=1)[others]
     y = data.y[others]
     return {"batch_size": size, "outlier_index": outlier, "outlier_class": data.classes[data.y[outlier]],
             "outlier_range_score": float(relative_ranges[outlier].max()),
@@ -293,14 +299,13 @@ def corruptions(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, severities
 def budget_curves(meter: _Meter, run: SearchRun, points: int) -> dict:
     """Accuracy versus budget from the policies the search scored: at each budget level the lowest-scoring
     worst-case policy costing at least it, and the highest-scoring best-case policy costing at most it,
-    each re-measured on ORT."""
+    each re-measured on ORT (once: the meter remembers a policy it has measured)."""
     trace = [r for r in RunFolder(run.path).read_trace() if "effective_bits" in r and r.get("objective") in ("worst", "best")]
     if not trace:
         return {"worst": [], "best": []}
     costs = [r["effective_bits"] for r in trace]
     levels = np.linspace(min(costs), max(costs), points)
     curves = {"worst": [], "best": []}
-    measured: dict[str, float] = {}
     for objective in ("worst", "best"):
         records = [r for r in trace if r["objective"] == objective]
         for level in levels:
@@ -309,21 +314,15 @@ def budget_curves(meter: _Meter, run: SearchRun, points: int) -> dict:
             if not admitted:
                 continue
             pick = (min if objective == "worst" else max)(admitted, key=lambda r: r["sim_accuracy"])
-            if pick["digest"] not in measured:
-                policy = _policy_from_labels(run, pick["policy"])
-                measured[pick["digest"]] = meter.accuracy(policy)
             curves[objective].append({"budget_effective_bits": float(level), "policy_effective_bits": pick["effective_bits"],
-                                      "ort_accuracy": measured[pick["digest"]], "digest": pick["digest"]})
+                                      "ort_accuracy": meter.accuracy(_policy_from_labels(run, pick["policy"])),
+                                      "digest": pick["digest"]})
     return curves
 
 
 def _policy_from_labels(run: SearchRun, labels: dict) -> ResolvedPolicy:
-    mapping = {}
-    for layer in run.model.layers:
-        label = labels.get(layer.name, "fp32")
-        match = _LABEL.match(label)
-        mapping[layer.name] = None if match is None else LayerQuant(int(match[1]), int(match[2]), label.endswith("/ch"))
-    return ResolvedPolicy("traced", mapping)
+    return ResolvedPolicy("traced", {layer.name: LayerQuant.from_label(labels.get(layer.name, "fp32"))
+                                     for layer in run.model.layers})
 
 
 def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, echo=print) -> dict:

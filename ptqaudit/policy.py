@@ -7,6 +7,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,16 @@ class LayerQuant:
     @property
     def label(self) -> str:
         return f"W{self.weight_bits}A{self.activation_bits}" + ("/ch" if self.per_channel else "")
+
+    @classmethod
+    def from_label(cls, label: str) -> LayerQuant | None:
+        """The setting a `label` names (as run folders store them); None for "fp32"."""
+        match = re.fullmatch(r"W(\d+)A(\d+)(/ch)?", label)
+        if match is None:
+            if label == "fp32":
+                return None
+            raise PtqauditError(f"not a layer setting label: {label!r} (expected e.g. W4A8, W8A8/ch or fp32)")
+        return cls(int(match[1]), int(match[2]), match[3] is not None)
 
     @property
     def granularity(self) -> str:

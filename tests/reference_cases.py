@@ -1,10 +1,12 @@
-"""What the tests comparing against ONNX Runtime and the NumPy reference share: Conv layer variants and
-a direct call of onnxruntime.quantization.quantize_dynamic."""
+"""What the tests comparing against ONNX Runtime and the NumPy reference share: Conv layer variants, a
+direct call of onnxruntime.quantization.quantize_dynamic, and plain ORT predictions."""
 
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 CONV_CASES = {
@@ -38,3 +40,12 @@ def ort_quantize_dynamic(model, out: Path, per_channel: bool = False, reduce_ran
     finally:
         logging.disable(logging.NOTSET)
     return onnx.load(str(out))
+
+
+def ort_labels(model: Path | str | onnx.ModelProto, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Top-1 labels of a model file or proto run directly on ONNX Runtime, fed in batches of batch_size."""
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    logits = [session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(logits).argmax(axis=1)

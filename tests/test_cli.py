@@ -22,6 +22,7 @@ from PIL import Image
 
 import ptqaudit
 from conftest import TINY_OPSET, build_tiny_digits_model
+from reference_cases import ort_labels
 from ptqaudit import cli
 from ptqaudit.data import DataConfig, load_dataset
 
@@ -154,13 +155,6 @@ def write_policy(tmp_path: Path, text: str, name: str = "custom.yaml") -> Path:
 
 
 # --- independent references ---------------------------------------------------------------------------------
-
-
-def ort_labels(model_path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    logits = [session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
-    return np.concatenate(logits).argmax(axis=1)
 
 
 def builtin_policy_yaml() -> dict[str, dict]:

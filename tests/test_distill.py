@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
+from reference_cases import ort_labels
 
 from ptqaudit.cli import main
 from ptqaudit.data import DataConfig, load_dataset
@@ -104,9 +105,7 @@ def test_simulator_moves_its_folded_constants_with_it(digits, digits_data):
 def _ort_accuracy(path: Path, dataset, policy_file: Path | None = None) -> float:
     model = load_model(path)
     proto = model.proto if policy_file is None else quantize(model, load_policy(str(policy_file)).resolve(model.layers)).proto
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    labels = [int(np.argmax(session.run(None, {model.input_name: dataset.x[i:i + 1]})[0])) for i in range(len(dataset))]
-    return float(np.mean(np.array(labels) == dataset.y))
+    return float(np.mean(ort_labels(proto, dataset.x, 1) == dataset.y))
 
 
 @pytest.mark.parametrize("mode", ["detrimental", "robust"])

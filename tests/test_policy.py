@@ -479,3 +479,11 @@ def test_policy_file_round_trip(tiny, tmp_path):
     path = tmp_path / "explicit.json"
     path.write_text(json.dumps(data))
     assert load_policy(str(path)).resolve(tiny.layers).digest == resolved.digest
+
+
+def test_layer_setting_labels_read_back_to_the_same_setting():
+    for setting in (LayerQuant(4, 8), LayerQuant(8, 8, True), LayerQuant(2, 3)):
+        assert LayerQuant.from_label(setting.label) == setting
+    assert LayerQuant.from_label("fp32") is None
+    with pytest.raises(PtqauditError, match="not a layer setting label"):
+        LayerQuant.from_label("w4a8")

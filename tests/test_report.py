@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
+from reference_cases import ort_labels
 
 from ptqaudit.analysis import AnalysisSettings, analyse, corrupt, load_run
 from ptqaudit.cli import main
@@ -52,13 +53,6 @@ def analysis(search_run) -> dict:
     return analyse(run, AnalysisSettings(limit=LIMIT, batch_sizes=(1, 4, 16)), progress=False, echo=lambda m: None)
 
 
-def _ort_labels(proto, x: np.ndarray, batch_size: int) -> np.ndarray:
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0].argmax(axis=1)
-                           for i in range(0, len(x), batch_size)])
-
-
 def _worst_proto(search_run: Path):
     model = load_model(DIGITS_MODEL)
     return quantize(model, load_policy(str(search_run / "worst.yaml")).resolve(model.layers)).proto
@@ -67,8 +61,8 @@ def _worst_proto(search_run: Path):
 def test_analysis_accuracies_match_direct_ort_runs(search_run, analysis):
     data = load_dataset(DataConfig("digits", limit=LIMIT))
     model = load_model(DIGITS_MODEL)
-    fp32 = _ort_labels(model.proto, data.x, 1)
-    worst = _ort_labels(_worst_proto(search_run), data.x, 1)
+    fp32 = ort_labels(model.proto, data.x, 1)
+    worst = ort_labels(_worst_proto(search_run), data.x, 1)
     assert analysis["fp32_accuracy"] == pytest.approx(np.mean(fp32 == data.y))
     assert analysis["worst_accuracy"] == pytest.approx(np.mean(worst == data.y))
     flipped = (fp32 == data.y) & (worst != data.y)
@@ -78,7 +72,7 @@ def test_analysis_accuracies_match_direct_ort_runs(search_run, analysis):
         members = data.y == data.classes.index(row["class"])
         assert row["worst_accuracy"] == pytest.approx(np.mean(worst[members] == data.y[members]))
     at_16 = next(r for r in analysis["batch_sizes"] if r["batch_size"] == 16)
-    assert at_16["worst_accuracy"] == pytest.approx(np.mean(_ort_labels(_worst_proto(search_run), data.x, 16) == data.y))
+    assert at_16["worst_accuracy"] == pytest.approx(np.mean(ort_labels(_worst_proto(search_run), data.x, 16) == data.y))
 
 
 def test_layer_sensitivity_matches_a_policy_file_run_on_ort(analysis):
@@ -87,7 +81,7 @@ def test_layer_sensitivity_matches_a_policy_file_run_on_ort(analysis):
     policy = load_policy("w8a8").resolve(model.layers)
     policy.mapping[row["layer"]] = type(policy.mapping[row["layer"]])(row["bits"], row["bits"], False)
     data = load_dataset(DataConfig("digits", limit=LIMIT))
-    labels = _ort_labels(quantize(model, policy).proto, data.x, 1)
+    labels = ort_labels(quantize(model, policy).proto, data.x, 1)
     assert row["accuracy"] == pytest.approx(np.mean(labels == data.y))
     layers = {r["layer"] for r in analysis["layer_sensitivity"]}
     assert layers == {layer.name for layer in model.layers}
@@ -130,8 +124,8 @@ def test_corruption_rows_match_direct_ort_runs(search_run, analysis):
     row = next(r for r in analysis["corruptions"]["rows"] if r["corruption"] == "gaussian_noise" and r["severity"] == 3)
     data = load_dataset(DataConfig("digits", limit=LIMIT))
     x = corrupt(data.x, "gaussian_noise", 3)
-    assert row["fp32_accuracy"] == pytest.approx(np.mean(_ort_labels(load_model(DIGITS_MODEL).proto, x, 1) == data.y))
-    assert row["worst_accuracy"] == pytest.approx(np.mean(_ort_labels(_worst_proto(search_run), x, 1) == data.y))
+    assert row["fp32_accuracy"] == pytest.approx(np.mean(ort_labels(load_model(DIGITS_MODEL).proto, x, 1) == data.y))
+    assert row["worst_accuracy"] == pytest.approx(np.mean(ort_labels(_worst_proto(search_run), x, 1) == data.y))
 
 
 def test_gate_checks_each_threshold():
