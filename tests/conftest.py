@@ -122,3 +122,30 @@ def tiny_matmul_model(tmp_path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(build_tiny_digits_model("matmul"), str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def ort_kernel_family() -> str:
+    """This machine's ORT integer-kernel family, probed here independently of ptqaudit.kernels: a
+    MatMulInteger of random full-range codes that matches exact int32 arithmetic or the AVX2 pairwise
+    int16-saturating one (tests/numpy_reference.py), and never both."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from numpy_reference import matmul_integer
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (8, 64), dtype=np.uint8)
+    b = rng.integers(-127, 128, (64, 16)).astype(np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [8, 64]),
+         helper.make_tensor_value_info("b", TensorProto.INT8, [64, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [8, 16])])
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+                                   .SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"a": a, "b": b})
+    matches = [f for f in ("exact", "avx2-u8s8") if np.array_equal(got, matmul_integer(a, 0, b, 0, f))]
+    assert len(matches) == 1, f"ORT's MatMulInteger matches no known kernel family (or both): {matches}"
+    print(f"ORT kernel family on this machine: {matches[0]}")
+    return matches[0]

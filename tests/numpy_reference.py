@@ -168,11 +168,33 @@ def conv_integer(xq, x_zp, wq, w_zp, strides=(1, 1), pads=(0, 0, 0, 0), dilation
     return _fit_int32(acc)
 
 
-def matmul_integer(aq, a_zp, bq, b_zp) -> np.ndarray:
-    """MatMulInteger: (aq - a_zp) @ (bq - b_zp) with exact integers, int32. b_zp scalar or per column."""
-    a = np.asarray(aq).astype(np.int64) - np.asarray(a_zp).astype(np.int64)
+KERNEL_FAMILIES = ("exact", "avx2-u8s8")
+
+
+def matmul_integer(aq, a_zp, bq, b_zp, family: str = "exact") -> np.ndarray:
+    """MatMulInteger: (aq - a_zp) @ (bq - b_zp), int32. b_zp scalar or per column.
+
+    family "exact": every product summed in int32 (VNNI, AMX, ARM dot product). "avx2-u8s8": ORT's AVX2
+    u8 x s8 kernel (vpmaddubsw) with b_zp = 0: the raw codes' products of consecutive pairs along K
+    (K padded with zero to even) are each clipped to int16 before the int32 sum, and the zero point is
+    corrected exactly afterwards: sum_p clip(a[2p]b[2p] + a[2p+1]b[2p+1]) - a_zp * sum_k b[k].
+    """
+    a_raw = np.asarray(aq).astype(np.int64)
     b = np.asarray(bq).astype(np.int64) - np.asarray(b_zp).astype(np.int64)
-    return _fit_int32(np.matmul(a, b))
+    zp = np.asarray(a_zp).astype(np.int64)
+    if family == "exact":
+        return _fit_int32(np.matmul(a_raw - zp, b))
+    if family != "avx2-u8s8":
+        raise ValueError(f"unknown kernel family {family!r}")
+    assert not np.any(b_zp), "the avx2-u8s8 model here is for symmetric weights (zero point 0)"
+    k = a_raw.shape[-1]
+    acc = np.zeros(a_raw.shape[:-1] + b.shape[1:], dtype=np.int64)
+    for p in range(0, k, 2):
+        pair = a_raw[..., p, None] * b[p]
+        if p + 1 < k:
+            pair = pair + a_raw[..., p + 1, None] * b[p + 1]
+        acc += np.clip(pair, -32768, 32767)
+    return _fit_int32(acc - zp * b.sum(axis=0))
 
 
 def dequantize_output(acc_int32, x_scale, w_scale, bias, channel_axis) -> np.ndarray:
@@ -213,23 +235,25 @@ def conv_layer(
             "acc": acc, "y": y}
 
 
-def matmul_layer(x, w, b, bits_w, bits_a, per_channel) -> dict:
+def matmul_layer(x, w, b, bits_w, bits_a, per_channel, family: str = "exact") -> dict:
     """One dynamically quantized MatMul x @ w (w (K, N) initializer) followed by Add(b) if b is not None.
 
     Per channel = per column N (ORT's axis -1). x may have any leading dims; its range spans all of them.
+    family: the integer kernel's arithmetic (see matmul_integer).
     """
     w = np.asarray(w, dtype=_F32)
     if w.ndim != 2:
         raise ValueError(f"matmul weight must be 2-D (K, N), got shape {w.shape}")
     x_codes, x_scale, x_zp = quantize_activation(x, bits_a)
     w_codes, w_scale = quantize_weight(w, bits_w, per_channel, axis=1)
-    acc = matmul_integer(x_codes, x_zp, w_codes, np.int8(0))
+    acc = matmul_integer(x_codes, x_zp, w_codes, np.int8(0), family)
     y = dequantize_output(acc, x_scale, w_scale, b, channel_axis=-1)
     return {"x_codes": x_codes, "x_scale": x_scale, "x_zp": x_zp, "w_codes": w_codes, "w_scale": w_scale,
             "acc": acc, "y": y}
 
 
-def gemm_layer(x, w, b, bits_w, bits_a, per_channel, trans_b: bool, alpha=1.0, beta=1.0) -> dict:
+def gemm_layer(x, w, b, bits_w, bits_a, per_channel, trans_b: bool, alpha=1.0, beta=1.0,
+               family: str = "exact") -> dict:
     """One dynamically quantized Gemm (transA = 0): ORT's rewrite to MatMul(x, B') + Add(C), B' = B.T if trans_b.
 
     Returned w_codes / w_scale are those of B' (K, N), the initializer ORT creates (``<B>_Transposed``).
@@ -245,4 +269,4 @@ def gemm_layer(x, w, b, bits_w, bits_a, per_channel, trans_b: bool, alpha=1.0, b
         c = np.asarray(b, dtype=_F32)
         if beta != 1.0:
             c = (_F32(beta) * c).astype(_F32)
-    return matmul_layer(x, wk, c, bits_w, bits_a, per_channel)
+    return matmul_layer(x, wk, c, bits_w, bits_a, per_channel, family)

@@ -196,7 +196,7 @@ MATMUL_CASES = {
 
 @pytest.mark.parametrize("per_channel,reduce_range", PC_RR)
 @pytest.mark.parametrize("case", sorted(MATMUL_CASES))
-def test_matmul_matches_quantize_dynamic(case, per_channel, reduce_range, tmp_path):
+def test_matmul_matches_quantize_dynamic(case, per_channel, reduce_range, tmp_path, ort_kernel_family):
     spec = MATMUL_CASES[case]
     rng = np.random.default_rng(zlib.crc32(case.encode()) + 1)
     # column scales spread over two decades so per-column scales differ visibly
@@ -212,7 +212,7 @@ def test_matmul_matches_quantize_dynamic(case, per_channel, reduce_range, tmp_pa
         x = _x(rng, spec["x"], kind)
         got, y_exp, y_def, weights, _ = _run_quantized(qmodel, x)
         assert weights["w_scale"].shape == ((spec["w"][1],) if per_channel else ())
-        r = ref.matmul_layer(x, w, b, bits_w, 8, per_channel)
+        r = ref.matmul_layer(x, w, b, bits_w, 8, per_channel, ort_kernel_family)
         _compare(r, got, y_exp, y_def, weights)
 
 
@@ -227,7 +227,7 @@ GEMM_CASES = {
 
 @pytest.mark.parametrize("per_channel,reduce_range", PC_RR)
 @pytest.mark.parametrize("case", sorted(GEMM_CASES))
-def test_gemm_matches_quantize_dynamic(case, per_channel, reduce_range, tmp_path):
+def test_gemm_matches_quantize_dynamic(case, per_channel, reduce_range, tmp_path, ort_kernel_family):
     spec = GEMM_CASES[case]
     rng = np.random.default_rng(zlib.crc32(case.encode()) + 2)
     w = (rng.standard_normal(spec["w"]) * rng.uniform(0.01, 1.0, spec["w"])).astype(F32)
@@ -246,12 +246,12 @@ def test_gemm_matches_quantize_dynamic(case, per_channel, reduce_range, tmp_path
         assert int_node.input[1] == expected_name and int_node.name == "gemm_MatMul_quant"
         n_out = spec["w"][0] if spec["trans_b"] else spec["w"][1]
         assert weights["w_scale"].shape == ((n_out,) if per_channel else ())  # per output feature
-        r = ref.gemm_layer(x, w, c, bits_w, 8, per_channel, trans_b=bool(spec["trans_b"]))
+        r = ref.gemm_layer(x, w, c, bits_w, 8, per_channel, trans_b=bool(spec["trans_b"]), family=ort_kernel_family)
         _compare(r, got, y_exp, y_def, weights)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_gemm_alpha_beta(per_channel, tmp_path):
+def test_gemm_alpha_beta(per_channel, tmp_path, ort_kernel_family):
     """quantize_dynamic leaves Gemm with alpha/beta != 1 in float; gemm_layer = the folded MatMul + Add rewrite."""
     rng = np.random.default_rng(5)
     w = rng.standard_normal((5, 6)).astype(F32)
@@ -268,7 +268,7 @@ def test_gemm_alpha_beta(per_channel, tmp_path):
     qf = _quantize(folded, tmp_path, per_channel, False)
     x = _x(rng, (4, 6))
     got, y_exp, y_def, weights, _ = _run_quantized(qf, x)
-    r = ref.gemm_layer(x, w, c, 8, 8, per_channel, trans_b=True, alpha=alpha, beta=beta)
+    r = ref.gemm_layer(x, w, c, 8, 8, per_channel, trans_b=True, alpha=alpha, beta=beta, family=ort_kernel_family)
     _compare(r, got, y_exp, y_def, weights)
     y_float = alpha * (x @ w.T) + beta * c
     assert np.max(np.abs(r["y"] - y_float)) < 0.05 * np.max(np.abs(y_float))

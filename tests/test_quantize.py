@@ -234,14 +234,15 @@ def _matmul_model(tmp_path, x_shape, k, n, filename="matmul.onnx"):
 @pytest.mark.parametrize("x_shape", [(5, 12), (3, 4, 12)], ids=["2d", "3d"])
 @pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
 @pytest.mark.parametrize("bits", BITS, ids=[f"w{w}a{a}" for w, a in BITS])
-def test_matmul_rewrite_matches_reference(bits, per_channel, x_shape, module_tmp):
+def test_matmul_rewrite_matches_reference(bits, per_channel, x_shape, module_tmp, ort_kernel_family):
     model, w, b = _matmul_model(module_tmp, x_shape, 12, 7, filename=f"matmul_{len(x_shape)}d.onnx")
     bits_w, bits_a = bits
     quantized = quantize(model, _uniform(model, bits_w, bits_a, per_channel), force_rewrite=True)
     assert quantized.method == REWRITE
     rng = np.random.default_rng(_seed("x", "matmul", bits, per_channel, x_shape))
     x = _x(rng, x_shape)
-    r = ref.matmul_layer(x, w, None, bits_w, bits_a, per_channel)  # the bias is the separate Add node, kept float
+    # the bias is the separate Add node, kept float
+    r = ref.matmul_layer(x, w, None, bits_w, bits_a, per_channel, ort_kernel_family)
     _check_layer_against_reference(quantized, "mm", x, r)
     y = _run_y(quantized.proto, x)
     _assert_close(y, (r["y"] + b).reshape(x_shape[0], -1), "model output (MatMul + Add)")
@@ -275,7 +276,7 @@ def _gemm_model(tmp_path, case, k=10, n=6):
 @pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
 @pytest.mark.parametrize("bits", BITS, ids=[f"w{w}a{a}" for w, a in BITS])
 @pytest.mark.parametrize("case", sorted(GEMM_CASES))
-def test_gemm_rewrite_matches_reference(case, bits, per_channel, module_tmp):
+def test_gemm_rewrite_matches_reference(case, bits, per_channel, module_tmp, ort_kernel_family):
     model, stored, c = _gemm_model(module_tmp, case)
     bits_w, bits_a = bits
     quantized = quantize(model, _uniform(model, bits_w, bits_a, per_channel), force_rewrite=True)
@@ -283,7 +284,8 @@ def test_gemm_rewrite_matches_reference(case, bits, per_channel, module_tmp):
     assert not [n for n in quantized.proto.graph.node if n.op_type in FLOAT_OPS]
     rng = np.random.default_rng(_seed("x", "gemm", case, bits, per_channel))
     x = _x(rng, (4, 10))
-    r = ref.gemm_layer(x, stored, c, bits_w, bits_a, per_channel, trans_b=bool(GEMM_CASES[case]["trans_b"]))
+    r = ref.gemm_layer(x, stored, c, bits_w, bits_a, per_channel, trans_b=bool(GEMM_CASES[case]["trans_b"]),
+                       family=ort_kernel_family)
     _check_layer_against_reference(quantized, "gemm", x, r)
 
 
@@ -426,7 +428,7 @@ def _float_conv(x, w, b, pads, strides=(1, 1), group=1):
     return (out + b.astype(np.float64).reshape(1, -1, 1, 1)).astype(F32)
 
 
-def _chain_reference(x, inits, mapping):
+def _chain_reference(x, inits, mapping, family):
     """The chain in NumPy: quantized layers through the reference, fp32 layers in float."""
     def conv(name, h, w, b, **kw):
         q = mapping[name]
@@ -442,13 +444,14 @@ def _chain_reference(x, inits, mapping):
     if q is None:
         h = (h.astype(np.float64) @ inits["W3"].T.astype(np.float64) + inits["C3"]).astype(F32)
     else:
-        h = ref.gemm_layer(h, inits["W3"], inits["C3"], q.weight_bits, q.activation_bits, q.per_channel, trans_b=True)["y"]
+        h = ref.gemm_layer(h, inits["W3"], inits["C3"], q.weight_bits, q.activation_bits, q.per_channel, trans_b=True,
+                           family=family)["y"]
     h = np.maximum(h, F32(0))
     q = mapping["fc2"]
     if q is None:
         h = (h.astype(np.float64) @ inits["W4"].astype(np.float64)).astype(F32)
     else:
-        h = ref.matmul_layer(h, inits["W4"], None, q.weight_bits, q.activation_bits, q.per_channel)["y"]
+        h = ref.matmul_layer(h, inits["W4"], None, q.weight_bits, q.activation_bits, q.per_channel, family)["y"]
     return h + inits["B4"]
 
 
@@ -469,7 +472,7 @@ MIXED_POLICIES = {
 
 
 @pytest.mark.parametrize("case", sorted(MIXED_POLICIES))
-def test_mixed_policy_chain_matches_reference(case, tmp_path):
+def test_mixed_policy_chain_matches_reference(case, tmp_path, ort_kernel_family):
     model, inits = _chain_model(tmp_path)
     assert [layer.name for layer in model.layers] == ["conv1", "conv2", "fc1", "fc2"]
     spec = MIXED_POLICIES[case]
@@ -481,7 +484,7 @@ def test_mixed_policy_chain_matches_reference(case, tmp_path):
     for batch in (4, 1):
         x = _chain_input(rng, batch)
         y = _run_y(quantized.proto, x)
-        expected = _chain_reference(x, inits, policy.mapping)
+        expected = _chain_reference(x, inits, policy.mapping, ort_kernel_family)
         scale = float(np.max(np.abs(expected)))
         np.testing.assert_allclose(y, expected, rtol=spec["rtol"], atol=spec["rtol"] * scale, err_msg=f"batch {batch}")
         # the quantization must matter: far from the float model
@@ -570,17 +573,15 @@ def test_w8_policies_use_quantize_dynamic_and_match_it(model_name, policy_spec, 
         assert np.max(np.abs(y_ours - _run_y(model.proto, batch_x))) > 0  # quantization did happen
 
 
-def test_per_channel_with_conv_uses_rewrite(tmp_path):
+def test_per_channel_with_conv_uses_rewrite(tmp_path, ort_kernel_family):
     """quantize_dynamic cannot quantize Conv per channel (see the canary below): the rewrite does it."""
     model, inits = _chain_model(tmp_path)
     policy = load_policy("w8a8-per-channel").resolve(model.layers)
     quantized = quantize(model, policy)
     assert quantized.method == REWRITE
     x = _chain_input(np.random.default_rng(1), 4) * F32(0.7)
-    np.testing.assert_allclose(
-        _run_y(quantized.proto, x), _chain_reference(x, inits, policy.mapping), rtol=1e-6,
-        atol=1e-6 * float(np.max(np.abs(_chain_reference(x, inits, policy.mapping)))),
-    )
+    expected = _chain_reference(x, inits, policy.mapping, ort_kernel_family)
+    np.testing.assert_allclose(_run_y(quantized.proto, x), expected, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(expected))))
 
 
 @pytest.mark.parametrize("bits", [(4, 8), (8, 4), (2, 8), (8, 7)])

@@ -97,30 +97,61 @@ def _single_layer_model(tmp_path, op: str, rng) -> tuple[Path, np.ndarray, np.nd
 @pytest.mark.parametrize("op", ["Conv", "MatMul", "Gemm"])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_single_layer_matches_integer_reference(tmp_path, op, bits, per_channel):
-    """Codes and the int32 accumulator exactly, the float output to rounding, against NumPy integer math."""
+@pytest.mark.parametrize("family", ref.KERNEL_FAMILIES)
+def test_single_layer_matches_integer_reference(tmp_path, op, bits, per_channel, family):
+    """Codes and the int32 accumulator exactly, the float output to rounding, against NumPy integer math of
+    each kernel family, whichever this machine has."""
     rng = np.random.default_rng(hash((op, bits, per_channel)) % 2**32)
     path, w, b, attrs = _single_layer_model(tmp_path, op, rng)
-    layer = SimModel(load_model(path)).quant_layer("layer")
+    layer = SimModel(load_model(path), kernel_family=family).quant_layer("layer")
     setting = LayerQuant(bits[0], bits[1], per_channel)
     x = _inputs(rng, (3, 4, 7, 6) if op == "Conv" else (3, 5))
     if op == "Conv":
         r = ref.conv_layer(x, w, b, bits[0], bits[1], per_channel, strides=(2, 1), pads=(1, 0, 1, 2), group=2)
     elif op == "MatMul":
-        r = ref.matmul_layer(x, w, None, bits[0], bits[1], per_channel)
+        r = ref.matmul_layer(x, w, None, bits[0], bits[1], per_channel, family)
     else:
-        r = ref.gemm_layer(x, w, b, bits[0], bits[1], per_channel, trans_b=True)
+        r = ref.gemm_layer(x, w, b, bits[0], bits[1], per_channel, trans_b=True, family=family)
     with torch.no_grad():
         t = torch.from_numpy(x)
         scale, zp = activation_scale_zero_point(t, bits[1], per_sample=False)
         centered = centered_activation_codes(t, scale, zp, bits[1])
-        codes, _, _ = layer._quantized_weight(setting)
+        codes = layer._quantized_weight(setting)[0]
         acc = layer._linear(centered, codes, None)
         y = layer(t, setting)
     np.testing.assert_array_equal(centered.numpy(), r["x_codes"].astype(np.int64) - int(r["x_zp"]))
-    np.testing.assert_array_equal(codes.numpy(), r["w_codes"] if op != "Gemm" else r["w_codes"])
-    np.testing.assert_array_equal(acc.numpy().astype(np.int64), r["acc"])
+    np.testing.assert_array_equal(codes.numpy(), r["w_codes"])
+    if family == "exact":  # the plain integer product; the saturating one is checked through y
+        np.testing.assert_array_equal(acc.numpy().astype(np.int64), r["acc"])
     np.testing.assert_allclose(y.numpy(), r["y"], rtol=1e-6, atol=1e-6 * np.abs(r["y"]).max())
+
+
+@pytest.mark.parametrize("family", ref.KERNEL_FAMILIES)
+@pytest.mark.parametrize("shape", [(4, 33), (2, 3, 64)])
+@pytest.mark.parametrize("ranges", ["batch", "sample"])
+def test_matmul_kernel_family_on_saturating_inputs(tmp_path, family, shape, ranges):
+    """Full-range 8-bit codes, where the AVX2 family's int16 pair sums saturate on most outputs: the layer's
+    output equals the NumPy oracle of that family (an odd K and a 3-D input included)."""
+    rng = np.random.default_rng(len(shape) * 100 + shape[-1])
+    k, n = shape[-1], 9
+    w = rng.uniform(-1, 1, (k, n)).astype(np.float32)
+    w[0, 0] = 1.0  # a full-range weight code somewhere
+    x = rng.uniform(0, 1, shape).astype(np.float32)  # non-negative: codes spread over the whole 0..255
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="layer"), helper.make_node("Flatten", ["h"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, *shape[1:]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])],
+                              [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    layer = SimModel(load_model(path), kernel_family=family).quant_layer("layer")
+    with torch.no_grad():
+        y = layer(torch.from_numpy(x), LayerQuant(8, 8), ranges).numpy()
+    samples = [x[i:i + 1] for i in range(len(x))] if ranges == "sample" else [x]
+    expected = np.concatenate([ref.matmul_layer(s, w, None, 8, 8, False, family)["y"] for s in samples])
+    exact = np.concatenate([ref.matmul_layer(s, w, None, 8, 8, False, "exact")["y"] for s in samples])
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    if family == "avx2-u8s8":  # the inputs do exercise the saturation
+        assert np.mean(np.abs(expected - exact) > 1e-3 * np.abs(exact).max()) > 0.3
 
 
 def _ort_logits(proto, x, batch_size):

@@ -13,6 +13,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 
 from ..errors import PtqauditError
+from ..kernels import AVX2_U8S8, EXACT, INT16_MAX, detect_kernel_family
 from ..onnx_graph import Layer, LoadedModel, node_attribute, upgrade_opset
 from ..policy import LayerQuant, ResolvedPolicy
 from .ops import OPS, attributes, conv_forward
@@ -21,6 +22,8 @@ from .quantizers import (
     accumulator_bound,
     activation_scale_zero_point,
     centered_activation_codes,
+    largest_pair_sum,
+    saturating_matmul,
     weight_codes,
 )
 
@@ -33,9 +36,10 @@ class QuantLayer(nn.Module):
     integer kernel would: int codes, exact integer products, float32(acc) * (x_scale * w_scale) + bias."""
 
     def __init__(self, layer: Layer, attrs: dict, weight: np.ndarray, bias: np.ndarray | None,
-                 nonnegative_input: bool = False):
+                 nonnegative_input: bool = False, kernel_family: str = EXACT):
         super().__init__()
         self.name = layer.name
+        self.kernel_family = kernel_family  # the integer arithmetic of the CPU being simulated (kernels.py)
         self.nonnegative_input = nonnegative_input  # input comes from a ReLU: its minimum is known to be >= 0
         self.is_conv = layer.op_type == "Conv"
         self.attrs = attrs
@@ -54,19 +58,25 @@ class QuantLayer(nn.Module):
         y = torch.matmul(x, weight)
         return y if bias is None else y + bias
 
-    def _quantized_weight(self, setting: LayerQuant):
-        """Codes, scale and float32-exactness of the weight at a setting; cached per setting while the
-        weight is not being trained (the key includes the parameter's version counter)."""
+    def _weight_at(self, setting: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+        """Codes, scale, whether float32 sums stay exact, and whether this CPU's kernel saturates here."""
+        codes, scale = weight_codes(self.weight, setting.weight_bits, self.output_axis if setting.per_channel else None)
+        exact = accumulator_bound(codes, setting.activation_bits, self.output_axis) < EXACT_FLOAT32_LIMIT
+        saturates = (self.kernel_family == AVX2_U8S8 and not self.is_conv
+                     and largest_pair_sum(codes, setting.activation_bits) > INT16_MAX)
+        return codes, scale, exact, saturates
+
+    def _quantized_weight(self, setting: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+        """_weight_at, cached per setting while the weight is not being trained (the key includes the
+        parameter's version counter)."""
         if torch.is_grad_enabled() and self.weight.requires_grad:
-            codes, scale = weight_codes(self.weight, setting.weight_bits, self.output_axis if setting.per_channel else None)
-            return codes, scale, accumulator_bound(codes, setting.activation_bits, self.output_axis) < EXACT_FLOAT32_LIMIT
+            return self._weight_at(setting)
         key = (setting, self.weight._version)
         if key not in self._weight_cache:
             with torch.no_grad():
-                codes, scale = weight_codes(self.weight, setting.weight_bits, self.output_axis if setting.per_channel else None)
-            exact = accumulator_bound(codes, setting.activation_bits, self.output_axis) < EXACT_FLOAT32_LIMIT
+                quantized = self._weight_at(setting)
             self._weight_cache = {k: v for k, v in self._weight_cache.items() if k[1] == self.weight._version}
-            self._weight_cache[key] = (codes, scale, exact)
+            self._weight_cache[key] = quantized
         return self._weight_cache[key]
 
     def forward(self, x: torch.Tensor, setting: LayerQuant | None, ranges: str = "batch") -> torch.Tensor:
@@ -75,8 +85,11 @@ class QuantLayer(nn.Module):
         x_scale, x_zero_point = activation_scale_zero_point(x, setting.activation_bits, ranges == "sample",
                                                             self.nonnegative_input)
         x_codes = centered_activation_codes(x, x_scale, x_zero_point, setting.activation_bits, self.nonnegative_input)
-        w_codes, w_scale, exact_in_float32 = self._quantized_weight(setting)
-        if exact_in_float32:
+        w_codes, w_scale, exact_in_float32, saturates = self._quantized_weight(setting)
+        if saturates:  # MLAS's AVX2 kernel sums raw uint8 codes in int16-saturated pairs, then corrects the zero point
+            raw_codes = x_codes + x_zero_point
+            acc = (saturating_matmul(raw_codes, w_codes) - x_zero_point.double() * w_codes.double().sum(dim=0)).float()
+        elif exact_in_float32:
             acc = self._linear(x_codes, w_codes, None)
         else:  # sums could pass 2^24: accumulate in float64, exact like ORT's int32, then round as its Cast does
             acc = self._linear(x_codes.double(), w_codes.double(), None).float()
@@ -128,8 +141,10 @@ class _Step:
 class SimModel(nn.Module):
     """ONNX graph interpreted with torch ops; constant sub-graphs are folded once at construction."""
 
-    def __init__(self, model: LoadedModel):
+    def __init__(self, model: LoadedModel, kernel_family: str | None = None):
+        """kernel_family: the integer arithmetic to reproduce (ptqaudit.kernels); None: this machine's."""
         super().__init__()
+        self.kernel_family = kernel_family or detect_kernel_family()
         graph = upgrade_opset(model.proto, OPS_OPSET).graph
         self.input_name = model.input_name
         self.output_name = graph.output[0].name
@@ -155,7 +170,8 @@ class SimModel(nn.Module):
                 has_bias = len(node.input) > 2 and node.input[2] != ""
                 bias = initializers[node.input[2]] if has_bias else None
                 key = f"layer{layer.index}"
-                self.quant_layers[key] = QuantLayer(layer, attributes(node), weight, bias, node.input[0] in nonnegative)
+                self.quant_layers[key] = QuantLayer(layer, attributes(node), weight, bias, node.input[0] in nonnegative,
+                                                       self.kernel_family)
                 self._module_key[layer.name] = key
                 layer_weights.update(node.input[1:])
                 steps.append(_Step(node.op_type, [node.input[0]], [node.output[0]], {}, layer=layer.name))

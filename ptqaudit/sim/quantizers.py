@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import INT16_MAX, INT16_MIN
 from ..quantize import weight_code_limit
 
 EXACT_FLOAT32_LIMIT = 2**24  # integers up to this magnitude, and sums of them, are exact in float32
+PAIR_CHUNK_ELEMENTS = 2**24  # pair sums held at once by the saturating product: bounds its memory
 
 
 class RoundHalfEvenSTE(torch.autograd.Function):
@@ -93,3 +95,34 @@ def accumulator_bound(codes: torch.Tensor, activation_bits: int, output_axis: in
     times the largest |activation code - zero point| (2^b - 1)."""
     other = tuple(a for a in range(codes.dim()) if a != output_axis)
     return float(codes.detach().abs().sum(dim=other).max()) * (2**activation_bits - 1)
+
+
+def largest_pair_sum(codes: torch.Tensor, activation_bits: int) -> float:
+    """An upper bound of |a[2p] * w[2p, n] + a[2p+1] * w[2p+1, n]| over b-bit activation codes a and MatMul
+    weight codes [K, N]: below 2^15 the avx2-u8s8 family's int16 pair sums cannot saturate on this layer."""
+    magnitude = codes.detach().abs()
+    if magnitude.shape[0] % 2:
+        magnitude = torch.cat([magnitude, magnitude.new_zeros(1, magnitude.shape[1])])
+    return float((magnitude[0::2] + magnitude[1::2]).max()) * (2**activation_bits - 1)
+
+
+def saturating_matmul(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum over p of clip(a[2p] * w[2p] + a[2p+1] * w[2p+1], int16): what MLAS's AVX2 u8 x s8 kernel
+    (vpmaddubsw) accumulates for uint8 codes [..., K] and int8 weight codes [K, N], K padded with zero
+    to even. Returned in float64, which holds the int32 sum exactly. Differentiable: saturated pairs
+    pass no gradient, as a clip does."""
+    rows = codes.reshape(-1, codes.shape[-1])
+    k = rows.shape[1]
+    if k % 2:
+        rows = torch.nn.functional.pad(rows, (0, 1))
+        weight = torch.nn.functional.pad(weight, (0, 0, 0, 1))
+    pairs = rows.reshape(rows.shape[0], -1, 2).transpose(0, 1)  # [P, M, 2]
+    weight_pairs = weight.reshape(-1, 2, weight.shape[1])  # [P, 2, N]
+    chunk = max(1, PAIR_CHUNK_ELEMENTS // max(1, rows.shape[0] * weight.shape[1]))
+    total = None
+    for start in range(0, pairs.shape[0], chunk):
+        # each pair sum is at most 2 * 255 * 127 in magnitude: exact in float32 before the clip
+        pair_sums = torch.bmm(pairs[start:start + chunk], weight_pairs[start:start + chunk])
+        part = pair_sums.clamp(INT16_MIN, INT16_MAX).double().sum(dim=0)
+        total = part if total is None else total + part
+    return total.reshape(*codes.shape[:-1], weight.shape[1])

@@ -1,0 +1,41 @@
+"""Kernel-family detection against an independent probe of ONNX Runtime (tests/conftest.py), and the bound
+that decides where the saturating arithmetic is needed."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from ptqaudit.kernels import KERNEL_FAMILIES, cpu_description, detect_kernel_family
+from ptqaudit.sim.quantizers import largest_pair_sum
+
+
+def test_detected_family_is_the_one_ort_computes(ort_kernel_family):
+    assert detect_kernel_family() == ort_kernel_family
+    assert detect_kernel_family() in KERNEL_FAMILIES
+
+
+def _largest_pair_sum_by_enumeration(codes: np.ndarray, bits: int) -> int:
+    padded = np.vstack([codes, np.zeros((len(codes) % 2, codes.shape[1]), dtype=codes.dtype)])
+    return max(abs(a1 * padded[2 * p, n] + a2 * padded[2 * p + 1, n])
+               for p, n in itertools.product(range(len(padded) // 2), range(codes.shape[1]))
+               for a1, a2 in itertools.product(range(2**bits), repeat=2))
+
+
+def test_pair_sum_bound_holds_by_enumeration():
+    """No pair of activation codes gives a larger pair sum than the bound (odd K: the last code pairs with a
+    padded zero), and with same-signed weights the bound is reached."""
+    rng = np.random.default_rng(0)
+    for bits in (2, 4, 8):
+        codes = rng.integers(-127, 128, (5, 3))
+        bound = largest_pair_sum(torch.from_numpy(codes).float(), bits)
+        assert bound >= _largest_pair_sum_by_enumeration(codes, bits)
+        same_signed = np.abs(codes)
+        assert largest_pair_sum(torch.from_numpy(same_signed).float(), bits) == \
+            _largest_pair_sum_by_enumeration(same_signed, bits)
+
+
+def test_cpu_description_names_the_hardware():
+    assert cpu_description().strip()
