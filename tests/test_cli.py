@@ -834,7 +834,7 @@ def test_no_progress_hides_progress_lines_but_keeps_stage_lines(capsys, tmp_path
                              "--bits", "2,8", "--budget-avg-bits", "5", "--limit", "40", "--search-limit", "40",
                              "--verify-top", "1", "--no-progress", "-o", tmp_path / "run")
     assert code == 0 and err == ""
-    assert "searching the worst case" in out and "verifying 1 worst-case candidates on ORT" in out
+    assert "searching the worst case" in out and "verifying 1 worst-case candidate on ORT" in out
     code, out, err = run_cli(capsys, "search", tiny_digits_model, "--objective", "worst", "--method", "exhaustive",
                              "--bits", "2,8", "--budget-avg-bits", "5", "--limit", "40", "--search-limit", "40",
                              "--verify-top", "1", "--json", "-o", tmp_path / "run2")

@@ -165,7 +165,8 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
         "numbers": "accuracies are ONNX Runtime's on the whole evaluation set; sim_* are the simulator's",
     }
     for objective, (board, evaluations) in boards.items():
-        echo(f"verifying {len(board.entries)} {objective}-case candidates on ORT ({len(dataset)} images each)")
+        count = len(board.entries)
+        echo(f"verifying {count} {objective}-case candidate{'s' * (count != 1)} on ORT ({len(dataset)} images each)")
         verified = _verify(model, dataset, config, space, sim, board, objective, progress)
         chosen = verified[0]
         policy = space.policy(board.entries[chosen.digest].choice, f"{objective}-case")
