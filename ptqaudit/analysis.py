@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 from PIL import Image
-from tqdm import tqdm
 
 from .data import DataConfig, Dataset, load_dataset
 from .errors import PtqauditError
@@ -20,6 +19,7 @@ from .evaluate import make_session, predict
 from .onnx_graph import LoadedModel, load_model
 from .policy import LayerQuant, ResolvedPolicy, load_policy
 from .predictions import accuracy
+from .progress import Progress
 from .quantize import quantize
 from .runs import RunFolder, read_json, write_json
 
@@ -96,7 +96,7 @@ class _Meter:
 
     def __init__(self, run: SearchRun, dataset: Dataset, limit: int, progress: bool, total: int):
         self.run, self.dataset, self.limit = run, dataset, limit
-        self.bar = tqdm(total=total, desc="analysis on ORT", unit="run", leave=False, disable=not progress or None)
+        self.bar = Progress(total, "analysis on ORT", "run", progress)
         self._sessions: dict = {}
         self._labels: dict = {}
 
@@ -335,7 +335,7 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
     dataset = load_dataset(dataclasses.replace(run.data, limit=settings.limit))
     base = load_policy(run.config.get("base_policy", "w8a8")).resolve(run.model.layers)
     jpeg_runs = 4 if dataset.x.shape[1] in (1, 3) else 3
-    total = (len(run.model.layers) * len(_low_bits(run)) + 3 + len(settings.batch_sizes) + 3
+    total = (len(run.model.layers) * len(_low_bits(run)) + 4 + len(settings.batch_sizes) + 3
              + 2 * jpeg_runs * len(settings.severities) + 2 * settings.budget_points)
     meter = _Meter(run, dataset, settings.limit, progress, total)
     echo(f"analysing {run.model.path.name} on {len(dataset)} images of {dataset.name} with ONNX Runtime "

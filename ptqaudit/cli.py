@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, progress
 from .analysis import AnalysisSettings, analyse, cached_analysis, load_run
 from .data import DataConfig, load_dataset
 from .distill import DEVICES as DISTILL_DEVICES
@@ -22,7 +23,7 @@ from .evaluate import DEVICES, ENGINES, EvalReport, evaluate
 from .onnx_graph import load_model
 from .policy import builtin_policy_names, load_policy
 from .quantize import quantize
-from .report import FORMATS, Gate, build, plots, render
+from .report import FORMATS, Gate, build, plots, render, report_inputs
 from .runs import write_atomic
 from .search.methods import METHODS
 from .search.run import SearchConfig, run_search
@@ -49,6 +50,27 @@ def debug_option(f):
 
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout instead of tables.")(f)
+
+
+def progress_option(f):
+    return click.option("--no-progress", is_flag=True, help="Hide progress: the bars on a terminal, and elsewhere (CI "
+                        "logs) the lines printed every 30 s ($PTQAUDIT_PROGRESS_PERIOD seconds).")(f)
+
+
+def force_option(f):
+    return click.option("--force", is_flag=True, help="Write the output even when it is one of the files this "
+                        "command reads (refused otherwise, as that would destroy an input).")(f)
+
+
+def _refuse_overwriting_inputs(output: str | Path, inputs, force: bool) -> None:
+    """Bad input when `output` is an existing file this command reads (writing it would destroy that
+    input), unless --force. Paths are compared as files (symlinks, ./a and a, hard links), not as text."""
+    if force or not os.path.isfile(output):
+        return
+    for path in inputs:
+        if os.path.isfile(path) and os.path.samefile(output, path):
+            raise PtqauditError(f"the output {output} is the input {path}: writing it would destroy it; "
+                                "choose another output path, or pass --force")
 
 
 def model_argument(f):
@@ -83,12 +105,18 @@ def gate_options(f):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="ptqaudit")
+@click.version_option(__version__, "-V", "--version", prog_name="ptqaudit")
 @debug_option
 def cli():
     """Audit how much ONNX Runtime dynamic post-training quantization can hurt a classifier.
 
     Exit codes: 0 ok, 1 the gate failed, 2 bad input or usage, 3 internal error.
+
+    Example (the audit: search the worst and best policies, then report with a release gate):
+
+    \b
+      ptqaudit search sample_models/digits_cnn.onnx -o runs/digits-audit
+      ptqaudit report runs/digits-audit --format html --max-drop 2
     """
 
 
@@ -113,7 +141,13 @@ def _print_json(value) -> None:
 @debug_option
 def layers(model, as_json):
     """List the quantizable layers of MODEL (Conv, MatMul, Gemm with constant weights) with shapes,
-    MACs per input and parameter counts. Policies name layers by these ONNX node names."""
+    MACs per input and parameter counts. Policies name layers by these ONNX node names.
+
+    Example:
+
+    \b
+      ptqaudit layers sample_models/digits_cnn.onnx
+    """
     loaded = load_model(model)
     if as_json:
         _print_json({"model": model, "total_macs": loaded.total_macs, "layers": [
@@ -141,7 +175,13 @@ def policies(model_path, as_json):
         "/conv1/Conv": fp32         # a node name, a glob such as "/layer3/*",
         "@last": {weight_bits: 8}   # or @first, @last, @Conv, @MatMul, @Gemm
 
-    Bits run from 2 to 8; granularity is per-tensor or per-channel (weights)."""
+    Bits run from 2 to 8; granularity is per-tensor or per-channel (weights).
+
+    Example:
+
+    \b
+      ptqaudit policies --model sample_models/digits_cnn.onnx
+    """
     loaded = load_model(model_path) if model_path else None
     entries = []
     for name in builtin_policy_names():
@@ -163,12 +203,21 @@ def policies(model_path, as_json):
 @model_argument
 @click.option("--policy", "-p", required=True, help="A built-in policy name (see `ptqaudit policies`) or a policy file.")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write the quantized ONNX model.")
+@force_option
 @json_option
 @debug_option
-def quantize_command(model, policy, output, as_json):
+def quantize_command(model, policy, output, force, as_json):
     """Write the dynamically quantized MODEL that ONNX Runtime runs for a policy: onnxruntime's own
     quantize_dynamic where it can express the policy, otherwise the same integer graph (ConvInteger /
-    MatMulInteger, activations quantized per input from their measured range) at the policy's bits."""
+    MatMulInteger, activations quantized per input from their measured range) at the policy's bits.
+    The output may not be the model or the policy file (unless --force).
+
+    Example:
+
+    \b
+      ptqaudit quantize sample_models/digits_cnn.onnx --policy w4a8 -o digits_w4a8.onnx
+    """
+    _refuse_overwriting_inputs(output, [model, policy], force)
     loaded = load_model(model)
     chosen = load_policy(policy)
     resolved = chosen.resolve(loaded.layers)
@@ -233,13 +282,19 @@ def _report_rows(report: EvalReport) -> list[list[str]]:
 @click.option("--engine", type=click.Choice(ENGINES), default="ort", show_default=True,
               help="ort: ONNX Runtime's integer kernels. sim: the PyTorch simulator (fast; for exploration). "
                    "both: ORT's numbers plus the simulator's top-1 agreement with them and its speed.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@progress_option
 @json_option
 @debug_option
 def eval_command(model, data, data_root, download, split, limit, mean, std, policy_specs, batch_size, engine, device,
                  threads, no_progress, as_json):
     """Measure MODEL's FP32 accuracy and, for each policy, the accuracy of its dynamically quantized
-    graph on ONNX Runtime's integer kernels: drop in points, top-1 agreement with FP32, cost and speed."""
+    graph on ONNX Runtime's integer kernels: drop in points, top-1 agreement with FP32, cost and speed.
+
+    Example:
+
+    \b
+      ptqaudit eval sample_models/cifar10_cnn.onnx --data cifar10 --data-root DIR -b 250 -p w8a8 -p w4a8
+    """
     loaded = load_model(model)
     chosen = [load_policy(spec) for spec in (policy_specs or builtin_policy_names())]
     dataset = load_dataset(DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download))
@@ -301,7 +356,7 @@ def eval_command(model, data, data_root, download, split, limit, mean, std, poli
 @click.option("--seed", type=int, default=0, show_default=True, help="Fixes every random choice of the search.")
 @click.option("--output", "-o", default=None, help="Run folder [default: runs/search-<model>-<time>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output, replaying what its trace holds.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@progress_option
 @gate_options
 @json_option
 @debug_option
@@ -311,7 +366,13 @@ def search_command(model, data, data_root, download, split, limit, mean, std, bi
     """Find the worst and best bit-width policies for MODEL within a budget (static ones, and with
     --dynamic an input-conditioned one): the simulator scores candidates on a subset of the data, ONNX
     Runtime measures the leading ones on all of it. Writes the run folder (run.json, trace.jsonl,
-    worst.yaml, best.yaml, summary.json)."""
+    worst.yaml, best.yaml, summary.json).
+
+    Example:
+
+    \b
+      ptqaudit search sample_models/digits_cnn.onnx --budget-avg-bits 6 -o runs/digits-audit --max-drop 2
+    """
     if budget_avg_bits is None and budget_bitops is None:
         budget_avg_bits = 6.0
     gate = Gate(max_drop, min_accuracy)
@@ -333,7 +394,7 @@ def search_command(model, data, data_root, download, split, limit, mean, std, bi
                           max_evaluations=max_evaluations, base_policy=base_policy, layers=layer_globs,
                           batch_size=batch_size, search_limit=search_limit, search_split=search_split,
                           verify_top=verify_top, seed=seed, dynamic=dynamic)
-    echo = (lambda message: click.echo(message, err=True)) if as_json else click.echo
+    echo = functools.partial(progress.write, err=as_json)
     try:
         summary = run_search(config, loaded, dataset, resume=resume, progress=not no_progress, echo=echo,
                              search_data=search_data)
@@ -347,9 +408,7 @@ def search_command(model, data, data_root, download, split, limit, mean, std, bi
         _print_json(summary)
         _raise_gate(failure)
         return
-    click.echo(f"model {model} | data {summary['dataset']}, {summary['images']} images "
-               f"(search on {summary['search_images']} of {summary['search_dataset']}) | batch size {batch_size} | budget "
-               f"{summary['budget']['effective_bits']:.2f} effective bits | {method}, seed {seed}\n")
+    click.echo("")
     rows = [["fp32", f"{100 * summary['fp32_accuracy']:.2f}%", "", "", "", ""]]
     for name in ("worst", "best"):
         if name in summary:
@@ -379,11 +438,15 @@ def _raise_gate(failure: str | None) -> None:
 
 @cli.command(name="report")
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="md", show_default=True,
-              help="md (Markdown, plots as PNG files beside it), html (one self-contained file, plots embedded), "
-                   "json (for other tools), junit (the gate as JUnit XML test cases, for CI systems).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="md (Markdown, plots as PNG files in RUN_DIR/plots/), html (one self-contained file, plots "
+                   "embedded), json (for other tools), junit (the gate as JUnit XML test cases, for CI systems) "
+                   "[default: md].")
 @click.option("--output", "-o", default=None, help="Where to write the report; - for standard output "
-              "[default: standard output; for html, RUN_DIR/report.html].")
+              "[default: standard output; for html, RUN_DIR/report.html]. Never one of the files the report "
+              "reads (the run's files, the model) unless --force.")
+@force_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (--format json -o -).")
 @gate_options
 @click.option("--model", "model_path", default=None,
               help="The model file, when the path stored in RUN_DIR/run.json does not resolve from here.")
@@ -391,33 +454,47 @@ def _raise_gate(failure: str | None) -> None:
               help="Images (a class-balanced subset of the run's evaluation data) the vulnerability analysis measures.")
 @click.option("--no-analysis", is_flag=True, help="Only the headline and gate, from the run's summary (no ORT work).")
 @click.option("--recompute", is_flag=True, help="Measure the analysis again even if RUN_DIR holds one made the same way.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@progress_option
 @debug_option
-def report_command(run_dir, fmt, output, max_drop, min_accuracy, model_path, analysis_limit, no_analysis, recompute,
-                   no_progress):
+def report_command(run_dir, fmt, output, force, as_json, max_drop, min_accuracy, model_path, analysis_limit,
+                   no_analysis, recompute, no_progress):
     """Report on a `search` (or `distill`) run folder: the headline (FP32, best and worst case within the
     budget, the drop, batch size, budget, engine agreement, verdict), the vulnerability analysis measured
     on ONNX Runtime (per-layer sensitivity and low-bit frequency, flipped inputs and per-class drops,
     batch size and composition, common corruptions, accuracy versus budget; cached in
     RUN_DIR/analysis.json) and plots. With --max-drop / --min-accuracy it is a release gate: exit 1, with
     one line naming the failing figure, when the worst case breaks a threshold (the report is still
-    written)."""
+    written). The output may not be a file the report reads (unless --force).
+
+    Example:
+
+    \b
+      ptqaudit report runs/digits-audit --format junit -o gate.xml --max-drop 2
+    """
+    if as_json:
+        if fmt not in (None, "json") or output not in (None, "-"):
+            raise PtqauditError("--json prints the JSON report on standard output: drop --format/-o, or write a file "
+                                "with --format json -o FILE")
+        fmt, output = "json", "-"
+    fmt = fmt or "md"
+    if output is None and fmt == "html":
+        output = str(Path(run_dir) / "report.html")
+    target = None if output in (None, "-") else Path(output)
     run = load_run(run_dir, model_path)
+    if target is not None:
+        _refuse_overwriting_inputs(output, report_inputs(run_dir, run), force)
     gate = Gate(max_drop, min_accuracy)
     analysis = None
     if not no_analysis:
         settings = AnalysisSettings(limit=analysis_limit)
         analysis = None if recompute else cached_analysis(run, settings)
         if analysis is None:
-            analysis = analyse(run, settings, progress=not no_progress, echo=lambda m: click.echo(m, err=True))
+            analysis = analyse(run, settings, progress=not no_progress, echo=functools.partial(progress.write, err=True))
     document = build(run, gate, analysis)
     figures = plots(document)
     plot_dir = run.path / "plots"
     for name, png in figures.items():
         write_atomic(plot_dir / f"{name}.png", png)
-    if output is None and fmt == "html":
-        output = str(Path(run_dir) / "report.html")
-    target = None if output in (None, "-") else Path(output)
     text = render(document, fmt, figures, plot_dir, target)
     if target is None:
         click.echo(text, nl=False)
@@ -461,7 +538,7 @@ def report_command(run_dir, fmt, output, max_drop, min_accuracy, model_path, ana
               help="Where torch trains the student; ORT numbers are measured on the CPU.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--output", "-o", default=None, help="Run folder [default: runs/distill-<mode>-<model>-<time>].")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@progress_option
 @json_option
 @debug_option
 def distill_command(teacher, data, data_root, download, split, limit, mean, std, mode, bits, budget_avg_bits, epochs,
@@ -472,7 +549,14 @@ def distill_command(teacher, data, data_root, download, split, limit, mean, std,
     jointly with it, then measure both on ONNX Runtime: teacher and student FP32, the student under its
     policy and under w8a8, and the worst case a fresh `search` finds on it without knowing the policy.
     Trains on the train split; numbers come from --split test. Writes student.onnx, policy.yaml,
-    summary.json, trace.jsonl and the audit's search folder."""
+    summary.json, trace.jsonl and the audit's search folder.
+
+    Example:
+
+    \b
+      ptqaudit distill sample_models/digits_cnn.onnx --mode detrimental --epochs 20 --lr 2e-3 \\
+          --quant-weight 0.5 --policy-limit 200 -o runs/digits-detrimental
+    """
     if output is None:
         output = f"runs/distill-{mode}-{Path(teacher).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     loaded = load_model(teacher)
@@ -485,7 +569,7 @@ def distill_command(teacher, data, data_root, download, split, limit, mean, std,
     config.validate()
     test = load_dataset(data_config)
     train = load_dataset(dataclasses.replace(data_config, split="train", limit=None))
-    echo = (lambda message: click.echo(message, err=True)) if as_json else click.echo
+    echo = functools.partial(progress.write, err=as_json)
     summary = run_distill(config, loaded, train, test, progress=not no_progress, echo=echo)
     if as_json:
         _print_json(summary)

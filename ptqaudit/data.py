@@ -22,9 +22,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from ptqaudit.errors import PtqauditError
+from ptqaudit.progress import Progress, track
 
 SPLITS = ("test", "train")
 
@@ -392,7 +392,7 @@ def _fetch(url: str, destination: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(destination, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {url.rsplit('/', 1)[-1]}") as bar:
+            with Progress(total, f"downloading {url.rsplit('/', 1)[-1]}", "B", unit_scale=True) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -484,7 +484,7 @@ def _load_image_folder(folder: Path, split: str) -> _RawData:
     mode = "L" if all(image_mode in GRAYSCALE_MODES for image_mode, _ in headers) else "RGB"
     width, height = first_size
     pixels = np.empty((len(files), 1 if mode == "L" else 3, height, width), dtype=np.uint8)
-    for i, path in enumerate(tqdm(files, desc=f"loading {name}", unit="img", disable=None, leave=False)):
+    for i, path in enumerate(track(files, f"loading {name}", "img")):
         pixels[i] = _decode_image(path, mode)
     return _RawData(name, pixels, np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs], scale=255.0)
 

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 from onnx import numpy_helper
-from tqdm import tqdm
 
 from .data import DataConfig, Dataset
 from .errors import PtqauditError
@@ -22,6 +21,7 @@ from .evaluate import check_model_fits_data, make_session, predict
 from .onnx_graph import LoadedModel, load_model, node_attribute
 from .policy import MAX_BITS, MIN_BITS, ResolvedPolicy, load_policy, policy_file_dict
 from .predictions import accuracy
+from .progress import track
 from .quantize import quantize
 from .runs import RunFolder, write_atomic, write_json
 from .search.evaluator import Leaderboard, SimEvaluator
@@ -195,6 +195,9 @@ def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, tes
     started = time.perf_counter()
 
     train, probe = _split_probe(train, config.policy_limit, config.train_limit, config.seed)
+    echo(f"distilling a {config.mode} student of {config.teacher} | train on {len(train)} images of {train.name} "
+         f"({len(probe)} held out for the agent), {config.epochs} epochs | data {test.name}, {len(test)} images | "
+         f"batch size {config.batch_size} | budget {config.budget_avg_bits} effective bits | seed {config.seed}")
     teacher_logits = predict(make_session(teacher.proto), train, 256, "teacher outputs (ORT)", progress).logits
 
     sim = SimModel(teacher).to(config.device)
@@ -217,8 +220,7 @@ def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, tes
         order = rng.permutation(len(train))
         batches = [order[i:i + config.train_batch_size] for i in range(0, len(order), config.train_batch_size)]
         sums = np.zeros(2)
-        bar = tqdm(batches, desc=f"{config.mode} epoch {epoch}/{config.epochs}", unit="batch", leave=False,
-                   disable=not progress or None)
+        bar = track(batches, f"{config.mode} epoch {epoch}/{config.epochs}", "batch", progress)
         for i, index in enumerate(bar):
             x = x_all[index].to(config.device)
             teacher_out, labels = t_all[index].to(config.device), y_all[index].to(config.device)
@@ -271,6 +273,7 @@ def _verify(config, teacher, sim, policy, test, out: Path, train, history, train
         proto = model.proto if resolved is None else quantize(model, resolved).proto
         return predict(make_session(proto), test, config.batch_size, label, progress)
 
+    echo(f"measuring teacher and student on ORT ({len(test)} images each)")
     runs = {
         "teacher_fp32": ort(teacher, None, "teacher fp32 (ORT)"),
         "teacher_policy": ort(teacher, policy, "teacher under the policy (ORT)"),

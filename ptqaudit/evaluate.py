@@ -9,13 +9,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 import onnxruntime as ort
-from tqdm import tqdm
 
 from .data import Dataset, check_input_shape
 from .errors import PtqauditError
 from .onnx_graph import LoadedModel
 from .policy import Policy, ResolvedPolicy
 from .predictions import Predictions, accuracy
+from .progress import track
 from .quantize import quantize
 from .sim.engine import EngineAgreement, sim_predict
 from .sim.model import SimModel
@@ -45,7 +45,7 @@ def predict(session: ort.InferenceSession, dataset: Dataset, batch_size: int, de
     outputs, seconds = [], 0.0
     batches = dataset.batches(batch_size)
     total = -(-len(dataset) // batch_size)
-    for x, _ in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress or None, leave=False):
+    for x, _ in track(batches, desc, "batch", progress, total):
         start = time.perf_counter()
         (logits,) = session.run(None, {input_name: x})
         seconds += time.perf_counter() - start

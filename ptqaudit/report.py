@@ -8,6 +8,7 @@ import html
 import io
 import json
 import os
+import textwrap
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,19 @@ class Gate:
         """The one line naming every failing figure, or None when the worst case passes."""
         failed = [c["message"] for c in self.checks(fp32, worst) if not c["passed"]]
         return "gate failed: " + "; ".join(failed) if failed else None
+
+
+RUN_RECORDS = ("run.json", "summary.json", "trace.jsonl", "analysis.json")
+RUN_FILE_SUFFIXES = (".yaml", ".yml", ".pt", ".onnx")  # policies, routers, a distilled student
+
+
+def report_inputs(run_dir: str | Path, run: SearchRun) -> list[Path]:
+    """The files a report reads or may read: the run folders' records, policies, routers and models, the
+    model, and a data file. Its output must not replace one of them."""
+    files = [run.model.path, Path(run.data.name)]
+    for folder in {Path(run_dir), run.path}:
+        files += [p for p in folder.iterdir() if p.name in RUN_RECORDS or p.suffix in RUN_FILE_SUFFIXES]
+    return files
 
 
 def headline(run: SearchRun, gate: Gate) -> dict:
@@ -99,6 +113,7 @@ def plots(document: dict) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     figures = {}
+    images = f"ORT, {_images(analysis, document['headline'])}"
 
     def save(name, fig):
         buffer = io.BytesIO()
@@ -116,7 +131,7 @@ def plots(document: dict) -> dict[str, bytes]:
                                          for layer in layers], marker="o", label=f"W{bits}A{bits}")
         ax.set_xticks(range(len(layers)), [_short(layer) for layer in layers], rotation=70, fontsize=7)
         ax.set_ylabel("accuracy drop (points)")
-        ax.set_title("Per-layer sensitivity: one layer at low bits, the rest at the base policy")
+        set_title(ax, f"Per-layer sensitivity: one layer at low bits, the rest at the base policy ({images})")
         ax.legend(fontsize=8)
         save("sensitivity", fig)
 
@@ -131,7 +146,7 @@ def plots(document: dict) -> dict[str, bytes]:
         ax.axhline(100 * analysis["fp32_accuracy"], color="gray", linestyle="--", label="fp32")
         ax.set_xlabel("budget (effective bits)")
         ax.set_ylabel("ORT accuracy (%)")
-        ax.set_title("Accuracy versus budget")
+        set_title(ax, f"Accuracy versus budget ({images})")
         ax.legend(fontsize=8)
         save("budget", fig)
 
@@ -139,7 +154,7 @@ def plots(document: dict) -> dict[str, bytes]:
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(classes)), 3.5))
     ax.bar([c["class"] for c in classes], [c["drop_points"] for c in classes], color="#c0392b")
     ax.set_ylabel("drop under the worst policy (points)")
-    ax.set_title("Per-class accuracy drop")
+    set_title(ax, f"Per-class accuracy drop ({images})")
     ax.tick_params(axis="x", rotation=45, labelsize=8)
     save("per_class", fig)
 
@@ -150,7 +165,7 @@ def plots(document: dict) -> dict[str, bytes]:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("ORT accuracy (%)")
-    ax.set_title("Accuracy versus batch size")
+    set_title(ax, f"Accuracy versus batch size ({images})")
     ax.legend(fontsize=8)
     save("batch_size", fig)
 
@@ -163,10 +178,19 @@ def plots(document: dict) -> dict[str, bytes]:
         ax.bar([p + 0.2 for p in positions], [100 * r["worst_accuracy"] for r in corruption_rows], 0.4, label="worst case")
         ax.set_xticks(list(positions), labels, rotation=60, fontsize=7)
         ax.set_ylabel("ORT accuracy (%)")
-        ax.set_title("Common corruptions: full precision versus the worst policy")
-        ax.legend(fontsize=8)
+        set_title(ax, f"Common corruptions: full precision versus the worst policy ({images})")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))  # beside the bars, not over them
         save("corruptions", fig)
     return figures
+
+
+TITLE_PT = 11
+CHARACTER_EM = 0.65  # a generous average width of a title character, in em (DejaVu Sans is about 0.55)
+
+
+def set_title(ax, text: str) -> None:
+    """The axes' title, wrapped to the figure's width so that no title is cut off."""
+    ax.set_title(textwrap.fill(text, int(ax.figure.get_figwidth() * 72 / (CHARACTER_EM * TITLE_PT))), fontsize=TITLE_PT)
 
 
 def _short(name: str) -> str:
@@ -209,7 +233,8 @@ def tables(document: dict) -> list[tuple[str, str, list[str], list[list[str]], s
     a = document["analysis"]
     if not a:
         return sections
-    note = f"{a['images']} images of {a['dataset']}, batch size {a['batch_size']}"
+    on_images = f"ORT on {_images(a, h)}"
+    note = f"{on_images}, batch size {a['batch_size']}"
     by_layer: dict[str, dict] = {}
     for r in a["layer_sensitivity"]:
         by_layer.setdefault(r["layer"], {})[r["bits"]] = r["drop_points"]
@@ -221,11 +246,10 @@ def tables(document: dict) -> list[tuple[str, str, list[str], list[list[str]], s
                      [[layer] + [f"{by_layer[layer][b]:+.2f}" for b in widths]
                       + [f"{100 * frequency.get(layer, 0):.0f}%"] for layer in ranked], "sensitivity"))
     if a["budget_curves"]["worst"] or a["budget_curves"]["best"]:
-        sections.append(("budget", "Accuracy versus budget (policies the search scored, re-measured on ORT)",
-                         ["case", "budget (eff. bits)", "policy (eff. bits)", "accuracy"],
-                         [[objective, f"{p['budget_effective_bits']:.2f}", f"{p['policy_effective_bits']:.2f}",
-                           _pct(p["ort_accuracy"])] for objective in ("worst", "best")
-                          for p in a["budget_curves"][objective]], "budget"))
+        differs = "" if a["images"] == h["images"] else f"; the headline's figures come from all {h['images']:,}"
+        sections.append(("budget", f"Accuracy versus budget: policies the search scored, re-measured ({note}{differs})",
+                         ["case", "budget (eff. bits)", "policy (eff. bits)", "accuracy"], _budget_rows(a["budget_curves"]),
+                         "budget"))
     pi = a["per_input"]
     sections.append(("per-class", f"Per class under the worst policy ({note}; {pi['flipped']} inputs flipped, "
                      f"{100 * pi['flipped_fraction']:.1f}%)", ["class", "images", "fp32", "worst case", "drop (pts)"],
@@ -234,38 +258,93 @@ def tables(document: dict) -> list[tuple[str, str, list[str], list[list[str]], s
     if pi["flipped_inputs"]:
         ratio = (f"; mean range score {pi['mean_range_score_flipped']:.2f} for flipped inputs against "
                  f"{pi['mean_range_score_kept']:.2f} for the others" if pi["mean_range_score_kept"] is not None else "")
-        sections.append(("flipped", f"Inputs the worst policy flips, highest activation range first{ratio}",
+        sections.append(("flipped", f"Inputs the worst policy flips, highest range score first ({note}{ratio})",
                          ["index", "class", "fp32 says", "worst case says", "range score"],
                          [[str(f["index"]), f["class"], f["fp32_label"], f["worst_label"], f"{f['range_score']:.2f}"]
                           for f in pi["flipped_inputs"][:20]], None))
-    sections.append(("batch-size", "Worst-case accuracy versus batch size", ["batch size", "accuracy"],
+    sections.append(("batch-size", f"Worst-case accuracy versus batch size ({on_images})", ["batch size", "accuracy"],
                      [[str(s["batch_size"]), _pct(s["worst_accuracy"])] for s in a["batch_sizes"]], "batch_size"))
     c = a["batch_composition"]
     sections.append(("composition", f"Batch composition: the highest-range input (#{c['outlier_index']}, "
                      f"{c['outlier_class']}, range score {c['outlier_range_score']:.2f}) in every batch of "
-                     f"{c['batch_size']}", ["the other inputs", "worst-case accuracy"],
+                     f"{c['batch_size']} ({on_images})", ["the other inputs", "worst-case accuracy"],
                      [["each alone (batch size 1)", _pct(c["alone_accuracy"])],
                       ["in ordinary batches", _pct(c["ordinary_batches_accuracy"])],
                       ["beside the high-range input", _pct(c["with_outlier_accuracy"])]], None))
     corruption = a["corruptions"]
     if "rows" in corruption:
-        sections.append(("corruptions", "Common corruptions", ["corruption", "severity", "fp32", "worst case",
+        sections.append(("corruptions", f"Common corruptions ({note})", ["corruption", "severity", "fp32", "worst case",
                                                                 "drop (pts)"],
                          [[r["corruption"], str(r["severity"]), _pct(r["fp32_accuracy"]), _pct(r["worst_accuracy"]),
                            _pts(r["drop_points"])] for r in corruption["rows"]], "corruptions"))
     return sections
 
 
+def _images(a: dict, h: dict) -> str:
+    """The images an analysis figure comes from, said against the headline's (the whole evaluation data)."""
+    count, everything = a["images"], h["images"]
+    if count == everything:
+        return f"all {everything:,} evaluation images"
+    if count < everything:
+        return f"{count:,} of the {everything:,} evaluation images"
+    return f"{count:,} images of {a['dataset']}, not the headline's {everything:,}"
+
+
+def _budget_rows(curves: dict) -> list[list[str]]:
+    """One row per policy picked. Budget levels that pick the same policy share its row: they form a run
+    of consecutive levels (a policy lowest among those costing at least a level stays lowest at every
+    level up to its own cost), so the row gives the first and last."""
+    rows = []
+    for objective in ("worst", "best"):
+        picks: dict = {}
+        for point in curves[objective]:
+            picks.setdefault(point.get("digest", id(point)), []).append(point)
+        for points in picks.values():
+            levels = sorted(p["budget_effective_bits"] for p in points)
+            budget = f"{levels[0]:.2f}" if len(levels) == 1 else f"{levels[0]:.2f} to {levels[-1]:.2f}"
+            rows.append([objective, budget, f"{points[0]['policy_effective_bits']:.2f}", _pct(points[0]["ort_accuracy"])])
+    return rows
+
+
+GLOSSARY = [
+    ("WbAb", "a layer's weights quantized to b bits (symmetric integer codes, per tensor or per output channel) "
+             "and its input activations to b bits (asymmetric, the range measured on every inference call over "
+             "the whole batch); W4A8 means 4-bit weights and 8-bit activations, fp32 a layer left unquantized."),
+    ("effective bits", "a policy's cost, sqrt(BitOPs / MACs), where BitOPs sums MACs x weight bits x activation "
+                       "bits over the layers (an fp32 layer counts 32 x 32): a uniform WbAb policy has b, W4A8 "
+                       "has 5.66."),
+    ("budget floor and ceiling", "the budget is a cost in effective bits. The worst case is searched among "
+                                 "policies costing at least it (a floor: without one, 2 bits everywhere would be a "
+                                 "trivial worst case), the best case among policies costing at most it (a ceiling: "
+                                 "without one, 8 bits everywhere would be a trivial best case)."),
+    ("drop (points)", "FP32 accuracy minus the quantized accuracy, in percentage points."),
+    ("engine agreement", "the share of inputs on which the simulator, which ranks candidates during the search, "
+                         "predicts the same class as ONNX Runtime, lowest over the verified candidates. Every "
+                         "accuracy in this report is ONNX Runtime's."),
+    ("flips (flipped inputs)", "inputs that FP32 classifies correctly and the worst policy misclassifies."),
+    ("range score", "for one input, the largest ratio over the quantized layers of its activation range at the "
+                    "layer's input (max - min, in FP32) to that layer's median range over the analysed images. "
+                    "A score of 5 means some layer sees five times its usual range: in a batch, that input widens "
+                    "the shared quantization range and coarsens every other input's steps."),
+    ("low bits in worst policies", "the share of the worst policies the search found (its verified candidates "
+                                   "and its lowest-scoring worst-case policies) that give the layer a weight or "
+                                   "activation width below the largest of --bits."),
+]
+
+GLOSSARY_POINTER = "Terms (WbAb, effective bits, budget floor and ceiling, range score, flips) are explained in the {link} at the end."
+
+
 # --- renderers --------------------------------------------------------------------------------------
 
 def render_markdown(document: dict, plot_links: dict[str, str]) -> str:
-    lines = ["# ptqaudit report", ""]
+    lines = ["# ptqaudit report", "", GLOSSARY_POINTER.format(link="[glossary](#glossary)"), ""]
     for _, title, headers, rows, plot in tables(document):
         lines += [f"## {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
         if plot and plot in plot_links:
             lines += ["", f"![{title}]({plot_links[plot]})"]
         lines.append("")
+    lines += ["## Glossary", ""] + [f"- **{term}**: {text}" for term, text in GLOSSARY] + [""]
     lines.append("Every accuracy comes from ONNX Runtime's kernels; the simulator only ranks candidates.")
     return "\n".join(lines) + "\n"
 
@@ -273,7 +352,7 @@ def render_markdown(document: dict, plot_links: dict[str, str]) -> str:
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 th{background:#f3f3f3}img{max-width:100%;display:block;margin:0.5em 0 2em}.fail{color:#b00;font-weight:bold}
-.pass{color:#070;font-weight:bold}"""
+.pass{color:#070;font-weight:bold}dt{font-weight:bold}dd{margin:0 0 0.6em 1.5em}"""
 
 
 def render_html(document: dict, figures: dict[str, bytes]) -> str:
@@ -281,7 +360,8 @@ def render_html(document: dict, figures: dict[str, bytes]) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>ptqaudit report</title>',
              f"<style>{STYLE}</style></head><body>", "<h1>ptqaudit report</h1>",
              f'<p>Verdict: <span class="{ {"pass": "pass", "fail": "fail"}.get(verdict, "")}">'
-             f"{html.escape(verdict)}</span></p>"]
+             f"{html.escape(verdict)}</span></p>",
+             "<p>" + GLOSSARY_POINTER.format(link='<a href="#glossary">glossary</a>') + "</p>"]
     for anchor, title, headers, rows, plot in tables(document):
         parts.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>')
         parts.append(f'<table id="table-{anchor}"><thead><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in headers)
@@ -291,6 +371,9 @@ def render_html(document: dict, figures: dict[str, bytes]) -> str:
         if plot and plot in figures:
             data = base64.b64encode(figures[plot]).decode("ascii")
             parts.append(f'<img id="plot-{plot}" alt="{html.escape(title)}" src="data:image/png;base64,{data}">')
+    parts.append('<h2 id="glossary">Glossary</h2>')
+    parts.append("<dl>" + "".join(f"<dt>{html.escape(term)}</dt><dd>{html.escape(text)}</dd>" for term, text in GLOSSARY)
+                 + "</dl>")
     parts.append("<p>Every accuracy comes from ONNX Runtime's kernels; the simulator only ranks candidates.</p>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -326,10 +409,10 @@ def render_junit(document: dict) -> str:
 
 
 def render(document: dict, fmt: str, figures: dict[str, bytes], plot_dir: Path, output: Path | None) -> str:
-    """The report in `fmt`. Markdown links the PNGs in plot_dir, relative to where the report is written
-    (to the run folder when it goes to standard output)."""
+    """The report in `fmt`. Markdown links the PNGs in plot_dir relative to the folder it is written to, or,
+    when it goes to standard output, to the current folder (where `> report.md` saves it)."""
     if fmt == "md":
-        base = output.parent if output is not None else Path(document["run"])
+        base = output.parent if output is not None else Path.cwd()
         links = {name: os.path.relpath(plot_dir / f"{name}.png", base) for name in figures}
         return render_markdown(document, links)
     if fmt == "html":

@@ -2,10 +2,12 @@
 numbers every command prints, checked against independent computations (ONNX Runtime run here, shapes
 multiplied out here, the policy YAML files read here)."""
 
+import itertools
 import json
 import math
 import os
 import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from conftest import TINY_OPSET, build_tiny_digits_model
 from reference_cases import ort_labels
 from ptqaudit import cli
 from ptqaudit.data import DataConfig, load_dataset
+from ptqaudit.onnx_graph import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY_DIR = REPO / "ptqaudit" / "policies"
@@ -777,3 +780,113 @@ def test_eval_end_to_end_subprocess(tiny_digits_model):
     report = json.loads(result.stdout)
     assert report["batch_size"] == 10 and report["images"] == 30
     assert 0 <= report["results"][0]["accuracy"] <= 1
+
+
+# ============================================================================================================
+# What a new user meets: progress off a terminal, -V, an example in every --help, no output over an input
+# ============================================================================================================
+
+
+def _admitted_policies(model_path: Path, bits: tuple[int, ...], budget_avg_bits: float) -> int:
+    """Policies (weight and activation bits per layer) costing at least the budget, counted here."""
+    layers = load_model(str(model_path)).layers
+    total = sum(layer.macs for layer in layers)
+    floor = math.ceil(budget_avg_bits ** 2 * total)
+    return sum(sum(layer.macs * w * a for layer, (w, a) in zip(layers, zip(c[::2], c[1::2]))) >= floor
+               for c in itertools.product(bits, repeat=2 * len(layers)))
+
+
+def test_search_off_a_terminal_prints_header_stages_and_progress_lines(tmp_path, tiny_digits_model):
+    """stdout and stderr are pipes here (no terminal), merged as a CI log shows them."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PTQAUDIT_PROGRESS_PERIOD="0")
+    env.pop("PTQAUDIT_DEBUG", None)
+    argv = ["search", tiny_digits_model, "--objective", "worst", "--method", "exhaustive", "--bits", "2,8",
+            "--budget-avg-bits", "5", "--limit", "60", "--search-limit", "60", "--verify-top", "2",
+            "-o", tmp_path / "run"]
+    result = subprocess.run([sys.executable, "-m", "ptqaudit", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stdout
+    log = result.stdout.splitlines()
+
+    def first(pattern: str) -> int:
+        return next(i for i, line in enumerate(log) if re.match(pattern, line))
+
+    header = first(r"model \S*tiny\.onnx \| data digits/test, 60 images .*\| budget 5\.00 effective bits")
+    searching = first(r"searching the worst case: exhaustive, every policy the budget admits")
+    fp32, verifying = first(r"measuring fp32 on ORT \(60 images\)"), first(r"verifying 2 worst-case candidates on ORT")
+    table = first(r"\s+ORT accuracy\s+drop")
+    search_lines = [re.match(r"exhaustive search, worst case: (\d+)/(\d+) policy \(\d+%\), elapsed \d+s", line)
+                    for line in log]
+    search_lines = [(i, int(m[1]), int(m[2])) for i, m in enumerate(search_lines) if m]
+    admitted = _admitted_policies(tiny_digits_model, (2, 8), 5.0)
+    assert 0 < admitted < 16
+    assert search_lines and all(total == admitted for _, _, total in search_lines)  # the bar has its total
+    assert search_lines[-1][1] == admitted
+    assert header < searching < search_lines[0][0] and search_lines[-1][0] < fp32 < verifying < table
+    verify_lines = [i for i, line in enumerate(log) if re.match(r"verify worst on ORT: \d+/60 batch", line)]
+    assert verify_lines and verifying < verify_lines[0]
+
+
+def test_no_progress_hides_progress_lines_but_keeps_stage_lines(capsys, tmp_path, tiny_digits_model, monkeypatch):
+    monkeypatch.setenv("PTQAUDIT_PROGRESS_PERIOD", "0")
+    code, out, err = run_cli(capsys, "search", tiny_digits_model, "--objective", "worst", "--method", "exhaustive",
+                             "--bits", "2,8", "--budget-avg-bits", "5", "--limit", "40", "--search-limit", "40",
+                             "--verify-top", "1", "--no-progress", "-o", tmp_path / "run")
+    assert code == 0 and err == ""
+    assert "searching the worst case" in out and "verifying 1 worst-case candidate on ORT" in out
+    code, out, err = run_cli(capsys, "search", tiny_digits_model, "--objective", "worst", "--method", "exhaustive",
+                             "--bits", "2,8", "--budget-avg-bits", "5", "--limit", "40", "--search-limit", "40",
+                             "--verify-top", "1", "--json", "-o", tmp_path / "run2")
+    assert code == 0 and json.loads(out)["worst"]["evaluations"] > 0  # --json: stdout stays pure JSON
+    assert "searching the worst case" in err and re.search(r"exhaustive search, worst case: \d+/\d+ policy", err)
+
+
+def test_short_version_option(capsys):
+    code, short, _ = run_cli(capsys, "-V")
+    assert code == 0 and short == f"ptqaudit, version {ptqaudit.__version__}\n"
+    assert run_cli(capsys, "--version")[1] == short
+
+
+def _help_examples(capsys, *command: str) -> list[list[str]]:
+    code, out, _ = run_cli(capsys, *command, "--help")
+    assert code == 0 and "Example" in out, out
+    block = out[out.index("Example"):].split("\n\n")[1]
+    joined = block.replace("\\\n", " ")
+    return [shlex.split(line) for line in joined.splitlines()]
+
+
+@pytest.mark.parametrize("name", sorted(cli.cli.commands))
+def test_every_command_help_shows_an_example_that_parses(capsys, name):
+    examples = _help_examples(capsys, name)
+    assert examples
+    for argv in examples:
+        assert argv[:2] == ["ptqaudit", name], argv
+        cli.cli.commands[name].make_context(name, argv[2:])  # raises a UsageError on an unknown option or value
+
+
+def test_group_help_shows_the_audit_example(capsys):
+    examples = _help_examples(capsys)
+    assert [argv[1] for argv in examples] == ["search", "report"]
+    for argv in examples:
+        cli.cli.commands[argv[1]].make_context(argv[1], argv[2:])
+
+
+def test_quantize_refuses_to_write_over_its_inputs(capsys, tmp_path, tiny_digits_model, monkeypatch):
+    model = Path(tiny_digits_model)
+    before = model.read_bytes()
+    monkeypatch.chdir(model.parent)
+    (tmp_path / "link.onnx").symlink_to(model)
+    policy = tmp_path / "mine.yaml"
+    policy.write_text("default: {weight_bits: 4, activation_bits: 8}\n")
+    policy_text = policy.read_text()
+    for output in ("tiny.onnx", "./tiny.onnx", str(model), "../models/tiny.onnx", str(tmp_path / "link.onnx")):
+        code, out, err = run_cli(capsys, "quantize", "tiny.onnx", "-p", "w4a8", "-o", output)
+        assert_bad_input(code, err, re.escape(f"output {output} "), r"input tiny\.onnx", "--force")
+        assert model.read_bytes() == before
+    code, out, err = run_cli(capsys, "quantize", "tiny.onnx", "-p", policy, "-o", policy)
+    assert_bad_input(code, err, re.escape(str(policy)), "--force")
+    assert policy.read_text() == policy_text
+    code, out, err = run_cli(capsys, "quantize", "tiny.onnx", "-p", "w4a8", "-o", "tiny.onnx", "--force")
+    assert code == 0, err
+    assert "MatMulInteger" in {node.op_type for node in onnx.load("tiny.onnx").graph.node}  # replaced, as asked

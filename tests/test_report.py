@@ -3,9 +3,11 @@ and the HTML report rendered in a real headless browser."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,7 +24,7 @@ from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import load_policy
 from ptqaudit.quantize import quantize
-from ptqaudit.report import Gate
+from ptqaudit.report import Gate, build, render_markdown, set_title
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = str(REPO / "sample_models" / "digits_cnn.onnx")
@@ -258,3 +260,151 @@ def test_html_default_location_is_the_run_folder(search_run, analysis, capsys):
                              "--no-progress"], capsys)
     assert code == 0 and (search_run / "report.html").is_file() and "report.html" in err
     assert os.path.getsize(search_run / "report.html") > 20_000
+
+
+# --- a report that explains itself, and writes nothing over its inputs ------------------------------------
+
+
+def _headings(markdown: str) -> list[str]:
+    return [line[3:] for line in markdown.splitlines() if line.startswith("## ")]
+
+
+def test_glossary_defines_the_report_terms_in_markdown_and_html(search_run, analysis, tmp_path, capsys):
+    terms = ["WbAb", "effective bits", "budget floor and ceiling", "range score", "flips"]
+    code, markdown, _ = _run_cli(["report", str(search_run), "--analysis-limit", str(LIMIT), "--no-progress"], capsys)
+    assert code == 0 and _headings(markdown)[-1] == "Glossary"
+    glossary = markdown[markdown.index("## Glossary"):]
+    defined = [line[4:line.index("**:")] for line in glossary.splitlines() if line.startswith("- **")]
+    for term in terms:
+        assert any(d.startswith(term) for d in defined), (term, defined)
+    assert "sqrt(BitOPs / MACs)" in glossary and "median range" in glossary
+    target = tmp_path / "report.html"
+    code, _, _ = _run_cli(["report", str(search_run), "--format", "html", "-o", str(target), "--analysis-limit",
+                           str(LIMIT), "--no-progress"], capsys)
+    page = target.read_text()
+    assert code == 0 and '<h2 id="glossary">Glossary</h2>' in page and 'href="#glossary"' in page
+    for term in terms:
+        assert re.search(rf"<dt>{re.escape(term)}[^<]*</dt><dd>", page), term
+
+
+def test_every_analysis_figure_states_its_images(search_run, analysis, capsys):
+    """The analysis measures LIMIT images, the headline all of the run's: every analysis section says so."""
+    images = json.loads((search_run / "summary.json").read_text())["images"]
+    assert images > LIMIT
+    code, markdown, _ = _run_cli(["report", str(search_run), "--analysis-limit", str(LIMIT), "--no-progress"], capsys)
+    assert code == 0
+    sections = _headings(markdown)
+    assert sections[0] == "Headline (ONNX Runtime, whole evaluation data)"
+    analysed = [s for s in sections if s not in ("Headline (ONNX Runtime, whole evaluation data)",
+                                                  "Worst policy found", "Glossary")]
+    assert len(analysed) >= 6
+    for title in analysed:
+        assert f"{LIMIT} of the {images} evaluation images" in title, title
+    budget = next(s for s in analysed if s.startswith("Accuracy versus budget"))
+    assert f"the headline's figures come from all {images}" in budget
+
+
+def _budget_table(markdown: str) -> list[list[str]]:
+    start = markdown.index("## Accuracy versus budget")
+    rows = [line for line in markdown[start:].split("\n\n")[1].splitlines()[2:]]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_budget_levels_picking_the_same_policy_share_one_row(search_run, analysis):
+    document = build(load_run(search_run), Gate(), copy.deepcopy(analysis))
+
+    def point(level, digest, cost, accuracy):
+        return {"budget_effective_bits": level, "policy_effective_bits": cost, "ort_accuracy": accuracy, "digest": digest}
+
+    document["analysis"]["budget_curves"] = {
+        "worst": [point(3.0, "a", 6.1, 0.40), point(4.0, "a", 6.1, 0.40), point(5.0, "a", 6.1, 0.40),
+                  point(6.0, "b", 6.5, 0.55), point(7.0, "c", 7.2, 0.80)],
+        "best": [point(3.0, "d", 3.0, 0.70), point(4.0, "e", 3.9, 0.95), point(5.0, "e", 3.9, 0.95)],
+    }
+    assert _budget_table(render_markdown(document, {})) == [
+        ["worst", "3.00 to 5.00", "6.10", "40.00%"], ["worst", "6.00", "6.50", "55.00%"],
+        ["worst", "7.00", "7.20", "80.00%"], ["best", "3.00", "3.00", "70.00%"], ["best", "4.00 to 5.00", "3.90", "95.00%"]]
+
+
+def test_budget_table_of_a_real_run_has_one_row_per_distinct_policy(search_run, analysis):
+    rows = _budget_table(render_markdown(build(load_run(search_run), Gate(), analysis), {}))
+    curves = analysis["budget_curves"]
+    for objective in ("worst", "best"):
+        assert len([r for r in rows if r[0] == objective]) == len({p["digest"] for p in curves[objective]})
+
+
+@pytest.mark.parametrize("width", [5, 6, 7])
+def test_long_plot_titles_stay_inside_the_figure(width):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width, 3.5))
+    ax.set_ylabel("ORT accuracy (%)")
+    set_title(ax, "Per-layer sensitivity: one layer at low bits, the rest at the base policy "
+                  "(ORT, 1,000 of the 10,000 evaluation images)")
+    fig.tight_layout()
+    fig.canvas.draw()
+    box = ax.title.get_window_extent(fig.canvas.get_renderer())
+    plt.close(fig)
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, (box, fig.bbox)
+
+
+def test_markdown_on_stdout_links_plots_from_the_current_folder(search_run, analysis, tmp_path, monkeypatch, capsys):
+    """`ptqaudit report RUN > report.md` saves the Markdown in the current folder: its links must work there."""
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, markdown, _ = _run_cli(["report", str(search_run), "--analysis-limit", str(LIMIT), "--no-progress"], capsys)
+    assert code == 0
+    (here / "report.md").write_text(markdown)
+    links = re.findall(r"^!\[[^\]]*\]\(([^)]+)\)$", markdown, re.MULTILINE)
+    assert len(links) == 5
+    for link in links:
+        png = here / link
+        assert png.is_file() and png.resolve().parent == (search_run / "plots").resolve()
+
+
+def test_report_json_flag_prints_the_json_document(search_run, analysis, capsys):
+    code, flag, _ = _run_cli(["report", str(search_run), "--json", "--no-analysis"], capsys)
+    assert code == 0
+    code, explicit, _ = _run_cli(["report", str(search_run), "--format", "json", "-o", "-", "--no-analysis"], capsys)
+    assert code == 0 and json.loads(flag) == json.loads(explicit)
+    code, out, err = _run_cli(["report", str(search_run), "--json", "--format", "md", "--no-analysis"], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "--json" in err
+
+
+@pytest.fixture
+def copied_run(search_run, tmp_path) -> tuple[Path, Path]:
+    """A copy of the shared run whose model is a copy too, so that --force may destroy them."""
+    run = tmp_path / "run"
+    shutil.copytree(search_run, run)
+    model = tmp_path / "model.onnx"
+    shutil.copy(DIGITS_MODEL, model)
+    return run, model
+
+
+@pytest.mark.parametrize("name", ["summary.json", "run.json", "trace.jsonl", "worst.yaml", "model"])
+def test_report_refuses_to_overwrite_a_file_it_reads(copied_run, name, tmp_path, monkeypatch, capsys):
+    run, model = copied_run
+    victim = model if name == "model" else run / name
+    before = victim.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    spelled = f"./{victim.relative_to(tmp_path)}"  # another spelling of the same file
+    args = ["report", str(run), "--model", str(model), "--format", "json", "--no-analysis", "-o"]
+    code, out, err = _run_cli(args + [spelled], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ptqaudit: error:"), err
+    assert spelled in lines[0] and str(victim.relative_to(tmp_path)) in lines[0] and "--force" in lines[0]
+    assert victim.read_bytes() == before
+    code, _, _ = _run_cli(args + [spelled, "--force"], capsys)
+    assert code == 0 and json.loads(victim.read_text())["run"] == str(run)  # --force writes it
+
+
+def test_report_rewrites_its_own_output(copied_run, capsys):
+    run, model = copied_run
+    args = ["report", str(run), "--model", str(model), "--no-analysis", "-o", str(run / "report.md")]
+    assert _run_cli(args, capsys)[0] == 0
+    assert _run_cli(args, capsys)[0] == 0  # a report is not an input: writing it again is fine
+    assert (run / "report.md").read_text().startswith("# ptqaudit report")

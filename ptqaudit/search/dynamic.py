@@ -10,12 +10,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from ..data import Dataset
 from ..evaluate import make_session
 from ..onnx_graph import LoadedModel
 from ..policy import ResolvedPolicy
+from ..progress import track
 from ..quantize import quantize
 from ..sim.engine import sim_predict_many
 from ..sim.model import SimModel
@@ -100,8 +100,7 @@ def dynamic_policy(model: LoadedModel, sim: SimModel, search_set: Dataset, datas
     sessions: dict[int, ort.InferenceSession] = {}
     hits, counts = 0, np.zeros(len(menu), dtype=np.int64)
     total = -(-len(dataset) // batch_size)
-    for x, y in tqdm(dataset.batches(batch_size), total=total, desc=f"verify dynamic {objective} on ORT",
-                     unit="batch", leave=False, disable=not progress or None):
+    for x, y in track(dataset.batches(batch_size), f"verify dynamic {objective} on ORT", "batch", progress, total):
         entry = int(router.choose(x, per_batch)[0])  # batch size 1: the input's own choice
         if entry not in sessions:
             sessions[entry] = make_session(quantize(model, menu[entry]).proto)

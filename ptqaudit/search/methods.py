@@ -159,12 +159,10 @@ def exhaustive_search(space: SearchSpace, evaluator: SimEvaluator, board: Leader
             f"exhaustive search over {space.size:,} policies is too large (limit {max_evaluations * 50:,} with "
             f"--max-evaluations {max_evaluations}); use fewer --bits or --layers, or another --method"
         )
-    shape = (len(space.searched), 2)
+    progress(0, None, sum(1 for _ in _admitted(space, objective)))  # the total, for the progress bar
     batch = []
-    for flat in itertools.product(range(len(space.bits)), repeat=2 * len(space.searched)):
-        choice = np.array(flat, dtype=np.int64).reshape(shape)
-        if space.budget.admits(space.bitops(choice), objective):
-            batch.append(choice)
+    for choice in _admitted(space, objective):
+        batch.append(choice)
         if len(batch) == 4 * GROUP:
             board.offer(space, batch, evaluator.accuracies(batch, objective, "exhaustive"))
             progress(evaluator.evaluations, board.best_accuracy)
@@ -172,6 +170,15 @@ def exhaustive_search(space: SearchSpace, evaluator: SimEvaluator, board: Leader
     if batch:
         board.offer(space, batch, evaluator.accuracies(batch, objective, "exhaustive"))
         progress(evaluator.evaluations, board.best_accuracy)
+
+
+def _admitted(space: SearchSpace, objective: str):
+    """Every choice the budget admits, in an order that lets consecutive ones share their prefix."""
+    shape = (len(space.searched), 2)
+    for flat in itertools.product(range(len(space.bits)), repeat=2 * len(space.searched)):
+        choice = np.array(flat, dtype=np.int64).reshape(shape)
+        if space.budget.admits(space.bitops(choice), objective):
+            yield choice
 
 
 SEARCHES = {"rl": rl_search, "random": random_search, "greedy": greedy_search, "exhaustive": exhaustive_search}

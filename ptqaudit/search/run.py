@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import yaml
-from tqdm import tqdm
 
 from ..data import DataConfig, Dataset
 from ..errors import PtqauditError
@@ -18,6 +17,7 @@ from ..evaluate import check_model_fits_data, make_session, predict
 from ..onnx_graph import LoadedModel
 from ..policy import MAX_BITS, MIN_BITS, load_policy, policy_file_dict
 from ..predictions import accuracy
+from ..progress import Progress
 from ..quantize import quantize
 from ..runs import RunFolder, write_atomic, write_json
 from ..sim.engine import EngineAgreement, sim_predict
@@ -117,6 +117,9 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
     started = time.perf_counter()
     sim = SimModel(model).eval()
     search_set = (search_data if search_data is not None else dataset).subset(config.search_limit)
+    echo(f"model {config.model} | data {dataset.name}, {len(dataset)} images (search on {len(search_set)} of "
+         f"{search_set.name}) | batch size {config.batch_size} | budget {budget.effective_bits(model.total_macs):.2f} "
+         f"effective bits | {config.method}, seed {config.seed}")
     features = layer_features(space.searched, [sim.quant_layer(layer.name).weight.detach().numpy()
                                                for layer in space.searched])
     evaluator = SimEvaluator(sim, search_set, config.batch_size, space, folder.append_trace, memo)
@@ -124,10 +127,14 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
     for objective in objectives:
         board = Leaderboard(objective, config.verify_top)
         evaluator.start_count()
-        bar = tqdm(total=config.max_evaluations if config.method != "exhaustive" else None, unit="policy",
-                   desc=f"{config.method} search, {objective} case", disable=not progress or None, leave=False)
+        scope = ("every policy the budget admits" if config.method == "exhaustive"
+                 else f"up to {config.max_evaluations} policies")
+        echo(f"searching the {objective} case: {config.method}, {scope} scored by the simulator on {len(search_set)} images")
+        bar = Progress(config.max_evaluations, f"{config.method} search, {objective} case", "policy", progress)
 
-        def show(done: int, best: float | None) -> None:
+        def show(done: int, best: float | None, total: int | None = None) -> None:
+            if total is not None:  # a method that knows how many policies it will score (exhaustive)
+                bar.total = total
             bar.update(done - bar.n)
             if best is not None:
                 bar.set_postfix_str(f"{objective} sim accuracy {100 * best:.2f}%")
@@ -144,6 +151,7 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
         boards[objective] = (board, evaluator.evaluations)
     search_seconds = time.perf_counter() - started
 
+    echo(f"measuring fp32 on ORT ({len(dataset)} images)")
     fp32 = predict(make_session(model.proto), dataset, config.batch_size, "fp32 (ORT)", progress)
     fp32_accuracy = accuracy(fp32.labels, dataset.y)
     summary = {
@@ -157,6 +165,8 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
         "numbers": "accuracies are ONNX Runtime's on the whole evaluation set; sim_* are the simulator's",
     }
     for objective, (board, evaluations) in boards.items():
+        count = len(board.entries)
+        echo(f"verifying {count} {objective}-case candidate{'s' * (count != 1)} on ORT ({len(dataset)} images each)")
         verified = _verify(model, dataset, config, space, sim, board, objective, progress)
         chosen = verified[0]
         policy = space.policy(board.entries[chosen.digest].choice, f"{objective}-case")
@@ -169,6 +179,7 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
             "candidates": [asdict(v) for v in verified],
         }
         if config.dynamic:
+            echo(f"training the {objective}-case router on the simulator, then routing {len(dataset)} images on ORT")
             summary[objective]["dynamic"] = _dynamic(model, sim, search_set, dataset, config, space, board, verified,
                                                      objective, folder, fp32_accuracy, progress)
     if "worst" in boards and "best" in boards:

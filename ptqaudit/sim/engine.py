@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..data import Dataset
 from ..predictions import Predictions
+from ..progress import track
 from .model import SimModel
 
 SAMPLE_RANGE_CHUNK = 64  # inputs per simulator call with per-input ranges: tensors stay in cache (fastest measured)
@@ -31,8 +31,7 @@ def sim_predict_many(sim: SimModel, dataset: Dataset, policies: list, batch_size
     start = time.perf_counter()
     total = -(-len(dataset) // chunk)
     with torch.inference_mode():
-        for x, _ in tqdm(dataset.batches(chunk), total=total, desc=desc, unit="batch", leave=False,
-                         disable=not progress or None):
+        for x, _ in track(dataset.batches(chunk), desc, "batch", progress, total):
             for out, logits in zip(outputs, sim.forward_many(torch.from_numpy(x).to(sim.device), policies, ranges)):
                 out.append(logits.cpu().numpy())
     seconds = time.perf_counter() - start
