@@ -21,7 +21,8 @@ from .policy import LayerQuant, ResolvedPolicy, load_policy
 from .predictions import accuracy
 from .progress import Progress
 from .quantize import quantize
-from .runs import RunFolder, read_json, write_json
+from .runs import (ANALYSIS, DISTILL_SUMMARY, SEARCH_RUN_FILE, SEARCH_SUMMARY, RunFolder, check_fields, input_identity,
+                   read_checked, read_json, write_json)
 
 ANALYSIS_FILE = "analysis.json"
 CORRUPTIONS = ("brightness", "contrast", "gaussian_noise", "jpeg")
@@ -76,12 +77,14 @@ def load_run(run_dir: str | Path, model_path: str | None = None) -> SearchRun:
                             "or `ptqaudit distill`")
     summary = read_json(root / "summary.json")
     distill = None
-    if "mode" in summary and "audit" in summary:  # a distill run: report on its audit of the student
+    if isinstance(summary, dict) and "mode" in summary and "audit" in summary:  # a distill run: report on its audit
+        check_fields(summary, DISTILL_SUMMARY, root / "summary.json")
         distill, root = summary, root / summary["audit"]["run"]
         if model_path is None:
             model_path = str(Path(run_dir) / summary["student_file"])
         summary = read_json(root / "summary.json")
-    config = read_json(root / "run.json")["config"]
+    check_fields(summary, SEARCH_SUMMARY, root / "summary.json")
+    config = read_checked(root / "run.json", SEARCH_RUN_FILE)["config"]
     path = model_path or config["model"]
     if not Path(path).is_file():
         raise PtqauditError(f"model {path} named by {root / 'run.json'} not found (relative paths are read from the "
@@ -343,7 +346,8 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
     fp32 = meter.accuracy(None)
     relative_ranges = activation_ranges(run.model, dataset)
     result = {
-        "settings": dataclasses.asdict(settings), "dataset": dataset.name, "images": len(dataset),
+        "settings": dataclasses.asdict(settings), "inputs": input_identity(run.model.path, [dataset]),
+        "dataset": dataset.name, "images": len(dataset),
         "batch_size": run.batch_size, "fp32_accuracy": fp32, "worst_accuracy": meter.accuracy(worst),
         "base_policy": run.config.get("base_policy", "w8a8"),
         "layer_sensitivity": layer_sensitivity(meter, run, base, fp32),
@@ -362,10 +366,17 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
 
 
 def cached_analysis(run: SearchRun, settings: AnalysisSettings) -> dict | None:
-    """The stored analysis when it was made with these settings, else None."""
+    """The stored analysis when it was made with these settings on the same model and data (by content:
+    another --model file, or data that changed, are measured again), else None."""
     path = run.path / ANALYSIS_FILE
     if not path.is_file():
         return None
     stored = read_json(path)
     as_stored = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
-    return stored if stored.get("settings") == as_stored else None
+    if not isinstance(stored, dict) or stored.get("settings") != as_stored:
+        return None
+    inputs = input_identity(run.model.path, [load_dataset(dataclasses.replace(run.data, limit=settings.limit))])
+    if stored.get("inputs") != inputs:
+        return None
+    check_fields(stored, ANALYSIS, path, " (--recompute measures the analysis again)")
+    return stored

@@ -23,7 +23,7 @@ from .policy import MAX_BITS, MIN_BITS, ResolvedPolicy, load_policy, policy_file
 from .predictions import accuracy
 from .progress import track
 from .quantize import quantize
-from .runs import RunFolder, write_atomic, write_json
+from .runs import RunFolder, input_identity, write_atomic, write_json
 from .search.evaluator import Leaderboard, SimEvaluator
 from .search.methods import PolicyAgent, sensitivity
 from .search.run import SearchConfig, run_search
@@ -191,7 +191,13 @@ def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, tes
     folder = RunFolder(config.output)
     if (folder.path / "run.json").exists():
         raise PtqauditError(f"{folder.path} already holds a run; use another -o folder")
-    folder.start(config.to_dict(), resume=False)
+    with folder.start(config.to_dict(), False, input_identity(teacher.path, [test, train]), echo):
+        return _distill(config, teacher, train, test, folder, space, progress, echo)
+
+
+def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: Dataset, folder: RunFolder,
+             space: SearchSpace, progress: bool, echo) -> dict:
+    """Train, export and verify: run_distill's work, done while it holds the run folder."""
     started = time.perf_counter()
 
     train, probe = _split_probe(train, config.policy_limit, config.train_limit, config.seed)

@@ -1,18 +1,29 @@
 """Run folders: the command line, resolved config, versions and hardware next to the results, written
-atomically so an interrupted run leaves a consistent folder that --resume can continue."""
+atomically by one process at a time so an interrupted run leaves a consistent folder that --resume can
+continue; and the checks that a run folder read back holds what ptqaudit wrote."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import platform
 import sys
 import tempfile
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from .errors import PtqauditError
+
+LOCK_FILE = ".lock"
+TRACE_FILE = "trace.jsonl"
+# Settings that say where a thing is, not what it is: --resume compares the things themselves (the model's
+# and the data's content, in run.json's "inputs"), so ./m.onnx, m.onnx and /abs/m.onnx are the same run.
+LOCATORS = frozenset({"model", "output", "data.name", "data.root", "data.download"})
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -55,13 +66,12 @@ def write_json(path: Path, value) -> None:
 def read_json(path: Path):
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: invalid JSON or not UTF-8
         raise PtqauditError(f"cannot read {path}: {exc}") from exc
 
 
 def environment() -> dict:
     """Versions and hardware, so a result can be traced to what produced it."""
-    import numpy
     import onnx
     import onnxruntime
     import torch
@@ -70,58 +80,294 @@ def environment() -> dict:
 
     return {
         "ptqaudit": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "numpy": numpy.__version__,
+        "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
         "platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
+def input_identity(model_path: str | Path, datasets) -> dict:
+    """What a run was made from, by content: the model file's sha256 and one sha256 over the loaded
+    examples of each dataset (pixels after scaling and normalisation, and labels), whatever paths named them."""
+    model = hashlib.sha256()
+    try:
+        with open(model_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                model.update(block)
+    except OSError as exc:
+        raise PtqauditError(f"cannot read {model_path}: {exc.strerror or exc}") from exc
+    data = hashlib.sha256()
+    for dataset in datasets:
+        for array in (dataset.x, dataset.y):
+            data.update(f"{array.dtype.str}{array.shape};".encode())
+            data.update(np.ascontiguousarray(array))
+    return {"model_sha256": model.hexdigest(), "data_sha256": data.hexdigest()}
+
+
 class RunFolder:
-    """One run's folder: run.json (argv, config, environment), a JSONL trace appended as work
-    progresses, a checkpoint for --resume, and result files."""
+    """One run's folder: run.json (argv, config, inputs, environment), a JSONL trace appended as work
+    progresses, a checkpoint for --resume, and result files. A process writes it between `start` and
+    `close` (or the end of a `with` block) and holds RUN/.lock meanwhile, so a second process is refused."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock_fd: int | None = None
 
-    def start(self, config: dict, resume: bool) -> None:
+    def start(self, config: dict, resume: bool, inputs: dict, echo=print) -> RunFolder:
+        """Take the folder's lock, then begin a new run (run.json) or, with resume, check that the run
+        there has the same settings and inputs and repair a trace cut by a crash. Returns self."""
+        self._lock()
+        try:
+            as_stored = json.loads(json.dumps(config, default=_jsonable))  # tuples become lists, as in run.json
+            self._begin(as_stored, resume, inputs, echo)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _begin(self, config: dict, resume: bool, inputs: dict, echo) -> None:
         run_file = self.path / "run.json"
-        config = json.loads(json.dumps(config, default=_jsonable))  # as stored: tuples become lists
-        if resume:
-            if not run_file.is_file():
-                raise PtqauditError(f"--resume: {self.path} holds no run to resume (no run.json)")
-            previous = read_json(run_file)["config"]
-            changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k)
-                             and k not in ("resume",))
-            if changed:
-                raise PtqauditError(
-                    f"--resume: the settings differ from the run in {self.path}: {', '.join(changed)}; "
-                    "resume with the same settings or use a new -o folder"
-                )
+        if not resume:
+            if run_file.exists():
+                raise PtqauditError(f"{self.path} already holds a run; use --resume to continue it or another -o folder")
+            write_json(run_file, {
+                "argv": sys.argv, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "config": config, "inputs": inputs, "environment": environment(),
+            })
             return
-        if run_file.exists():
-            raise PtqauditError(f"{self.path} already holds a run; use --resume to continue it or another -o folder")
-        write_json(run_file, {
-            "argv": sys.argv, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": config, "environment": environment(),
-        })
+        if not run_file.is_file():
+            raise PtqauditError(f"--resume: {self.path} holds no run to resume (no run.json)")
+        previous = read_checked(run_file, RUN_FILE)
+        before, now = _flat(previous["config"]), _flat(config)
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in LOCATORS)
+        if changed:
+            raise PtqauditError(
+                f"--resume: the settings differ from the run in {self.path}: {', '.join(changed)}; "
+                "resume with the same settings or use a new -o folder"
+            )
+        for key, what in (("model_sha256", "the model file's content"), ("data_sha256", "the loaded data")):
+            if previous["inputs"][key] != inputs[key]:
+                raise PtqauditError(
+                    f"--resume: {what} differs from what the run in {self.path} was made with (sha256 "
+                    f"{inputs[key][:12]}… against {previous['inputs'][key][:12]}… in run.json); resume with the "
+                    "same model and data or use a new -o folder"
+                )
+        self._repair_trace(echo)
+
+    def _lock(self) -> None:
+        """Hold RUN/.lock (flock, not waiting): the system lets go when the process ends, however it ends,
+        so a crashed run leaves no stale lock."""
+        lock = self.path / LOCK_FILE
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            while self._lock_fd is None:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise PtqauditError(f"another ptqaudit process is writing the run folder {self.path} (it holds "
+                                        f"{lock}); wait for it to end or use another -o folder") from None
+                try:
+                    same_file = os.path.samestat(os.fstat(fd), os.stat(lock))
+                except FileNotFoundError:
+                    same_file = False
+                if same_file:
+                    self._lock_fd = fd
+                else:  # the previous holder removed the file as it let go: lock the one now at that path
+                    os.close(fd)
+        except OSError as exc:
+            raise PtqauditError(f"cannot lock the run folder {self.path}: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        """Let go of the lock; the lock file goes first, while still held, so nobody locks a file about to vanish."""
+        if self._lock_fd is not None:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def append_trace(self, records: list[dict]) -> None:
         """Append whole lines, flushed, so an interrupted run keeps every record it finished."""
-        with open(self.path / "trace.jsonl", "a") as f:
+        with open(self.path / TRACE_FILE, "a") as f:
             for record in records:
                 f.write(json.dumps(record, default=_jsonable) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
+    def _trace_bytes(self) -> tuple[bytes, int]:
+        """The trace file and the length of its whole lines: a last line without its newline was cut by a crash."""
+        path = self.path / TRACE_FILE
+        try:
+            data = path.read_bytes() if path.exists() else b""
+        except OSError as exc:
+            raise PtqauditError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        return data, data.rfind(b"\n") + 1
+
+    def _repair_trace(self, echo) -> None:
+        """Drop a last line cut by a crash before anything is appended to it (said once)."""
+        data, whole = self._trace_bytes()
+        if whole < len(data):
+            write_atomic(self.path / TRACE_FILE, data[:whole])
+            echo(f"{self.path / TRACE_FILE}: dropped its last line ({len(data) - whole} bytes), cut short when the "
+                 "run stopped mid-write; the whole lines before it are kept")
+
     def read_trace(self) -> list[dict]:
-        path = self.path / "trace.jsonl"
-        if not path.exists():
-            return []
+        """The search trace's records, each checked; a last line cut by a crash is left out."""
+        data, whole = self._trace_bytes()
         records = []
-        for line in path.read_text().splitlines():
+        for number, line in enumerate(data[:whole].splitlines(), 1):
+            where = f"{self.path / TRACE_FILE} line {number}"
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a crash mid-write: everything before it is whole
+                record = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise PtqauditError(f"{where}: not a JSON record ({exc}); the trace was changed since ptqaudit "
+                                    "wrote it") from None
+            check_fields(record, TRACE_RECORD, where)
+            records.append(record)
         return records
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as one level of dotted names (data.limit), so a difference is named precisely."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# --- what a run folder's files must hold: the fields ptqaudit reads back, checked once at load -------
+# A schema is a type (float admits int, neither admits bool), None (JSON null), a tuple of alternatives,
+# a dict of required fields ("name?" for an optional one), ListOf(item) or MapOf(value).
+
+@dataclass(frozen=True)
+class ListOf:
+    item: object
+    at_least: int = 0
+
+
+@dataclass(frozen=True)
+class MapOf:
+    value: object  # any field names, each holding this
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null",
+          dict: "an object", list: "a list"}
+
+
+def _describe(schema) -> str:
+    if isinstance(schema, tuple):
+        return " or ".join(_describe(s) for s in schema)
+    if schema is None or isinstance(schema, type):
+        return _KINDS[type(None) if schema is None else schema]
+    if isinstance(schema, ListOf):
+        return "a non-empty list" if schema.at_least else "a list"
+    return "an object"
+
+
+def _problem(value, schema, field: str) -> tuple[str, str] | None:
+    """(field, what is wrong) for the first field of `value` that `schema` does not admit, else None."""
+    kinds = [s for s in (schema if isinstance(schema, tuple) else (schema,)) if _matches_kind(value, s)]
+    if not kinds:
+        return field, f"is {_kind_of(value)}, expected {_describe(schema)}"
+    kind = kinds[0]
+    if isinstance(kind, ListOf):
+        if len(value) < kind.at_least:
+            return field, "is an empty list, expected at least one entry"
+        return next((p for i, item in enumerate(value) if (p := _problem(item, kind.item, f"{field}[{i}]"))), None)
+    if isinstance(kind, MapOf):
+        return next((p for key, item in value.items() if (p := _problem(item, kind.value, _join(field, key)))), None)
+    if isinstance(kind, dict):
+        for key, item_schema in kind.items():
+            name = key.removesuffix("?")
+            if name not in value:
+                if key.endswith("?"):
+                    continue
+                return _join(field, name), f"is missing (expected {_describe(item_schema)})"
+            if (p := _problem(value[name], item_schema, _join(field, name))) is not None:
+                return p
+    return None
+
+
+def _join(field: str, key: str) -> str:
+    key = key if len(key) <= 60 else key[:59] + "…"  # a field name from the file: never quote an unbounded one
+    return f"{field}.{key}" if field else key
+
+
+def _matches_kind(value, schema) -> bool:
+    """Whether value is of the JSON kind schema asks for (its contents are checked by _problem)."""
+    if schema is None:
+        return value is None
+    if isinstance(schema, ListOf):
+        return isinstance(value, list)
+    if isinstance(schema, (MapOf, dict)):
+        return isinstance(value, dict)
+    if isinstance(value, bool):
+        return schema is bool
+    return isinstance(value, (int, float)) if schema is float else isinstance(value, schema)
+
+
+def _kind_of(value) -> str:
+    return next((name for kind, name in _KINDS.items() if type(value) is kind), type(value).__name__)
+
+
+def check_fields(value, schema, where: str | Path, hint: str = "") -> None:
+    """Raise PtqauditError naming the file (`where`) and the first field that does not hold what ptqaudit
+    wrote there: a hand-edited or cut-short file is bad input, not a crash further on."""
+    problem = _problem(value, schema, "")
+    if problem is not None:
+        field, what = problem
+        subject = f"field {field}" if field else "the file"
+        raise PtqauditError(f"{where}: {subject} {what}; the file was changed since ptqaudit wrote it{hint}")
+
+
+def read_checked(path: Path, schema, hint: str = ""):
+    """read_json, then check_fields."""
+    value = read_json(path)
+    check_fields(value, schema, path, hint)
+    return value
+
+
+NAMES = MapOf(str)  # layer name -> setting label
+DATA_SETTINGS = {"name": str, "root": (str, None), "split": str, "limit": (int, None), "mean": (ListOf(float), None),
+                 "std": (ListOf(float), None), "download": bool}
+RUN_FILE = {"config": {}, "inputs": {"model_sha256": str, "data_sha256": str}}  # what --resume compares
+SEARCH_RUN_FILE = {"config": {"model": str, "data": DATA_SETTINGS, "batch_size": int, "bits": ListOf(int, 1),
+                              "base_policy?": str}}
+TRACE_RECORD = {"step": int, "objective": str, "method": str, "digest": str, "sim_accuracy": float, "bitops": int,
+                "effective_bits": float, "policy": NAMES}
+_CASE = {"ort_accuracy": float, "policy_file": str, "policy": NAMES,
+         "candidates": ListOf({"sim_top1_agreement_with_ort": float, "layers": NAMES}, 1)}
+SEARCH_SUMMARY = {"dataset": str, "images": int, "batch_size": int, "budget": {"effective_bits": float},
+                  "bits": ListOf(int), "method": str, "fp32_accuracy": float, "worst?": _CASE, "best?": _CASE,
+                  "spread_points?": float}
+DISTILL_SUMMARY = {"mode": str, "teacher": str, "student_file": str, "audit": {"run": str},
+                   **{f"{name}_accuracy": float for name in ("teacher_fp32", "teacher_policy", "student_fp32",
+                                                             "student_policy", "student_w8a8")},
+                   "policy_drop_points": float, "policy_effective_bits": float}
+_ACCURACIES = {"fp32_accuracy": float, "worst_accuracy": float, "drop_points": float}
+_CURVE = ListOf({"budget_effective_bits": float, "policy_effective_bits": float, "ort_accuracy": float})
+ANALYSIS = {
+    "settings": {}, "dataset": str, "images": int, "batch_size": int, "fp32_accuracy": float,
+    "layer_sensitivity": ListOf({"layer": str, "bits": int, "drop_points": float}),
+    "low_bit_frequency": {"layers": MapOf(float)},
+    "budget_curves": {"worst": _CURVE, "best": _CURVE},
+    "per_input": {"flipped": int, "flipped_fraction": float, "mean_range_score_flipped": (float, None),
+                  "mean_range_score_kept": (float, None),
+                  "per_class": ListOf({"class": str, "images": int, **_ACCURACIES}),
+                  "flipped_inputs": ListOf({"index": int, "class": str, "fp32_label": str, "worst_label": str,
+                                            "range_score": float})},
+    "batch_sizes": ListOf({"batch_size": int, "worst_accuracy": float}),
+    "batch_composition": {"batch_size": int, "outlier_index": int, "outlier_class": str, "outlier_range_score": float,
+                          "alone_accuracy": float, "ordinary_batches_accuracy": float, "with_outlier_accuracy": float},
+    "corruptions": {"rows?": ListOf({"corruption": str, "severity": int, **_ACCURACIES})},
+}

@@ -19,7 +19,7 @@ from ..policy import MAX_BITS, MIN_BITS, load_policy, policy_file_dict
 from ..predictions import accuracy
 from ..progress import Progress
 from ..quantize import quantize
-from ..runs import RunFolder, write_atomic, write_json
+from ..runs import RunFolder, input_identity, write_atomic, write_json
 from ..sim.engine import EngineAgreement, sim_predict
 from ..sim.model import SimModel
 from .dynamic import dynamic_policy
@@ -109,7 +109,15 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
         space.check_budget(objective)
 
     folder = RunFolder(config.output)
-    folder.start(config.to_dict(), resume)
+    inputs = input_identity(model.path, [d for d in (dataset, search_data) if d is not None])
+    with folder.start(config.to_dict(), resume, inputs, echo):
+        return _search(config, model, dataset, search_data, folder, space, budget, objectives, resume, progress, echo)
+
+
+def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_data: Dataset | None,
+            folder: RunFolder, space: SearchSpace, budget: Budget, objectives: tuple[str, ...], resume: bool,
+            progress: bool, echo) -> dict:
+    """Search, verify and write the results: run_search's work, done while it holds the run folder."""
     memo = {r["digest"]: r["sim_accuracy"] for r in folder.read_trace()} if resume else {}
     if memo:
         echo(f"resuming {config.output}: {len(memo)} evaluations already in its trace are replayed, not recomputed")
