@@ -91,7 +91,9 @@ def load_run(run_dir: str | Path, model_path: str | None = None) -> SearchRun:
                             "current folder): pass --model PATH")
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
     data = DataConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config["data"].items() if k in data_fields})
-    return SearchRun(root, config, summary, load_model(path), data, distill)
+    # a model that leaves input dims symbolic takes them from one example of the run's data
+    model = load_model(path, lambda: load_dataset(dataclasses.replace(data, limit=1)).x.shape[1:])
+    return SearchRun(root, config, summary, model, data, distill)
 
 
 class _Meter:

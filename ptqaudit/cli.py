@@ -96,6 +96,20 @@ def data_options(f):
     return f
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def input_shape_option(f):
+    """--input-shape, for commands that describe a model without data to take the shape from."""
+    return click.option("--input-shape", callback=_comma_list(_positive_int, "3,32,32"), default=None,
+                        help="One input's shape without the batch, e.g. 3,32,32: fills the dims the model's input "
+                             "leaves symbolic (such as H and W), on which layer shapes and MACs depend.")(f)
+
+
 def gate_options(f):
     """The release gate on the worst case, shared by search and report."""
     f = click.option("--min-accuracy", type=click.FloatRange(min=0, max=100), default=None,
@@ -137,9 +151,10 @@ def _print_json(value) -> None:
 
 @cli.command()
 @model_argument
+@input_shape_option
 @json_option
 @debug_option
-def layers(model, as_json):
+def layers(model, input_shape, as_json):
     """List the quantizable layers of MODEL (Conv, MatMul, Gemm with constant weights) with shapes,
     MACs per input and parameter counts. Policies name layers by these ONNX node names.
 
@@ -148,7 +163,7 @@ def layers(model, as_json):
     \b
       ptqaudit layers sample_models/digits_cnn.onnx
     """
-    loaded = load_model(model)
+    loaded = load_model(model, input_shape)
     if as_json:
         _print_json({"model": model, "total_macs": loaded.total_macs, "layers": [
             {"index": l.index, "name": l.name, "op_type": l.op_type, "weight_shape": list(l.weight_shape),
@@ -163,9 +178,10 @@ def layers(model, as_json):
 @cli.command()
 @click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="Also show each policy's cost (effective bits) on this model.")
+@input_shape_option
 @json_option
 @debug_option
-def policies(model_path, as_json):
+def policies(model_path, input_shape, as_json):
     """List the built-in policies. A policy file of your own (YAML or JSON) has the same form:
 
     \b
@@ -182,7 +198,7 @@ def policies(model_path, as_json):
     \b
       ptqaudit policies --model sample_models/digits_cnn.onnx
     """
-    loaded = load_model(model_path) if model_path else None
+    loaded = load_model(model_path, input_shape) if model_path else None
     entries = []
     for name in builtin_policy_names():
         policy = load_policy(name)
@@ -204,9 +220,10 @@ def policies(model_path, as_json):
 @click.option("--policy", "-p", required=True, help="A built-in policy name (see `ptqaudit policies`) or a policy file.")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write the quantized ONNX model.")
 @force_option
+@input_shape_option
 @json_option
 @debug_option
-def quantize_command(model, policy, output, force, as_json):
+def quantize_command(model, policy, output, force, input_shape, as_json):
     """Write the dynamically quantized MODEL that ONNX Runtime runs for a policy: onnxruntime's own
     quantize_dynamic where it can express the policy, otherwise the same integer graph (ConvInteger /
     MatMulInteger, activations quantized per input from their measured range) at the policy's bits.
@@ -218,7 +235,7 @@ def quantize_command(model, policy, output, force, as_json):
       ptqaudit quantize sample_models/digits_cnn.onnx --policy w4a8 -o digits_w4a8.onnx
     """
     _refuse_overwriting_inputs(output, [model, policy], force)
-    loaded = load_model(model)
+    loaded = load_model(model, input_shape)
     chosen = load_policy(policy)
     resolved = chosen.resolve(loaded.layers)
     quantized = quantize(loaded, resolved)
@@ -295,9 +312,9 @@ def eval_command(model, data, data_root, download, split, limit, mean, std, poli
     \b
       ptqaudit eval sample_models/cifar10_cnn.onnx --data cifar10 --data-root DIR -b 250 -p w8a8 -p w4a8
     """
-    loaded = load_model(model)
     chosen = [load_policy(spec) for spec in (policy_specs or builtin_policy_names())]
     dataset = load_dataset(DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download))
+    loaded = load_model(model, dataset.x.shape[1:])  # the data gives the dims a model may leave symbolic
     width = max(len(p.name) for p in chosen + [load_policy("w8a8")])
     columns = EVAL_COLUMNS + (SIM_COLUMNS if engine == "both" else [])
     printed = 0
@@ -382,9 +399,9 @@ def search_command(model, data, data_root, download, split, limit, mean, std, bi
         if resume:
             raise PtqauditError("--resume needs --output, the run folder to continue")
         output = f"runs/search-{Path(model).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    loaded = load_model(model)
     data_config = DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download)
     dataset = load_dataset(data_config)
+    loaded = load_model(model, dataset.x.shape[1:])  # the data gives the dims a model may leave symbolic
     search_data = None
     if search_split is not None and search_split != split:
         # only the examples the search scores are kept: a limit on the evaluation data does not apply
@@ -559,7 +576,6 @@ def distill_command(teacher, data, data_root, download, split, limit, mean, std,
     """
     if output is None:
         output = f"runs/distill-{mode}-{Path(teacher).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    loaded = load_model(teacher)
     data_config = DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download)
     config = DistillConfig(teacher=teacher, data=data_config, output=output, mode=mode, bits=bits,
                            budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
@@ -569,6 +585,7 @@ def distill_command(teacher, data, data_root, download, split, limit, mean, std,
     config.validate()
     test = load_dataset(data_config)
     train = load_dataset(dataclasses.replace(data_config, split="train", limit=None))
+    loaded = load_model(teacher, test.x.shape[1:])  # the data gives the dims a model may leave symbolic
     echo = functools.partial(progress.write, err=as_json)
     summary = run_distill(config, loaded, train, test, progress=not no_progress, echo=echo)
     if as_json:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import math
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import tempfile
@@ -41,8 +43,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Pillow modes that hold one grey channel; a folder made only of these loads with C=1.
 GRAYSCALE_MODES = ("1", "L", "LA")
 
-# Examples converted to float32 at a time: keeps temporaries small on CIFAR's 50,000 images.
+# Examples converted to float32 (or checked) at a time: keeps temporaries small on CIFAR's 50,000 images.
 _CONVERT_CHUNK = 4096
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Without a `classes` array, labels 0..max name the classes; a larger label is a damaged file
+# (and naming 10^12 classes would exhaust memory).
+MAX_UNNAMED_CLASSES = 100_000
 _DOWNLOAD_TIMEOUT_S = 60
 # Python >= 3.11.4 can also sanitise tar members itself (and 3.14 warns without a filter).
 _TAR_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
@@ -114,11 +120,26 @@ def load_dataset(config: DataConfig) -> Dataset:
         keep = _balanced_subset(raw.labels, config.limit)
         raw.pixels, raw.labels = raw.pixels[keep], raw.labels[keep]
 
-    x = _to_unit_float32(raw.pixels, raw.scale)
+    # Overflow is not warned about but checked right after, with a line saying what to do.
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = _to_unit_float32(raw.pixels, raw.scale)
+    if raw.scale is None and not _all_finite(x):
+        raise PtqauditError(
+            f"dataset {raw.name} holds NaN, infinite or out-of-range values: as float32, the model's input type "
+            f"(largest {FLOAT32_MAX:.3g}), they are not finite numbers"
+        )
     if normalisation is not None:
         mean, std = normalisation
-        x -= mean  # in place: float32 throughout, no float64 temporaries
-        x /= std
+        with np.errstate(over="ignore", invalid="ignore"):
+            x -= mean  # in place: float32 throughout, no float64 temporaries
+            x /= std
+        if not _all_finite(x):
+            given = " ".join(f"--{option} {','.join(f'{v:g}' for v in values)}"
+                             for option, values in (("mean", config.mean), ("std", config.std)) if values is not None)
+            raise PtqauditError(
+                f"dataset {raw.name} is not finite in float32 after {given}: a --std near 0 or a huge --mean "
+                f"overflows float32 (largest {FLOAT32_MAX:.3g}); give the data's real per-channel statistics"
+            )
     return Dataset(name=raw.name, x=x, y=raw.labels, classes=raw.classes)
 
 
@@ -131,12 +152,12 @@ def check_input_shape(dataset: Dataset, model_input_shape: Sequence[int | str | 
     expected = list(model_input_shape)
     actual = dataset.x.shape
     fits = len(expected) == len(actual) and all(
-        _is_free_dim(want) or want == have for want, have in zip(expected[1:], actual[1:])
+        is_free_dim(want) or want == have for want, have in zip(expected[1:], actual[1:])
     )
     if not fits:
         raise PtqauditError(
-            f"model expects input {_format_shape(expected)} "
-            f"but dataset {dataset.name} gives {_format_shape(['N', *actual[1:]])}"
+            f"model expects input {format_shape(expected)} "
+            f"but dataset {dataset.name} gives {format_shape(['N', *actual[1:]])}"
         )
 
 
@@ -211,7 +232,8 @@ def _normalisation(
     mean_values = _channel_values(mean, "mean", channels, name, default=0.0)
     std_values = _channel_values(std, "std", channels, name, default=1.0)
     if (std_values <= 0).any():
-        raise PtqauditError(f"--std values must be > 0, got {list(std)}")
+        smallest = np.finfo(np.float32).smallest_subnormal
+        raise PtqauditError(f"--std values must be > 0 (at least {smallest:.2g} in float32), got {list(std)}")
     return mean_values.reshape(1, channels, 1, 1), std_values.reshape(1, channels, 1, 1)
 
 
@@ -226,9 +248,13 @@ def _channel_values(
             f"--{option} has {len(array)} values but dataset {name} has {channels} channel(s): "
             f"give {channels} values, or 1 for all channels"
         )
-    if not np.isfinite(array).all():
-        raise PtqauditError(f"--{option} values must be finite numbers, got {list(values)}")
-    return np.broadcast_to(array, (channels,)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        as_float32 = array.astype(np.float32)
+    if not np.isfinite(as_float32).all():
+        raise PtqauditError(
+            f"--{option} values must be finite float32 numbers (magnitude up to {FLOAT32_MAX:.3g}), got {list(values)}"
+        )
+    return np.broadcast_to(as_float32, (channels,)).copy()
 
 
 def _to_unit_float32(pixels: np.ndarray, scale: float | None) -> np.ndarray:
@@ -243,13 +269,22 @@ def _to_unit_float32(pixels: np.ndarray, scale: float | None) -> np.ndarray:
     return out
 
 
-def _is_free_dim(dim: int | str | None) -> bool:
+def _all_finite(x: np.ndarray) -> bool:
+    """np.isfinite(x).all(), a chunk of examples at a time (no full-size temporary)."""
+    return all(np.isfinite(x[start : start + _CONVERT_CHUNK]).all() for start in range(0, len(x), _CONVERT_CHUNK))
+
+
+def is_free_dim(dim: int | str | None) -> bool:
     # ONNX leaves unknown dimensions as names or None; some exporters write 0 or -1.
     return not isinstance(dim, (int, np.integer)) or dim <= 0
 
 
-def _format_shape(shape: Sequence[int | str | None]) -> str:
-    return "[" + ", ".join("?" if dim is None else str(dim) for dim in shape) + "]"
+def format_shape(shape: Sequence[int | str | None]) -> str:
+    return "[" + ", ".join(format_dim(dim) for dim in shape) + "]"
+
+
+def format_dim(dim: int | str | None) -> str:
+    return "?" if dim is None else str(dim)
 
 
 # --- digits ---------------------------------------------------------------------------
@@ -312,32 +347,43 @@ def _locate_cifar10(root: str | None, download: bool) -> Path:
 
 
 def _load_cifar10(folder: Path, split: str) -> _RawData:
-    meta = _read_cifar10_pickle(folder, "batches.meta", split)
-    if "label_names" not in meta:
-        raise PtqauditError(f"{folder / 'batches.meta'} has no 'label_names' entry")
+    meta_path = folder / "batches.meta"
+    names = _read_cifar10_pickle(folder, "batches.meta", split).get("label_names")
+    if not (isinstance(names, list) and names and all(isinstance(name, str) for name in names)):
+        raise PtqauditError(f"{meta_path} is not CIFAR-10 metadata: expected 'label_names', a list of class names")
     pixel_batches, label_batches = [], []
     for file_name in CIFAR10_SPLIT_FILES[split]:
+        path = folder / file_name
         batch = _read_cifar10_pickle(folder, file_name, split)
-        data = np.asarray(batch.get("data"))
-        labels = np.asarray(batch.get("labels"))
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        data, labels = batch.get("data"), _cifar10_labels(batch.get("labels"), path)
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                and data.shape[1] == 3 * 32 * 32 and len(labels) == len(data)):
+            found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
             raise PtqauditError(
-                f"{folder / file_name} is not a CIFAR-10 batch: expected 'data' uint8 (N, 3072) "
-                f"and N 'labels', got data {data.dtype} {data.shape} and {len(labels)} labels"
+                f"{path} is not a CIFAR-10 batch: expected 'data' uint8 (N, 3072) "
+                f"and N 'labels', got data {found} and {len(labels)} labels"
             )
         pixel_batches.append(data.reshape(-1, 3, 32, 32))  # rows are channel-major: R, G, B planes
-        label_batches.append(labels.astype(np.int64))
+        label_batches.append(labels)
     pixels = np.concatenate(pixel_batches)
-    return _RawData(
-        f"cifar10/{split}",
-        pixels,
-        np.concatenate(label_batches),
-        [str(name) for name in meta["label_names"]],
-        scale=255.0,
-    )
+    return _RawData(f"cifar10/{split}", pixels, np.concatenate(label_batches), names, scale=255.0)
+
+
+def _cifar10_labels(labels: object, path: Path) -> np.ndarray:
+    """A batch's 'labels' (a list of ints, or a 1-D integer array) as int64."""
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        return labels.astype(np.int64)
+    # bool is an int subclass but never a label; type() also keeps out int subclasses
+    if isinstance(labels, list) and all(type(label) is int for label in labels):
+        try:
+            return np.array(labels, dtype=np.int64)
+        except OverflowError:
+            pass
+    raise PtqauditError(f"{path} is not a CIFAR-10 batch: expected 'labels', a list of class indices 0..9")
 
 
 def _read_cifar10_pickle(folder: Path, file_name: str, split: str) -> dict:
+    """One CIFAR-10 file (a pickled dict) read by `_CifarUnpickler`, its NumPy arrays rebuilt."""
     path = folder / file_name
     if not path.is_file():
         needed = ", ".join(("batches.meta", *CIFAR10_SPLIT_FILES[split]))
@@ -345,12 +391,193 @@ def _read_cifar10_pickle(folder: Path, file_name: str, split: str) -> dict:
     try:
         with open(path, "rb") as file:
             # The official batches are Python 2 pickles; latin1 keeps their byte strings intact.
-            content = pickle.load(file, encoding="latin1")
+            content = _CifarUnpickler(file, encoding="latin1").load()
+        if isinstance(content, dict):
+            content = {key: value.to_array() if isinstance(value, _PickledArray) else value
+                       for key, value in content.items()}
+    except _RefusedPickle as error:
+        raise PtqauditError(
+            f"refusing CIFAR-10 file {path}: {error}; only dicts, lists, strings, numbers and NumPy arrays are read "
+            "(the file may have been made to run code when unpickled)"
+        ) from error
     except Exception as error:  # a damaged pickle can raise almost any exception type
-        raise PtqauditError(f"cannot read CIFAR-10 file {path}: {error}") from error
+        raise PtqauditError(f"cannot read CIFAR-10 file {path}: {str(error) or type(error).__name__}") from error
     if not isinstance(content, dict):
         raise PtqauditError(f"{path} is not a CIFAR-10 file: expected a pickled dict")
     return content
+
+
+class _RefusedPickle(pickle.UnpicklingError):
+    """Something a CIFAR-10 file never holds; the unpickler stops before using it."""
+
+
+class _PickledDtype:
+    """numpy.dtype(spec, align, copy) and its state as a pickle holds them, kept as plain data
+    until `to_dtype` checks them: NumPy itself never sees a hostile state."""
+
+    __slots__ = ("spec", "byteorder")
+
+    def __init__(self, spec: object, align: object = False, copy: object = True):
+        self.spec, self.byteorder = spec, "="
+
+    def set_state(self, state: object) -> None:
+        # (version, byteorder, subarray, names, fields, ...): a plain number type has no subarray or fields
+        if not (isinstance(state, tuple) and len(state) >= 5 and state[2:5] == (None, None, None)):
+            raise _RefusedPickle("it holds a NumPy dtype that is not a plain number type")
+        self.byteorder = state[1]
+
+    def to_dtype(self) -> np.dtype:
+        spec = self.spec.decode("latin1") if isinstance(self.spec, bytes) else self.spec
+        plain = isinstance(spec, str) and re.fullmatch(r"[biuf][0-9]{1,2}", spec)  # bool, ints, floats
+        if not (plain and self.byteorder in ("<", ">", "=", "|")):
+            raise _RefusedPickle(f"it holds a NumPy dtype {_brief(spec)}, not a plain number type")
+        return np.dtype(spec).newbyteorder(self.byteorder)
+
+
+class _PickledArray:
+    """A pickled ndarray kept as plain data: numpy's _reconstruct(ndarray, (0,), b'b') followed by
+    the state (version, shape, dtype, Fortran order, raw bytes), or (protocol 5) _frombuffer(raw,
+    dtype, shape, order). `to_array` views the raw bytes, so memory is bounded by the file's size."""
+
+    __slots__ = ("shape", "dtype", "fortran", "raw")
+
+    def __init__(self):
+        self.shape = self.dtype = self.fortran = self.raw = None
+
+    def set_state(self, state: object) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
+            raise _RefusedPickle("it holds a NumPy array state of an unknown form")
+        _, self.shape, self.dtype, self.fortran, self.raw = state
+
+    def to_array(self) -> np.ndarray:
+        if not isinstance(self.dtype, _PickledDtype):
+            raise _RefusedPickle("it holds a NumPy array without a dtype")
+        dtype = self.dtype.to_dtype()
+        raw = self.raw.encode("latin1") if isinstance(self.raw, str) else self.raw  # Python 2 str
+        shape = self.shape
+        if not (isinstance(raw, (bytes, bytearray)) and isinstance(shape, tuple)
+                and all(type(size) is int and size >= 0 for size in shape)):
+            raise _RefusedPickle("it holds a NumPy array state of an unknown form")
+        if math.prod(shape) * dtype.itemsize != len(raw):
+            raise _RefusedPickle(f"it holds a NumPy array of shape {shape} with {len(raw):,} bytes of data")
+        return np.frombuffer(raw, dtype).reshape(shape, order="F" if self.fortran else "C")
+
+
+def _reconstruct_array(subtype: object, shape: object, typecode: object) -> _PickledArray:
+    """numpy's _reconstruct: an empty array whose state (shape, data) the pickle's BUILD gives."""
+    if subtype is not _NDARRAY:
+        raise _RefusedPickle("it rebuilds a NumPy array of a subclass")
+    return _PickledArray()
+
+
+def _array_from_buffer(raw: object, dtype: object, shape: object, order: object) -> _PickledArray:
+    """numpy's _frombuffer, which protocol-5 pickles call with the array's bytes."""
+    array = _PickledArray()
+    array.set_state((1, shape, dtype, order == "F", raw))
+    return array
+
+
+def _latin1_encode(text: object, encoding: object) -> bytes:
+    """codecs.encode as Python 3 writes bytes into protocol-2 pickles: always latin1."""
+    if not (isinstance(text, str) and encoding in ("latin1", "latin-1")):
+        raise _RefusedPickle(f"it calls _codecs.encode with encoding {_brief(encoding)}")
+    return text.encode("latin1")
+
+
+_NDARRAY = object()  # numpy.ndarray as a pickle names it: only ever an argument of _reconstruct
+# The globals a CIFAR-10 file names (NumPy 1 and 2 spell its modules differently).
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _PickledDtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_array,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_array,
+    ("numpy.core.numeric", "_frombuffer"): _array_from_buffer,
+    ("numpy._core.numeric", "_frombuffer"): _array_from_buffer,
+    ("_codecs", "encode"): _latin1_encode,
+}
+# What a memo reference may not repeat: a real batch never shares these, and sharing is how a few
+# hundred bytes unfold into billions of elements (nested tuples hashed as dict keys, lists printed).
+_UNSHAREABLE = (list, dict, tuple, _PickledArray)
+# Dict keys are hashed as they are read; a tuple nested a million deep would crash the hash.
+_KEY_TYPES = (str, bytes, int)
+
+
+def _brief(value: object) -> str:
+    """A short text for a value read from a file, to quote in a message."""
+    return repr(value)[:60] if isinstance(value, (str, bytes)) else f"a {type(value).__name__}"
+
+
+def _refused(opcode: bytes, what: str):
+    """An opcode a CIFAR-10 batch never holds."""
+
+    def load(unpickler: pickle._Unpickler) -> None:
+        raise _RefusedPickle(f"it uses {what} (pickle opcode {opcode!r}), which a CIFAR-10 batch never holds")
+
+    return load
+
+
+def _unshared(load_memo_reference):
+    """A memo-reference opcode (GET, BINGET, LONG_BINGET) that refuses to repeat a container."""
+
+    def load(unpickler: pickle._Unpickler) -> None:
+        load_memo_reference(unpickler)
+        if isinstance(unpickler.stack[-1], _UNSHAREABLE):
+            raise _RefusedPickle(f"it refers twice to one {type(unpickler.stack[-1]).__name__}")
+
+    return load
+
+
+def _plain_keys(load_dict_items, keys_on_stack):
+    """SETITEM or SETITEMS, refusing a dict key that is not a string or a number before hashing it."""
+
+    def load(unpickler: pickle._Unpickler) -> None:
+        for key in keys_on_stack(unpickler.stack):
+            if not isinstance(key, _KEY_TYPES):
+                raise _RefusedPickle(f"it holds a dict whose key is {_brief(key)}")
+        load_dict_items(unpickler)
+
+    return load
+
+
+class _CifarUnpickler(pickle._Unpickler):
+    """An unpickler for CIFAR-10 files that runs no code and allocates no more than the file holds.
+
+    Only the globals in _CIFAR_PICKLE_GLOBALS resolve, each to a stand-in that records data; BUILD
+    fills in only those stand-ins; a memo reference never repeats a container; dict keys are strings
+    or numbers; DUP, sets and copyreg extension codes (never written for a batch) are refused. It is
+    the pure-Python unpickler because only its opcode table can be narrowed like this.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return _CIFAR_PICKLE_GLOBALS[module, name]
+        except KeyError:
+            raise _RefusedPickle(f"it asks for the global {module[:100]}.{name[:100]}") from None
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if not isinstance(target, (_PickledArray, _PickledDtype)):
+            raise _RefusedPickle(f"it sets the state of a {type(target).__name__}")
+        target.set_state(state)
+
+
+def _cifar_opcode_table() -> dict:
+    """The pure-Python unpickler's opcode table, narrowed to what a CIFAR-10 batch needs."""
+    table = dict(pickle._Unpickler.dispatch)
+    table[pickle.BUILD[0]] = _CifarUnpickler.load_build
+    table[pickle.SETITEM[0]] = _plain_keys(table[pickle.SETITEM[0]], lambda stack: stack[-2:-1])
+    table[pickle.SETITEMS[0]] = _plain_keys(table[pickle.SETITEMS[0]], lambda stack: stack[0::2])  # after a MARK
+    for opcode in (pickle.GET, pickle.BINGET, pickle.LONG_BINGET):
+        table[opcode[0]] = _unshared(table[opcode[0]])
+    for opcode, what in ((pickle.DUP, "a duplicated object"), (pickle.EMPTY_SET, "a set"), (pickle.FROZENSET, "a set"),
+                         (pickle.EXT1, "an extension code"), (pickle.EXT2, "an extension code"),
+                         (pickle.EXT4, "an extension code")):
+        table[opcode[0]] = _refused(opcode, what)
+    return table
+
+
+_CifarUnpickler.dispatch = _cifar_opcode_table()
 
 
 def _download_cifar10(base: Path) -> Path:
@@ -537,9 +764,11 @@ def _load_npz(path: Path, split: str) -> _RawData:
                     f"{path} has arrays {sorted(keys)}: expected x and y, "
                     f"or {split_keys[0]} and {split_keys[1]} for the {split} split"
                 )
+            _check_npz_sizes(archive, x_key, y_key, path)
             x, y = archive[x_key], archive[y_key]
             classes = archive["classes"] if "classes" in keys else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as error:
+        # NotImplementedError: a zip member compressed by a method zipfile lacks
         raise PtqauditError(f"cannot read {path}: {error}") from error
 
     label = f"{path.name}/{split}" if x_key == split_keys[0] else path.name
@@ -552,12 +781,57 @@ def _load_npz(path: Path, split: str) -> _RawData:
     if x.dtype == np.uint8:
         scale = 255.0
     elif np.issubdtype(x.dtype, np.floating):
-        if not np.isfinite(x).all():
-            raise PtqauditError(f"{path}: {x_key} contains NaN or infinite values")
-        scale = None
+        scale = None  # load_dataset checks that they are finite as float32
     else:
         raise PtqauditError(f"{path}: {x_key} has dtype {x.dtype}: expected uint8 (0..255) or float")
-    return _RawData(label, x, y, _npz_classes(classes, y, path), scale)
+    return _RawData(label, x, y, _npz_classes(classes, y, y_key, path), scale)
+
+
+def _check_npz_sizes(archive: np.lib.npyio.NpzFile, x_key: str, y_key: str, path: Path) -> None:
+    """Check what the arrays' headers declare against the archive and this machine's memory, before
+    NumPy allocates them: a header of a few bytes can claim 10^11 examples."""
+    members = [x_key, y_key] + (["classes"] if "classes" in archive.files else [])
+    declared = {key: _npz_declared(archive, key, path) for key in members}
+    x_shape, x_dtype = declared[x_key]
+    # the arrays as stored, plus the float32 pixels and int64 labels load_dataset makes of them
+    needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in declared.values())
+    needed += math.prod(x_shape) * 4 + math.prod(declared[y_key][0]) * 8
+    memory = _physical_memory()
+    if memory is not None and needed > memory:
+        raise PtqauditError(
+            f"{path}: {x_key} is {x_dtype} of shape {x_shape}; loading it needs about {needed / 2**30:,.1f} GiB "
+            f"of memory, more than this machine's {memory / 2**30:,.1f} GiB"
+        )
+
+
+def _npz_declared(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype in a member's .npy header, refused when its data would not fit in the member."""
+    try:
+        info = archive.zip.getinfo(f"{key}.npy")
+    except KeyError:
+        raise PtqauditError(f"{path}: {key} is not a .npy array") from None
+    with archive.zip.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        # version 3.0 differs from 2.0 only in the header's text encoding (UTF-8)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(member)
+    if dtype.hasobject:
+        raise PtqauditError(f"{path}: {key} holds Python objects (dtype {dtype}): expected an array of numbers")
+    data_bytes = math.prod(shape) * dtype.itemsize
+    if data_bytes > info.file_size:
+        raise PtqauditError(
+            f"{path}: {key} declares shape {shape} of {dtype} ({data_bytes:,} bytes) "
+            f"but its archive member holds only {info.file_size:,} bytes"
+        )
+    return shape, dtype
+
+
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes; None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _npz_pixels_nchw(x: np.ndarray, key: str, path: Path) -> np.ndarray:
@@ -583,9 +857,15 @@ def _npz_labels(y: np.ndarray, key: str, path: Path) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _npz_classes(classes: np.ndarray | None, y: np.ndarray, path: Path) -> list[str]:
+def _npz_classes(classes: np.ndarray | None, y: np.ndarray, y_key: str, path: Path) -> list[str]:
     if classes is None:
-        return [str(index) for index in range(int(y.max()) + 1)]
+        high = int(y.max())
+        if high >= MAX_UNNAMED_CLASSES:
+            raise PtqauditError(
+                f"{path}: {y_key} has labels up to {high:,}, so {high + 1:,} classes; without a classes array at most "
+                f"{MAX_UNNAMED_CLASSES:,} are accepted: add a classes array naming each class"
+            )
+        return [str(index) for index in range(high + 1)]
     if classes.ndim != 1 or classes.dtype.kind not in "US":
         raise PtqauditError(f"{path}: classes has shape {classes.shape} and dtype {classes.dtype}: expected strings")
     return [name.decode() if isinstance(name, bytes) else str(name) for name in classes.tolist()]

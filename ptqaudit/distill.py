@@ -272,7 +272,7 @@ def _verify(config, teacher, sim, policy, test, out: Path, train, history, train
     write_atomic(out / "policy.yaml", yaml.safe_dump(policy_file_dict(policy, (
         f"{config.mode} policy distilled with {teacher.path.name} within {config.budget_avg_bits} effective bits "
         f"(bits {','.join(map(str, config.bits))})")), sort_keys=False))
-    student = load_model(student_path)
+    student = load_model(student_path, test.x.shape[1:])
     w8a8 = load_policy("w8a8").resolve(student.layers)
 
     def ort(model: LoadedModel, resolved: ResolvedPolicy | None, label: str):

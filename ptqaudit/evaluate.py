@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from .data import Dataset, check_input_shape
 from .errors import PtqauditError
-from .onnx_graph import LoadedModel
+from .onnx_graph import LoadedModel, ort_errors, ort_failure
 from .policy import Policy, ResolvedPolicy
 from .predictions import Predictions, accuracy
 from .progress import track
@@ -31,23 +31,30 @@ def make_session(proto: onnx.ModelProto, device: str = "cpu", threads: int = 0) 
         raise PtqauditError("--device cuda needs onnxruntime-gpu (pip install 'ptqaudit[gpu]') and a CUDA device")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # ORT's warnings about unused initializers are noise here
+    # ORT's warnings about unused initializers are noise here, and its error log repeats the
+    # exception, which becomes the one line shown
+    options.log_severity_level = 4
     try:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
     except Exception as exc:
         raise PtqauditError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from exc
 
 
-def predict(session: ort.InferenceSession, dataset: Dataset, batch_size: int, desc: str, progress: bool = True) -> Predictions:
+def predict(session: ort.InferenceSession, dataset: Dataset, batch_size: int, desc: str, progress: bool = True,
+            model: str = "the model") -> Predictions:
     """Logits for every example, fed in order in batches of batch_size: the activation range of a
-    dynamically quantized layer is taken over the whole batch, so the batching is part of the result."""
+    dynamically quantized layer is taken over the whole batch, so the batching is part of the result.
+    A run ORT refuses (e.g. a graph asking for more memory than there is) is a PtqauditError naming `model`."""
     input_name = session.get_inputs()[0].name
     outputs, seconds = [], 0.0
     batches = dataset.batches(batch_size)
     total = -(-len(dataset) // batch_size)
     for x, _ in track(batches, desc, "batch", progress, total):
         start = time.perf_counter()
-        (logits,) = session.run(None, {input_name: x})
+        try:
+            (logits,) = session.run(None, {input_name: x})
+        except ort_errors() as exc:
+            raise ort_failure(exc, model, desc) from exc
         seconds += time.perf_counter() - start
         outputs.append(logits)
     logits = np.concatenate(outputs)
@@ -154,7 +161,7 @@ def evaluate(
             return sim_predict(sim, dataset, policy, batch_size, f"{label} (sim)", progress), None, "simulator"
         quantized = quantize(model, policy) if policy is not None else None
         proto = quantized.proto if quantized else model.proto
-        ort_run = predict(make_session(proto, device, threads), dataset, batch_size, label, progress)
+        ort_run = predict(make_session(proto, device, threads), dataset, batch_size, label, progress, str(model.path))
         check = None
         if engine == "both":
             sim_run = sim_predict(sim, dataset, policy, batch_size, f"{label} (sim)", progress)

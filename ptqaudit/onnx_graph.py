@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from .data import format_dim, format_shape, is_free_dim
 from .errors import PtqauditError
 
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
@@ -114,32 +117,86 @@ def _dims(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | Non
     )
 
 
-def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str]) -> dict[str, tuple]:
+def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    initializer_names = {init.name for init in model.graph.initializer}
+    return next(i for i in model.graph.input if i.name not in initializer_names)
+
+
+def _with_input_shape(model: onnx.ModelProto, shape: Sequence) -> onnx.ModelProto:
+    """A copy of the model whose image input declares `shape` (where `shape` gives a number)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for dim, size in zip(_image_input(fixed).type.tensor_type.shape.dim, shape):
+        if not is_free_dim(size):
+            dim.dim_value = size
+    return fixed
+
+
+def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str], model_name: str) -> dict[str, tuple]:
     """Output shape of each named tensor: ONNX shape inference, or one ORT run of a zero input when
-    inference leaves a non-batch dimension unknown (Slice/Reshape chains often defeat it)."""
+    inference leaves a non-batch dimension unknown (Slice/Reshape chains often defeat it).
+    `input_shape` may fix dims the model leaves symbolic (from the data or --input-shape)."""
+    declared = _dims(_image_input(model)) or ()
+    sized = model if tuple(input_shape) == declared else _with_input_shape(model, input_shape)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(sized, data_prop=True)
         shapes = {vi.name: _dims(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
     except Exception:
         shapes = {}
     wanted = {n: shapes.get(n) for n in names}
     if all(s is not None and all(isinstance(d, int) for d in s[1:]) for s in wanted.values()):
         return wanted
+    symbolic = [format_dim(d) for d in input_shape[1:] if is_free_dim(d)]
+    if symbolic:
+        example = ",".join(format_dim(d) for d in input_shape[1:])
+        raise PtqauditError(
+            f"model input {_image_input(model).name!r} is {format_shape(input_shape)} with symbolic "
+            f"{', '.join(symbolic)}, and the layers' shapes and MACs depend on them: give one input's shape, "
+            f"--input-shape {example} with numbers for {', '.join(symbolic)} (eval, search, distill and report "
+            "take it from the data)"
+        )
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe.CopyFrom(sized)
     existing = {o.name for o in probe.graph.output}
     for name in names:
         if name not in existing:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    sample_shape = [1 if not isinstance(d, int) or d <= 0 else d for d in input_shape]
+    sample_shape = [1 if is_free_dim(d) else d for d in input_shape]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    outputs = session.run(names, {input_name: np.zeros(sample_shape, dtype=np.float32)})
+    options.log_severity_level = 4  # ORT's error log repeats the exception, which becomes the one line shown
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        outputs = session.run(names, {input_name: np.zeros(sample_shape, dtype=np.float32)})
+    except ort_errors() as exc:
+        raise ort_failure(exc, model_name, "finding its layers' shapes") from exc
     return {n: ("batch",) + tuple(int(d) for d in out.shape[1:]) for n, out in zip(names, outputs)}
+
+
+def ort_errors() -> tuple[type[Exception], ...]:
+    """The exceptions onnxruntime raises for a failed status: a model it cannot run, an input it
+    refuses, memory it cannot allocate. Failures of the model, not of ptqaudit."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidArgument, state.RuntimeException, state.NotImplemented, state.InvalidGraph,
+            state.EPFail)
+
+
+def ort_failure(exc: Exception, model: str, doing: str) -> PtqauditError:
+    """The one-line error for an ORT failure while `doing` something with `model`."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    allocation = re.search(r"Failed to allocate memory for requested buffer of size (\d+)", message)
+    if allocation:
+        node = re.search(r"running (\w+) node\. Name:'([^']*)'", message)
+        where = f"its {node[1]} node {node[2]!r}" if node else "it"
+        return PtqauditError(
+            f"onnxruntime cannot run {model} ({doing}): {where} asks for {int(allocation[1]):,} bytes, "
+            "more memory than is available"
+        )
+    return PtqauditError(f"onnxruntime cannot run {model} ({doing}): {message}")
 
 
 def _macs(node: onnx.NodeProto, weight_shape: tuple[int, ...], output_shape: tuple) -> int:
@@ -174,7 +231,7 @@ def _weight_input(node: onnx.NodeProto, initializers: dict) -> str | None:
     return None
 
 
-def find_layers(model: onnx.ModelProto, input_shape) -> list[Layer]:
+def find_layers(model: onnx.ModelProto, input_shape, model_name: str = "the model") -> list[Layer]:
     initializers = {init.name: init for init in model.graph.initializer}
     candidates = []
     for node in model.graph.node:
@@ -195,7 +252,7 @@ def find_layers(model: onnx.ModelProto, input_shape) -> list[Layer]:
             f"model has several quantizable nodes named {', '.join(map(repr, duplicates))}: policies address "
             "layers by ONNX node name, so names must be unique"
         )
-    shapes = _layer_output_shapes(model, input_shape, [n.output[0] for n, _ in candidates])
+    shapes = _layer_output_shapes(model, input_shape, [n.output[0] for n, _ in candidates], model_name)
     layers = []
     for index, (node, weight) in enumerate(candidates):
         weight_shape = tuple(int(d) for d in initializers[weight].dims)
@@ -218,8 +275,16 @@ def find_layers(model: onnx.ModelProto, input_shape) -> list[Layer]:
     return layers
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """Read an ONNX classifier and describe it; refuses models the audit cannot handle, with a reason."""
+SampleShape = Sequence[int] | Callable[[], Sequence[int]]
+
+
+def load_model(path: str | Path, sample_shape: SampleShape | None = None) -> LoadedModel:
+    """Read an ONNX classifier and describe it; refuses models the audit cannot handle, with a reason.
+
+    sample_shape is one input's shape without the batch dim (C, H, W): the data's, or --input-shape.
+    It gives the dims the model leaves symbolic, on which layer shapes and MACs depend. It may be a
+    function returning it, called only when the model has such dims (so no data is loaded for nothing).
+    """
     path = Path(path)
     proto = read_model(path)
     initializer_names = {init.name for init in proto.graph.initializer}
@@ -240,12 +305,31 @@ def load_model(path: str | Path) -> LoadedModel:
             f"{list(output_shape)}, expected [batch, classes]"
         )
     num_classes = output_shape[1] if output_shape and isinstance(output_shape[1], int) else None
-    layers = find_layers(proto, input_shape)
+    layers = find_layers(proto, _fill_input_shape(input_shape, sample_shape, path), str(path))
     if not layers:
         raise PtqauditError(
             f"{path}: no quantizable layer (Conv, MatMul or Gemm with a constant weight) in the model"
         )
     return LoadedModel(path, proto, layers, inputs[0].name, input_shape, num_classes)
+
+
+def _fill_input_shape(declared: tuple, sample_shape: SampleShape | None, path: Path) -> tuple:
+    """The model's input shape with its symbolic non-batch dims taken from `sample_shape`."""
+    if sample_shape is None or not declared:
+        return declared
+    if callable(sample_shape):
+        if not any(is_free_dim(dim) for dim in declared[1:]):
+            return declared
+        sample_shape = sample_shape()
+    sample = tuple(int(size) for size in sample_shape)
+    if len(sample) != len(declared) - 1 or any(
+        not is_free_dim(want) and want != have for want, have in zip(declared[1:], sample)
+    ):
+        raise PtqauditError(
+            f"model {path} expects input {format_shape(declared)} but the data (or --input-shape) gives "
+            f"{format_shape(['N', *sample])}"
+        )
+    return (declared[0], *sample)
 
 
 def default_opset(model: onnx.ModelProto) -> int:

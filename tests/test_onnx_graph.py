@@ -187,6 +187,84 @@ def test_output_shapes_fall_back_to_a_run_when_inference_cannot_tell():
     assert layer.macs == 4 * 8 * 8 * 1 * 3 * 3
 
 
+# --- symbolic input dims ----------------------------------------------------------------------------------
+
+
+def symbolic_hw_model(tmp_path: Path) -> Path:
+    """input [N, 3, H, W] -> Conv "conv" (3->4, 3x3, stride 2, pad 1) -> Relu -> GlobalAveragePool -> Flatten
+    -> Gemm "fc" (4->10): runs on any H and W, but the Conv's MACs grow with them."""
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv", kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc"),
+    ]
+    proto = model(nodes, [vinfo("x", ["N", 3, "H", "W"])], [vinfo("logits", ["N", 10])],
+                  [init("conv_w", (4, 3, 3, 3)), init("conv_b", (4,)), init("fc_w", (4, 10)), init("fc_b", (10,))])
+    path = tmp_path / "symbolic_hw.onnx"
+    onnx.save_model(proto, str(path))
+    return path
+
+
+@pytest.mark.parametrize("height, width", [(20, 12), (9, 9), (32, 32)])
+def test_symbolic_height_and_width_come_from_the_given_input_shape(tmp_path, height, width):
+    ho, wo = conv_out(height, 3, stride=2, pad=1), conv_out(width, 3, stride=2, pad=1)
+    loaded = load_model(symbolic_hw_model(tmp_path), (3, height, width))
+    conv, fc = loaded.layers
+    assert conv.output_shape == ("batch", 4, ho, wo)
+    assert conv.macs == 4 * ho * wo * 3 * 3 * 3
+    assert (fc.output_shape, fc.macs) == (("batch", 10), 4 * 10)
+    assert loaded.input_shape == ("N", 3, "H", "W")  # the model's own declaration is kept
+
+
+def test_symbolic_input_without_a_shape_says_what_to_pass(tmp_path):
+    with pytest.raises(PtqauditError, match=r"\[N, 3, H, W\] with symbolic H, W.*--input-shape 3,H,W"):
+        load_model(symbolic_hw_model(tmp_path))
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 16), (3, 16, 16, 1)])
+def test_an_input_shape_that_does_not_fit_the_model_is_refused(tmp_path, shape):
+    with pytest.raises(PtqauditError, match=r"expects input \[N, 3, H, W\] but the data \(or --input-shape\) gives"):
+        load_model(symbolic_hw_model(tmp_path), shape)
+
+
+def test_the_input_shape_is_only_computed_when_the_model_needs_it(tmp_path, tiny_digits_model):
+    calls = []
+
+    def shape_from_data():
+        calls.append(1)
+        return (3, 10, 10)
+
+    assert load_model(tiny_digits_model, shape_from_data).layers[0].macs == 4 * 8 * 8 * 9  # fixed [batch, 1, 8, 8]
+    assert calls == []
+    assert load_model(symbolic_hw_model(tmp_path), shape_from_data).layers[0].macs == 4 * 5 * 5 * 27
+    assert calls == [1]
+
+
+def test_a_model_onnx_runtime_cannot_run_is_a_clear_error(tmp_path):
+    """A Conv whose weight wants 2 input channels where the input has 1 passes the ONNX checker.
+    Behind a Reshape that defeats shape inference, its output shape takes an ORT run, which fails:
+    one line saying so, not an internal error."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT, name="to_float"),
+        helper.make_node("Sqrt", ["sf"], ["sq"], name="sqrt"),
+        helper.make_node("Mul", ["sq", "sq"], ["sq2"], name="square"),
+        helper.make_node("Round", ["sq2"], ["sr"], name="round"),
+        helper.make_node("Cast", ["sr"], ["si"], to=TensorProto.INT64, name="to_int"),
+        helper.make_node("Reshape", ["x", "si"], ["r"], name="reshape"),
+        helper.make_node("Conv", ["r", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["y"], ["out"], axes=[2, 3], keepdims=0, name="gap"),
+    ]
+    proto = model(nodes, [vinfo("x", ["N", 1, 8, 8])], [vinfo("out", ["N", 4])], [init("w", (4, 2, 3, 3))], opset=13)
+    path = tmp_path / "mismatch.onnx"
+    onnx.save_model(proto, str(path))
+    with pytest.raises(PtqauditError, match=r"onnxruntime cannot run .*mismatch.onnx \(finding its layers' shapes\): .*conv"):
+        load_model(path)
+
+
 # --- naming ------------------------------------------------------------------------------------------------
 
 
