@@ -378,3 +378,14 @@ def test_a_model_asking_for_more_memory_than_exists_is_exit_2(tmp_path, capsys):
     assert code == 2
     assert err.strip() == (f"ptqaudit: error: onnxruntime cannot run {path} (fp32): its ConstantOfShape node 'fill' "
                            f"asks for {4 * 10**15:,} bytes, more memory than is available")
+
+
+@pytest.mark.parametrize("command", [["eval", "--engine", "sim"], ["search", "--objective", "worst", "--method",
+                                                                   "random", "--max-evaluations", "2"]])
+def test_a_model_asking_for_more_memory_than_exists_is_exit_2_in_the_simulator(tmp_path, capsys, command):
+    """The simulator runs such a model before ORT does (search) or instead of it (eval --engine sim)."""
+    path = memory_bomb_model(tmp_path, 10**15)
+    code, _, err = run_cli([command[0], str(path), *command[1:], "--limit", "5", "--no-progress",
+                            *(["-o", str(tmp_path / "run")] if command[0] == "search" else ["-p", "w8a8"])], capsys)
+    assert code == 2
+    assert "ConstantOfShape node producing 'filled' asks for more memory than this machine has" in err

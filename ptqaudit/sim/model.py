@@ -126,6 +126,17 @@ def _preferred_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+def _run_op(step: "_Step", args: list):
+    """One ONNX op in torch; a tensor larger than memory (a hostile or broken graph) is bad input, not a bug."""
+    try:
+        return OPS[step.op_type](step.attrs, *args)
+    except RuntimeError as error:  # torch's CPU allocator failure is a plain RuntimeError
+        if "allocate" not in str(error):
+            raise
+        raise PtqauditError(f"the model's {step.op_type} node producing {step.outputs[0]!r} asks for more memory "
+                            f"than this machine has ({str(error).splitlines()[0]})") from error
+
+
 @dataclass
 class _Step:
     """One node to run per forward: an op from OPS, or a quantizable layer."""
@@ -203,7 +214,7 @@ class SimModel(nn.Module):
     def _fold(step: _Step, initializers, constants) -> None:
         args = [None if n == "" else constants[n] if n in constants else torch.from_numpy(np.array(initializers[n]))
                 for n in step.inputs]
-        outputs = OPS[step.op_type](step.attrs, *args)
+        outputs = _run_op(step, args)
         for name, value in zip(step.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
             constants[name] = value
 
@@ -225,7 +236,7 @@ class SimModel(nn.Module):
             env[step.outputs[0]] = self.quant_layers[self._module_key[step.layer]](env[step.inputs[0]], setting, ranges)
         else:
             args = [None if n == "" else env[n] if n in env else self._constants[n] for n in step.inputs]
-            outputs = OPS[step.op_type](step.attrs, *args)
+            outputs = _run_op(step, args)
             for name, value in zip(step.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
                 env[name] = value
         for name in step.frees:
