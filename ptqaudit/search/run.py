@@ -123,7 +123,7 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
     boards = {}
     for objective in objectives:
         board = Leaderboard(objective, config.verify_top)
-        evaluator.start_count()
+        evaluator.start_count(config.max_evaluations)
         bar = tqdm(total=config.max_evaluations if config.method != "exhaustive" else None, unit="policy",
                    desc=f"{config.method} search, {objective} case", disable=not progress or None, leave=False)
 
