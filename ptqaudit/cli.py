@@ -354,7 +354,8 @@ def eval_command(model, data, data_root, download, split, limit, mean, std, poli
 @click.option("--method", type=click.Choice(METHODS), default="rl", show_default=True,
               help="rl: policy-gradient agent; random; greedy (one step at a time); exhaustive (small spaces).")
 @click.option("--max-evaluations", type=click.IntRange(min=1), default=400, show_default=True,
-              help="Distinct policies the search may score with the simulator, per objective.")
+              help="Distinct policies the search may score with the simulator, per objective: a hard cap, RL's "
+                   "sensitivity probes included (exhaustive refuses a space that admits more).")
 @click.option("--base-policy", default="w8a8", show_default=True,
               help="Policy giving each layer's weight granularity; its fp32 layers stay fp32.")
 @click.option("--layers", "layer_globs", multiple=True, help="Search only these layers (name or glob, repeatable); "

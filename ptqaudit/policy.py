@@ -8,6 +8,8 @@ import hashlib
 import json
 import math
 import re
+import reprlib
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,32 @@ SETTING_KEYS = ("weight_bits", "activation_bits", "granularity")
 FILE_KEYS = ("description", "default", "layers")
 # selectors that name layers by position or op type instead of by node name
 SPECIAL_SELECTORS = ("@first", "@last", "@Conv", "@MatMul", "@Gemm")
+# Policy files may come from others, so what one may ask of the parser is bounded. An explicit policy
+# naming 2,000 layers is ~230 KiB, and pure-Python YAML parses a few hundred KiB a second at best.
+MAX_FILE_BYTES = 256 * 1024
+# Collections inside collections: a policy needs 3 (the file, `layers`, a setting); one more lets a list
+# written where a number belongs reach the message that names the field.
+MAX_NESTING = 4
+MAX_SELECTOR_CHARS = 256  # a glob's matcher is compiled in time that grows faster than its length
+QUOTE_CHARS = 80  # the most of a user's value an error message quotes
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, QUOTE_CHARS, QUOTE_CHARS
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
+
+
+def _quote(value) -> str:
+    """A value from a policy as an error message quotes it: its repr, at most QUOTE_CHARS characters,
+    computed without expanding the whole value (a file's value may be huge)."""
+    return _cut(_SHORT_REPR.repr(value))
+
+
+def _names(keys) -> str:
+    """Key names for an error message: plain names as they are, others quoted, at most QUOTE_CHARS in all."""
+    return _cut(", ".join(k if isinstance(k, str) and k.isprintable() else _quote(k) for k in keys))
 
 
 @dataclass(frozen=True)
@@ -38,7 +66,7 @@ class LayerQuant:
         for key in ("weight_bits", "activation_bits"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-                raise PtqauditError(f"{key} must be an integer from {MIN_BITS} to {MAX_BITS}, got {value!r}")
+                raise PtqauditError(f"{key} must be an integer from {MIN_BITS} to {MAX_BITS}, got {_quote(value)}")
 
     @property
     def label(self) -> str:
@@ -51,7 +79,7 @@ class LayerQuant:
         if match is None:
             if label == "fp32":
                 return None
-            raise PtqauditError(f"not a layer setting label: {label!r} (expected e.g. W4A8, W8A8/ch or fp32)")
+            raise PtqauditError(f"not a layer setting label: {_quote(label)} (expected e.g. W4A8, W8A8/ch or fp32)")
         return cls(int(match[1]), int(match[2]), match[3] is not None)
 
     @property
@@ -72,10 +100,10 @@ def _parse_setting(value, where: str, base: LayerQuant | None) -> LayerQuant | N
     if isinstance(value, str) and value.lower() == "fp32":
         return None
     if not isinstance(value, dict):
-        raise PtqauditError(f"{where}: expected \"fp32\" or a mapping with keys {', '.join(SETTING_KEYS)}, got {value!r}")
+        raise PtqauditError(f"{where}: expected \"fp32\" or a mapping with keys {', '.join(SETTING_KEYS)}, got {_quote(value)}")
     unknown = sorted(set(map(str, value)) - set(SETTING_KEYS))
     if unknown:
-        raise PtqauditError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(SETTING_KEYS)}")
+        raise PtqauditError(f"{where}: unknown key(s) {_names(unknown)}; allowed: {', '.join(SETTING_KEYS)}")
     merged = base.to_dict() if base else {}
     merged.update(value)
     missing = [k for k in ("weight_bits", "activation_bits") if k not in merged]
@@ -83,7 +111,7 @@ def _parse_setting(value, where: str, base: LayerQuant | None) -> LayerQuant | N
         raise PtqauditError(f"{where}: {' and '.join(missing)} missing (the default is fp32, so nothing to inherit)")
     granularity = merged.get("granularity", "per-tensor")
     if granularity not in GRANULARITIES:
-        raise PtqauditError(f"{where}: granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+        raise PtqauditError(f"{where}: granularity must be one of {', '.join(GRANULARITIES)}, got {_quote(granularity)}")
     try:
         return LayerQuant(merged["weight_bits"], merged["activation_bits"], granularity == "per-channel")
     except PtqauditError as exc:
@@ -118,11 +146,11 @@ class Policy:
                 close = difflib.get_close_matches(selector, [layer.name for layer in layers], n=3, cutoff=0.3)
                 hint = f"; closest layer names: {', '.join(close)}" if close else ""
                 raise PtqauditError(
-                    f"policy {self.name}: layer rule {selector!r} matches no layer of the model{hint} "
+                    f"policy {self.name}: layer rule {_quote(selector)} matches no layer of the model{hint} "
                     "(`ptqaudit layers MODEL` lists them)"
                 )
             for layer in selected:
-                mapping[layer.name] = _parse_setting(raw, f"policy {self.name}, layer rule {selector!r}", self.default)
+                mapping[layer.name] = _parse_setting(raw, f"policy {self.name}, layer rule {_quote(selector)}", self.default)
         return ResolvedPolicy(self.name, mapping)
 
 
@@ -173,7 +201,7 @@ def parse_policy(data, name: str, source: str) -> Policy:
         raise PtqauditError(f"policy {name} ({source}): expected a mapping with keys {', '.join(FILE_KEYS)}")
     unknown = sorted(set(map(str, data)) - set(FILE_KEYS))
     if unknown:
-        raise PtqauditError(f"policy {name} ({source}): unknown key(s) {', '.join(unknown)}; allowed: {', '.join(FILE_KEYS)}")
+        raise PtqauditError(f"policy {name} ({source}): unknown key(s) {_names(unknown)}; allowed: {', '.join(FILE_KEYS)}")
     if "default" not in data:
         raise PtqauditError(f"policy {name} ({source}): missing key 'default' (a setting or \"fp32\")")
     default = _parse_setting(data["default"], f"policy {name}, default", None)
@@ -183,10 +211,13 @@ def parse_policy(data, name: str, source: str) -> Policy:
     for selector, raw in rules.items():
         if not isinstance(selector, str) or (selector.startswith("@") and selector not in SPECIAL_SELECTORS):
             raise PtqauditError(
-                f"policy {name}: bad layer selector {selector!r}; use a node name, a glob, or one of "
+                f"policy {name}: bad layer selector {_quote(selector)}; use a node name, a glob, or one of "
                 f"{', '.join(SPECIAL_SELECTORS)}"
             )
-        _parse_setting(raw, f"policy {name}, layer rule {selector!r}", default)  # fail early on bad values
+        if len(selector) > MAX_SELECTOR_CHARS:
+            raise PtqauditError(f"policy {name}: layer selector {_quote(selector)} is {len(selector):,} characters "
+                                f"long; at most {MAX_SELECTOR_CHARS} (a glob can name a long layer)")
+        _parse_setting(raw, f"policy {name}, layer rule {_quote(selector)}", default)  # fail early on bad values
     description = data.get("description", "")
     if not isinstance(description, str):
         raise PtqauditError(f"policy {name}: 'description' must be a string")
@@ -195,6 +226,89 @@ def parse_policy(data, name: str, source: str) -> Policy:
 
 def builtin_policy_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+class _Refused(Exception):
+    """A policy file asks for something refused before it is parsed further (the message says what)."""
+
+
+def _line(mark) -> str:
+    return f" (line {mark.line + 1})"
+
+
+def _too_deep(where: str = "") -> _Refused:
+    return _Refused(f"nested deeper than {MAX_NESTING} levels{where}; a policy needs 3 (the file, 'layers', a setting)")
+
+
+class _PolicyYamlLoader(yaml.SafeLoader):
+    """YAML's safe loader narrowed to what a policy needs. No aliases (*name): a few hundred bytes of them
+    stand for billions of values (anything that walks the value takes that long), or for a value that
+    contains itself. At most MAX_NESTING levels: the composer recurses, so 100,000 levels would exhaust
+    the stack. No key twice in one mapping, and no merge keys (<<): both would let a later value silently
+    replace an earlier one."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.nesting = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(f"aliases (*name) are not accepted in a policy file; write the value out{_line(event.start_mark)}")
+        opens = isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+        self.nesting += opens
+        if self.nesting > MAX_NESTING:
+            raise _too_deep(_line(event.start_mark))
+        node = super().compose_node(parent, index)
+        self.nesting -= opens
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise _Refused(f"merge keys (<<) are not accepted in a policy file{_line(key_node.start_mark)}")
+            key = self.construct_object(key_node)
+            if not isinstance(key, Hashable):
+                continue  # unhashable: SafeLoader refuses it below, with its own message
+            if key in seen:
+                raise _Refused(f"key {_quote(key)} appears twice in one mapping{_line(key_node.start_mark)}; "
+                               "give each key once")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """json's object_pairs_hook: a mapping, refusing a key given twice (json would keep the last)."""
+    mapping = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise _Refused(f"key {_quote(key)} appears twice in one object; give each key once")
+        mapping[key] = value
+    return mapping
+
+
+def _check_nesting(data) -> None:
+    """Refuse collections nested deeper than MAX_NESTING (walked without recursion)."""
+    stack = [(data, 1)]  # (a value, its level if it is a collection)
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            if level > MAX_NESTING:
+                raise _too_deep()
+            stack.extend((child, level + 1) for child in (value.values() if isinstance(value, dict) else value))
+
+
+def _parse_file(text: str, is_json: bool):
+    """The data of a policy file's text; _Refused or the parser's own error when it is refused."""
+    if not is_json:
+        return yaml.load(text, Loader=_PolicyYamlLoader)
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:  # json's decoder recurses, up to Python's recursion limit
+        raise _too_deep() from None
+    _check_nesting(data)
+    return data
 
 
 def load_policy(spec: str) -> Policy:
@@ -206,17 +320,28 @@ def load_policy(spec: str) -> Policy:
             path = builtin
         else:
             raise PtqauditError(
-                f"policy {spec!r} is neither a file nor a built-in policy; built-ins: {', '.join(builtin_policy_names())}"
+                f"policy {_quote(spec)} is neither a file nor a built-in policy; built-ins: {', '.join(builtin_policy_names())}"
             )
     try:
-        text = path.read_text()
+        with path.open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)  # no more than the limit, whatever the file's size
+        if len(raw) > MAX_FILE_BYTES:
+            raise PtqauditError(f"policy file {path} is larger than {MAX_FILE_BYTES // 1024} KiB, the most a policy file "
+                                "may be (one naming 2,000 layers takes about 230 KiB)")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PtqauditError(f"cannot read policy file {path}: {exc}") from exc
+    is_json = path.suffix.lower() == ".json"
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PtqauditError(f"policy file {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first_line}") from exc
+        data = _parse_file(text, is_json)
+    except _Refused as exc:
+        raise PtqauditError(f"policy file {path}: {exc}") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: json's errors, and numbers or dates out of range
+        if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+            problem = _cut(exc.problem) + (_line(exc.problem_mark) if exc.problem_mark else "")
+        else:
+            problem = _cut(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+        raise PtqauditError(f"policy file {path} is not valid {'JSON' if is_json else 'YAML'}: {problem}") from exc
     source = "built-in" if path.parent == BUILTIN_DIR else str(path)
     return parse_policy(data, path.stem, source)
 

@@ -487,3 +487,156 @@ def test_layer_setting_labels_read_back_to_the_same_setting():
     assert LayerQuant.from_label("fp32") is None
     with pytest.raises(PtqauditError, match="not a layer setting label"):
         LayerQuant.from_label("w4a8")
+
+
+# ---------------------------------------------------------------- hostile policy files
+
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """'Billion laughs' in a few hundred bytes: each anchor lists the previous one `width` times, so the
+    last stands for width ** levels strings."""
+    anchors = ["&l0 [" + ", ".join(['"lol"'] * width) + "]"]
+    anchors += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "default: [" + ", ".join(anchors) + "]\n"
+
+
+def _shared_bomb(levels: int = 9, width: int = 9) -> list:
+    """What the alias bomb stands for, built in memory: width ** levels strings, sharing their lists."""
+    value = ["lol" * 100] * width
+    for _ in range(levels - 1):
+        value = [value] * width
+    return value
+
+
+@pytest.mark.parametrize("place", ["default", "layer rule"])
+def test_yaml_alias_bomb_is_refused_at_once_with_a_short_message(tmp_path, place):
+    import time
+
+    text = _alias_bomb()
+    assert len(text) < 700
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text if place == "default" else "default: fp32\nlayers:\n  conv1:" + text[len("default:"):])
+    started = time.perf_counter()
+    message = _error("alias", load_policy, str(path))
+    assert time.perf_counter() - started < 5
+    assert str(path) in message and len(message) < 300 and "\n" not in message
+
+
+@pytest.mark.parametrize("data", [
+    {"default": _shared_bomb()},
+    {"default": {"weight_bits": _shared_bomb(), "activation_bits": 8}},
+    {"default": {"weight_bits": 8, "activation_bits": 8, "granularity": _shared_bomb()}},
+    {"default": {"weight_bits": 8, "activation_bits": 8}, "layers": {"conv1": _shared_bomb()}},
+    {"default": "fp32", "layers": {"@" + "x" * 100_000: "fp32"}},
+    {"default": "fp32", "layers": {"x\n" * 100_000: "fp32"}},
+    {"default": "fp32", "x" * 100_000: 1},
+    {"default": {"weight_bits": 8, "activation_bits": 8, "y" * 100_000: 1}},
+])
+def test_values_quoted_in_errors_are_cut_short(data):
+    """However large a value (here up to 9^9 strings sharing lists), an error quotes a few dozen characters."""
+    with pytest.raises(PtqauditError) as info:
+        parse_policy(data, "p", "test")
+    assert len(str(info.value)) < 300 and "\n" not in str(info.value)
+
+
+DEPTH = 100_000
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".json", "[" * DEPTH + "]" * DEPTH),
+    (".json", '{"":' * (DEPTH // 2) + "1" + "}" * (DEPTH // 2)),  # half as deep: the file stays under the size cap
+    (".yaml", "[" * DEPTH + "]" * DEPTH),
+    (".yaml", "{a: " * (DEPTH // 2) + "1" + "}" * (DEPTH // 2)),
+    (".yaml", "default:\n" + "".join(" " * i + "- \n" for i in range(1, 200))),  # block style
+])
+def test_deep_nesting_is_refused(tmp_path, suffix, text):
+    path = tmp_path / f"deep{suffix}"
+    path.write_text(text)
+    message = _error("nested deeper than", load_policy, str(path))
+    assert str(path) in message and len(message) < 300
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_nesting_limit_sits_just_above_what_a_policy_needs(tmp_path, suffix):
+    """A list written for a number in a rule (4 levels) still gets the message naming the field; 5 levels do not."""
+    def write(bits):
+        data = {"default": W4A8, "layers": {"conv1": {"weight_bits": bits, "activation_bits": 8}}}
+        path = tmp_path / f"p{suffix}"
+        path.write_text(json.dumps(data))  # JSON is YAML too
+        return str(path)
+
+    _error("weight_bits must be an integer", load_policy, write([8]))
+    _error("nested deeper than 4 levels", load_policy, write([[8]]))
+
+
+DUPLICATES = {  # where the key repeats: (the repeated key, JSON text, YAML text, line of the repeat in the YAML)
+    "top level": ("default", '{"default": "fp32", "description": "d", "default": {"weight_bits": 8, "activation_bits": 8}}',
+                  "default: fp32\ndescription: d\ndefault: {weight_bits: 8, activation_bits: 8}\n", 3),
+    "layers": ("conv1", '{"default": "fp32", "layers": {"conv1": "fp32", "fc1": "fp32", "conv1": '
+                        '{"weight_bits": 4, "activation_bits": 8}}}',
+               "default: fp32\nlayers:\n  conv1: fp32\n  fc1: fp32\n  conv1: {weight_bits: 4, activation_bits: 8}\n", 5),
+    "setting": ("weight_bits", '{"default": {"weight_bits": 8, "activation_bits": 8, "weight_bits": 2}}',
+                "default:\n  weight_bits: 8\n  activation_bits: 8\n  weight_bits: 2\n", 4),
+}
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+@pytest.mark.parametrize("where", sorted(DUPLICATES))
+def test_duplicate_keys_are_an_error_naming_key_and_file(tmp_path, suffix, where):
+    key, json_text, yaml_text, line = DUPLICATES[where]
+    path = tmp_path / f"dup{suffix}"
+    path.write_text(json_text if suffix == ".json" else yaml_text)
+    message = _error("appears twice", load_policy, str(path))
+    assert f"'{key}'" in message and str(path) in message
+    if suffix == ".yaml":
+        assert f"(line {line})" in message
+
+
+def test_yaml_keys_equal_as_values_are_duplicates_and_merge_keys_are_refused(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("default: {weight_bits: 8, activation_bits: 8}\nlayers: {conv1: fp32}\n'default': fp32\n")
+    _error("'default' appears twice", load_policy, str(path))
+    path.write_text("default: {<<: {weight_bits: 4}, weight_bits: 8, activation_bits: 8}\n")  # << would hide one
+    _error("merge keys", load_policy, str(path))
+
+
+def test_policy_file_size_is_capped_before_parsing(tmp_path, tiny):
+    from ptqaudit.policy import MAX_FILE_BYTES
+
+    body = json.dumps({"default": W4A8})
+    path = tmp_path / "padded.json"
+    path.write_text(body + " " * (MAX_FILE_BYTES - len(body)))  # exactly at the cap: accepted
+    assert load_policy(str(path)).default == LayerQuant(4, 8)
+    path = tmp_path / "huge.yaml"
+    path.write_text("default: fp32\n" + "#" * MAX_FILE_BYTES)
+    message = _error("larger than 256 KiB", load_policy, str(path))
+    assert str(path) in message
+
+
+def test_long_selectors_are_refused():
+    from ptqaudit.policy import MAX_SELECTOR_CHARS
+
+    parse_policy({"default": "fp32", "layers": {"c" * MAX_SELECTOR_CHARS: "fp32"}}, "p", "test")
+    message = _error("at most 256", parse_policy, {"default": "fp32", "layers": {"[" * 100_000: "fp32"}}, "p", "test")
+    assert "100,000 characters" in message
+
+
+@pytest.mark.parametrize("name,text", [
+    ("bomb.yaml", _alias_bomb()),
+    ("deep.json", "[" * DEPTH + "]" * DEPTH),
+    ("deep.yaml", "{a: " * (DEPTH // 2) + "}" * (DEPTH // 2)),
+    ("dup.json", DUPLICATES["layers"][1]),
+])
+def test_cli_hostile_policy_is_bad_input(tmp_path, capsys, tiny_digits_model, name, text):
+    from ptqaudit import cli
+
+    policy = tmp_path / name
+    policy.write_text(text)
+    out = tmp_path / "out.onnx"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["quantize", str(tiny_digits_model), "-p", str(policy), "-o", str(out)])
+    _, err = capsys.readouterr()
+    assert exit_info.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ptqaudit: error:") and str(policy) in lines[0], err
+    assert len(lines[0]) < 300 and not out.exists()

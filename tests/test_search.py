@@ -271,3 +271,95 @@ def test_search_split_scores_candidates_on_the_other_split(tmp_path, capsys, dig
         policy = ResolvedPolicy("candidate", {name: LayerQuant(int(label[1:label.index("A")]), int(label[label.index("A") + 1:]))
                                               for name, label in candidate["layers"].items()})
         assert _ort_accuracy(digits, policy, train) == pytest.approx(candidate["sim_accuracy_search_subset"])
+
+
+# --- --max-evaluations is a hard cap ------------------------------------------------------------------------
+
+from ptqaudit.errors import PtqauditError  # noqa: E402
+from ptqaudit.search.methods import METHODS  # noqa: E402
+
+
+def _scored_policies(run: Path, objective: str) -> tuple[int, int]:
+    """(records, distinct policies) of one objective in a run's trace, told apart by their per-layer
+    settings as written there (not by the digest the evaluator computed)."""
+    trace = run / "trace.jsonl"  # none when the search was refused before scoring anything
+    records = [json.loads(line) for line in trace.read_text().splitlines()] if trace.exists() else []
+    settings = [json.dumps(r["policy"], sort_keys=True) for r in records if r["objective"] == objective]
+    return len(settings), len(set(settings))
+
+
+@pytest.mark.parametrize("cap", [1, 7, 30])
+@pytest.mark.parametrize("method", METHODS)
+def test_max_evaluations_is_a_hard_cap(tmp_path, tiny_digits_model, method, cap):
+    """Methods ask for policies in groups (RL's 1 + 2 x layers probes and groups of 9, random's 16, greedy's
+    moves, exhaustive's whole space); however they group them, no search scores more than the cap."""
+    model = load_model(tiny_digits_model)
+    data = DataConfig(name="digits", limit=40)
+    dataset = load_dataset(data)
+    # exhaustive: 81 policies, of which the budget admits 21 (worst case) and 60 (best case)
+    bits = (2, 4, 8) if method == "exhaustive" else (2, 3, 4, 5, 6, 8)
+    for objective in ("worst", "best"):
+        out = tmp_path / objective
+        config = SearchConfig(model=str(tiny_digits_model), data=data, output=str(out), method=method,
+                              objective=objective, max_evaluations=cap, bits=bits, budget_avg_bits=5.0, verify_top=1)
+        try:
+            summary = run_search(config, model, dataset, progress=False, echo=lambda m: None)
+        except PtqauditError as exc:  # too few evaluations to find a policy in the budget, or to be exhaustive
+            assert "--max-evaluations" in str(exc), exc
+            summary = None
+        records, distinct = _scored_policies(out, objective)
+        assert records == distinct <= cap  # and none scored twice
+        if summary is not None:
+            assert distinct == summary[objective]["evaluations"]
+        if method == "random":
+            assert distinct == cap  # it stops at the cap, not before it
+
+
+def test_exhaustive_search_refuses_a_space_larger_than_the_cap(tmp_path, tiny_digits_model):
+    """Rather than a partial enumeration passed off as exhaustive; the message says how many policies."""
+    model = load_model(tiny_digits_model)
+    space = _space(model, bits=(2, 4, 8), avg_bits=5.0)
+    admitted = sum(space.budget.admits(space.bitops(np.array(flat).reshape(2, 2)), "worst")
+                   for flat in itertools.product(range(3), repeat=4))
+    data = DataConfig(name="digits", limit=40)
+    config = SearchConfig(model=str(tiny_digits_model), data=data, output=str(tmp_path / "run"), method="exhaustive",
+                          objective="worst", max_evaluations=admitted - 1, bits=(2, 4, 8), budget_avg_bits=5.0)
+    with pytest.raises(PtqauditError, match=f"would score {admitted} policies .* more than --max-evaluations {admitted - 1}"):
+        run_search(config, model, load_dataset(data), progress=False, echo=lambda m: None)
+    config.max_evaluations, config.output = admitted, str(tmp_path / "run2")
+    summary = run_search(config, model, load_dataset(data), progress=False, echo=lambda m: None)
+    assert summary["worst"]["evaluations"] == admitted == _scored_policies(tmp_path / "run2", "worst")[1]
+
+
+def test_rl_step_cut_by_the_cap_learns_only_from_what_was_scored(tiny_digits_model):
+    """A group cut to one scored sample leaves the agent as it was (no reward to compare it with); cut to
+    five, the agent learns from those five, and its parameters stay finite."""
+    import torch
+
+    from ptqaudit.search.evaluator import Leaderboard, SimEvaluator
+    from ptqaudit.search.methods import PolicyAgent
+    from ptqaudit.sim.model import SimModel
+
+    model = load_model(tiny_digits_model)
+    space = _space(model, avg_bits=5.0)
+    records = []
+    evaluator = SimEvaluator(SimModel(model).eval(), load_dataset(DataConfig(name="digits", limit=40)), 1, space,
+                             records.extend, {})
+    torch.manual_seed(0)
+    agent = PolicyAgent(space, np.zeros((2, 3), dtype=np.float32), np.zeros((2, 2)), "worst")
+    board = Leaderboard("worst", 20)
+
+    def parameters():
+        return torch.cat([p.detach().flatten().clone() for p in agent.network.parameters()])
+
+    before = parameters()
+    evaluator.start_count(1)
+    assert agent.step(evaluator, board) == agent.group + 1  # requested
+    assert evaluator.evaluations == len(records) == len(board.entries) == 1
+    assert torch.equal(parameters(), before)
+
+    evaluator.start_count(5)
+    agent.step(evaluator, board)
+    assert evaluator.evaluations == 5 and len(records) <= 6
+    after = parameters()
+    assert torch.isfinite(after).all() and not torch.equal(after, before)

@@ -25,7 +25,9 @@ class Candidate:
 class SimEvaluator:
     """Simulator accuracy of policies on the search subset. Results are memoized by policy digest
     (seeded from a resumed run's trace, so a replayed search skips work already done), and every new
-    evaluation is handed to `record` for the run's trace."""
+    evaluation is handed to `record` for the run's trace. A search may count at most `limit` distinct
+    policies (memoized ones included, each once): the cap is kept here, whatever group sizes the search
+    methods ask for, so that --max-evaluations holds exactly."""
 
     def __init__(self, sim: SimModel, dataset: Dataset, batch_size: int, space: SearchSpace, record, memo: dict):
         self.sim, self.dataset, self.batch_size, self.space = sim, dataset, batch_size, space
@@ -33,15 +35,33 @@ class SimEvaluator:
         self.memo = memo  # digest -> simulator accuracy
         self.step = len(memo)  # records in the run's trace so far: the next record's step number
         self.evaluations = 0  # distinct policies scored in this search (memoized ones included)
+        self.limit: int | None = None  # the most distinct policies this search may score (None: no cap)
         self._seen: set[str] = set()
 
-    def start_count(self) -> None:
-        """Count distinct policies from zero, for the next search (memoized results stay)."""
+    def start_count(self, limit: int | None = None) -> None:
+        """Count distinct policies from zero, for the next search, which may score at most `limit` of them
+        (None: no cap); memoized results stay."""
         self.evaluations = 0
+        self.limit = limit
         self._seen = set()
 
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.evaluations >= self.limit
+
     def accuracies(self, choices: list[np.ndarray], objective: str, method: str) -> list[float]:
-        policies = [self.space.policy(c) for c in choices]
+        """The accuracy of each of `choices` in order, as far as the cap allows: the list ends before the
+        first policy new to this search once the cap is reached, so it may be shorter than `choices`
+        (empty when the cap was already reached). A policy already counted is not counted again."""
+        policies = []
+        for choice in choices:
+            policy = self.space.policy(choice)
+            if policy.digest not in self._seen:
+                if self.exhausted:
+                    break
+                self._seen.add(policy.digest)
+                self.evaluations += 1
+            policies.append(policy)
         todo = {p.digest: p for p in policies if p.digest not in self.memo}
         if todo:
             runs = sim_predict_many(self.sim, self.dataset, list(todo.values()), self.batch_size, progress=False)
@@ -54,10 +74,6 @@ class SimEvaluator:
                                 "effective_bits": policy.effective_bits(self.space.layers),
                                 "policy": {name: (q.label if q else "fp32") for name, q in policy.mapping.items()}})
             self.record(records)
-        for policy in policies:
-            if policy.digest not in self._seen:
-                self._seen.add(policy.digest)
-                self.evaluations += 1
         return [self.memo[p.digest] for p in policies]
 
 

@@ -38,18 +38,23 @@ class PolicyNetwork(nn.Module):
 def sensitivity(space: SearchSpace, evaluator: SimEvaluator, objective: str, board: Leaderboard | None = None) -> np.ndarray:
     """Accuracy lost, in points, when one operand of one layer alone drops from the top width to the
     lowest (everything else at the top width): 2 evaluations per searched layer, [layers, 2]. Probes the
-    budget admits are offered to `board`: they are candidates like any other."""
+    budget admits are offered to `board`: they are candidates like any other. Where the evaluator's cap
+    leaves no room for a probe, its operand counts as insensitive (0)."""
     top = space.uniform(len(space.bits) - 1)
     probes = []
     for layer, operand in itertools.product(range(len(space.searched)), (WEIGHT, ACTIVATION)):
         probe = top.copy()
         probe[layer, operand] = 0
         probes.append(probe)
-    reference, *dropped = evaluator.accuracies([top] + probes, objective, "sensitivity")
-    if board is not None:
-        admitted = [i for i, probe in enumerate(probes) if space.budget.admits(space.bitops(probe), objective)]
-        board.offer(space, [probes[i] for i in admitted], [dropped[i] for i in admitted])
-    return np.maximum(100 * (reference - np.array(dropped)), 0).reshape(len(space.searched), 2)
+    drop = np.zeros(len(probes))
+    scored = evaluator.accuracies([top] + probes, objective, "sensitivity")
+    if len(scored) > 1:
+        reference, *dropped = scored
+        drop[: len(dropped)] = np.maximum(100 * (reference - np.array(dropped)), 0)
+        if board is not None:
+            admitted = [i for i in range(len(dropped)) if space.budget.admits(space.bitops(probes[i]), objective)]
+            board.offer(space, [probes[i] for i in admitted], [dropped[i] for i in admitted])
+    return drop.reshape(len(space.searched), 2)
 
 
 def sensitivity_prior(drop: np.ndarray, choices: int, objective: str, strength: float = 3.0) -> np.ndarray:
@@ -84,20 +89,24 @@ class PolicyAgent:
         return [self.space.project(a.numpy(), self.objective) for a in actions]
 
     def step(self, evaluator: SimEvaluator, board: Leaderboard, method: str = "rl") -> int:
-        """Sample, score, offer to the board and learn; returns how many policies were requested."""
+        """Sample, score, offer to the board and learn; returns how many policies were requested. When the
+        evaluator's cap cuts the group short, the agent learns from the samples scored (their rewards are
+        standardized among themselves), and not at all from fewer than two."""
         distribution = self.network()
         actions = distribution.sample((self.group,))  # [group, layers, 2]
         log_prob = distribution.log_prob(actions).sum(dim=(1, 2))
         mode = distribution.probs.argmax(dim=-1)
         choices = [self.space.project(a.numpy(), self.objective) for a in list(actions) + [mode]]
         accuracies = evaluator.accuracies(choices, self.objective, method)
-        board.offer(self.space, choices, accuracies)
-        rewards = torch.tensor([self.sign * 100 * a for a in accuracies[: self.group]])
-        advantage = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
-        loss = -(advantage * log_prob).mean() - self.entropy_weight * distribution.entropy().sum()
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
+        board.offer(self.space, choices[: len(accuracies)], accuracies)
+        scored = min(len(accuracies), self.group)
+        if scored >= 2:
+            rewards = torch.tensor([self.sign * 100 * a for a in accuracies[:scored]])
+            advantage = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+            loss = -(advantage * log_prob[:scored]).mean() - self.entropy_weight * distribution.entropy().sum()
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
         return len(choices)
 
 
@@ -120,7 +129,8 @@ def random_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboar
     while evaluator.evaluations < max_evaluations and requests < 4 * max_evaluations:
         choices = [space.project(rng.integers(0, len(space.bits), size=(len(space.searched), 2)), objective)
                    for _ in range(GROUP)]
-        board.offer(space, choices, evaluator.accuracies(choices, objective, "random"))
+        accuracies = evaluator.accuracies(choices, objective, "random")
+        board.offer(space, choices[: len(accuracies)], accuracies)
         requests += GROUP
         progress(evaluator.evaluations, board.best_accuracy)
 
@@ -142,6 +152,7 @@ def greedy_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboar
         if not moves:
             break
         accuracies = evaluator.accuracies(moves, objective, "greedy")
+        moves = moves[: len(accuracies)]  # the cap may cut the last step's moves short
         scores = [board.key(a) for a in accuracies]
         admitted = [space.budget.admits(space.bitops(m), objective) for m in moves]
         board.offer(space, [m for m, ok in zip(moves, admitted) if ok], [a for a, ok in zip(accuracies, admitted) if ok])
@@ -153,21 +164,24 @@ def greedy_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboar
 
 def exhaustive_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: str,
                       max_evaluations: int, progress, **_) -> None:
-    """Every policy the budget admits, in an order that lets consecutive ones share their prefix."""
+    """Every policy the budget admits, in an order that lets consecutive ones share their prefix. A space
+    admitting more policies than --max-evaluations is refused rather than searched in part, since the
+    answer would then not be exhaustive."""
     if space.size > max_evaluations * 50:
         raise PtqauditError(
             f"exhaustive search over {space.size:,} policies is too large (limit {max_evaluations * 50:,} with "
             f"--max-evaluations {max_evaluations}); use fewer --bits or --layers, or another --method"
         )
-    progress(0, None, sum(1 for _ in _admitted(space, objective)))  # the total, for the progress bar
-    batch = []
-    for choice in _admitted(space, objective):
-        batch.append(choice)
-        if len(batch) == 4 * GROUP:
-            board.offer(space, batch, evaluator.accuracies(batch, objective, "exhaustive"))
-            progress(evaluator.evaluations, board.best_accuracy)
-            batch = []
-    if batch:
+    admitted = list(_admitted(space, objective))
+    if len(admitted) > max_evaluations:
+        raise PtqauditError(
+            f"exhaustive search of the {objective} case would score {len(admitted):,} policies (those the budget "
+            f"admits), more than --max-evaluations {max_evaluations}; raise it, use fewer --bits or --layers, or "
+            "another --method"
+        )
+    progress(0, None, len(admitted))  # the total, for the progress bar
+    for start in range(0, len(admitted), 4 * GROUP):
+        batch = admitted[start : start + 4 * GROUP]
         board.offer(space, batch, evaluator.accuracies(batch, objective, "exhaustive"))
         progress(evaluator.evaluations, board.best_accuracy)
 

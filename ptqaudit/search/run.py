@@ -134,7 +134,7 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
     boards = {}
     for objective in objectives:
         board = Leaderboard(objective, config.verify_top)
-        evaluator.start_count()
+        evaluator.start_count(config.max_evaluations)
         scope = ("every policy the budget admits" if config.method == "exhaustive"
                  else f"up to {config.max_evaluations} policies")
         echo(f"searching the {objective} case: {config.method}, {scope} scored by the simulator on {len(search_set)} images")
