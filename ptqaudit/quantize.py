@@ -12,6 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from .arithmetic import activation_code_max, quantize_weight
 from .errors import PtqauditError
 from .onnx_graph import Layer, LoadedModel, node_attribute, upgrade_opset
 from .policy import LayerQuant, ResolvedPolicy
@@ -20,31 +21,6 @@ from .runs import write_atomic
 ORT_QUANTIZER = "onnxruntime.quantize_dynamic"
 REWRITE = "ptqaudit-rewrite"
 MIN_OPSET = 11  # DynamicQuantizeLinear, Round and Clip-with-inputs all need opset 11
-
-
-def weight_code_limit(bits: int) -> int:
-    """Largest |code| of a b-bit symmetric weight. 7 bits is ONNX Runtime's reduce_range grid,
-    whose codes run from -64 to 64 (scale max|w| / 64), so a w7 policy means the same on every path."""
-    return 64 if bits == 7 else 2 ** (bits - 1) - 1
-
-
-def quantize_weight(weight: np.ndarray, bits: int, channel_axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric b-bit weight codes (int8) and float32 scales, per tensor (channel_axis None) or per
-    slice along channel_axis. Mirrors onnxruntime.quantization's arithmetic: the scale is computed in
-    float64 and stored as float32, the codes are round-half-even(float32 w / float32 scale)."""
-    limit = weight_code_limit(bits)
-    weight = np.asarray(weight, dtype=np.float32)
-    if channel_axis is None:
-        absmax = np.abs(weight).max(keepdims=True)
-    else:
-        other_axes = tuple(a for a in range(weight.ndim) if a != channel_axis)
-        absmax = np.abs(weight).max(axis=other_axes, keepdims=True)
-    scale = (2.0 * absmax.astype(np.float64) / (2 * limit)).astype(np.float32)
-    # an all-zero weight (or channel) has no range: ORT then uses scale 1, which keeps every code 0
-    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale)
-    codes = np.clip(np.round(weight / scale), -limit, limit).astype(np.int8)
-    scales = scale.reshape(-1) if channel_axis is not None else scale.reshape(())
-    return codes, scales
 
 
 @dataclass
@@ -132,7 +108,7 @@ class _Rewriter:
         self.activation_cache[key] = (codes, scale, zero_point)
         if bits == 8:
             return [helper.make_node("DynamicQuantizeLinear", [tensor], [codes, scale, zero_point], name=f"{stem}_quantize")], (codes, scale, zero_point)
-        qmax = self.constant(f"{stem}_qmax", np.array(2**bits - 1, dtype=np.float32))
+        qmax = self.constant(f"{stem}_qmax", np.array(activation_code_max(bits), dtype=np.float32))
         zero = self.constant(f"{stem}_zero", np.array(0.0, dtype=np.float32))
         one = self.constant(f"{stem}_one", np.array(1.0, dtype=np.float32))
         n = f"{stem}_"

@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import ResolvedPolicy, load_policy, parse_policy
-from ptqaudit.quantize import ORT_QUANTIZER, REWRITE, quantize, quantize_weight, weight_code_limit
+from ptqaudit.arithmetic import quantize_weight, weight_code_limit
+from ptqaudit.quantize import ORT_QUANTIZER, REWRITE, quantize
 
 import numpy_reference as ref
 from reference_cases import CONV_CASES, conv_kwargs, ort_quantize_dynamic

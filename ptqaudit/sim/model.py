@@ -12,23 +12,23 @@ import torch
 import torch.nn as nn
 from onnx import numpy_helper
 
+from ..arithmetic import activation_code_max, activation_scale_zero_point, centered_activation_codes, weight_codes
 from ..errors import PtqauditError
-from ..kernels import AVX2_U8S8, EXACT, INT16_MAX, detect_kernel_family
+from ..kernels import AVX2_U8S8, EXACT, INT16_MAX, detect_kernel_family, largest_pair_sum, saturating_matmul
 from ..onnx_graph import Layer, LoadedModel, node_attribute, upgrade_opset
 from ..policy import LayerQuant, ResolvedPolicy
 from .ops import OPS, attributes, conv_forward
-from .quantizers import (
-    EXACT_FLOAT32_LIMIT,
-    accumulator_bound,
-    activation_scale_zero_point,
-    centered_activation_codes,
-    largest_pair_sum,
-    saturating_matmul,
-    weight_codes,
-)
 
 OPS_OPSET = 13  # the op handlers follow opset-13+ semantics; older graphs are converted first
 RANGES = ("batch", "sample")  # activation range over the whole batch (ORT), or per input (batch size 1)
+EXACT_FLOAT32_LIMIT = 2**24  # integers up to this magnitude, and sums of them, are exact in float32
+
+
+def accumulator_bound(codes: torch.Tensor, activation_bits: int, output_axis: int) -> float:
+    """Largest |int32 accumulator| any input can produce: sum of |weight codes| feeding one output
+    times the largest |activation code - zero point| (2^b - 1)."""
+    other = tuple(a for a in range(codes.dim()) if a != output_axis)
+    return float(codes.detach().abs().sum(dim=other).max()) * activation_code_max(activation_bits)
 
 
 class QuantLayer(nn.Module):
