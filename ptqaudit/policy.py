@@ -118,6 +118,21 @@ def _parse_setting(value, where: str, base: LayerQuant | None) -> LayerQuant | N
         raise PtqauditError(f"{where}: {exc}") from None
 
 
+def operand_bits(q: LayerQuant | None) -> tuple[int, int]:
+    """(weight bits, activation bits) a setting costs in BitOPs; fp32 (None) costs 32 bits per operand."""
+    return (FP32_BITS, FP32_BITS) if q is None else (q.weight_bits, q.activation_bits)
+
+
+def bitops_of(macs, weight_bits, activation_bits):
+    """BitOPs of `macs` multiply-accumulates at these operand widths (plain ints or NumPy arrays alike)."""
+    return macs * weight_bits * activation_bits
+
+
+def effective_bits_of(bitops: int, macs: int) -> float:
+    """sqrt(BitOPs / MACs): the width b at which a uniform WbAb policy costs `bitops`."""
+    return math.sqrt(bitops / macs)
+
+
 @dataclass(frozen=True)
 class Policy:
     """A policy as written: a default setting plus ordered per-layer rules (later rules win)."""
@@ -167,16 +182,11 @@ class ResolvedPolicy:
 
     def bitops(self, layers: list[Layer]) -> int:
         """Sum over layers of MACs * weight bits * activation bits, per input sample (fp32 = 32 bits)."""
-        total = 0
-        for layer in layers:
-            q = self.mapping[layer.name]
-            w, a = (q.weight_bits, q.activation_bits) if q else (FP32_BITS, FP32_BITS)
-            total += layer.macs * w * a
-        return total
+        return sum(bitops_of(layer.macs, *operand_bits(self.mapping[layer.name])) for layer in layers)
 
     def effective_bits(self, layers: list[Layer]) -> float:
         """sqrt(BitOPs / MACs): a uniform WbAb policy has b effective bits."""
-        return math.sqrt(self.bitops(layers) / sum(layer.macs for layer in layers))
+        return effective_bits_of(self.bitops(layers), sum(layer.macs for layer in layers))
 
     def to_dict(self) -> dict:
         return {name: (q.to_dict() if q else "fp32") for name, q in self.mapping.items()}
