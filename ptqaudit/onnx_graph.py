@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +132,19 @@ def _with_input_shape(model: onnx.ModelProto, shape: Sequence) -> onnx.ModelProt
     return fixed
 
 
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of the model that also returns the named intermediate tensors, as extra graph outputs
+    (untyped: ONNX Runtime takes their types from the graph)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    for name in names:
+        if name not in present:
+            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return exposed
+
+
 def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str], model_name: str) -> dict[str, tuple]:
     """Output shape of each named tensor: ONNX shape inference, or one ORT run of a zero input when
     inference leaves a non-batch dimension unknown (Slice/Reshape chains often defeat it).
@@ -157,12 +170,7 @@ def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str], 
         )
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(sized)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    probe = with_outputs(sized, names)
     sample_shape = [1 if is_free_dim(d) else d for d in input_shape]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
