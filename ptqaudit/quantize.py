@@ -14,7 +14,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from .arithmetic import activation_code_max, quantize_weight
 from .errors import PtqauditError
-from .onnx_graph import Layer, LoadedModel, node_attribute, upgrade_opset
+from .layer_kinds import KINDS
+from .onnx_graph import Layer, LoadedModel, upgrade_opset
 from .policy import LayerQuant, ResolvedPolicy
 from .runs import write_atomic
 
@@ -66,13 +67,13 @@ def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedM
                 weight_type=QuantType.QInt8,
                 per_channel=setting.per_channel,
                 reduce_range=setting.weight_bits == 7,
-                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                op_types_to_quantize=list(KINDS),
                 nodes_to_quantize=targets,
             )
         finally:
             logging.disable(logging.NOTSET)
         proto = onnx.load(str(out))
-    left_float = {n.name for n in proto.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")} & set(targets)
+    left_float = {n.name for n in proto.graph.node if n.op_type in KINDS} & set(targets)
     if left_float:
         raise PtqauditError(
             f"onnxruntime's quantize_dynamic left {len(left_float)} layer(s) of policy {policy.name} in float: "
@@ -135,16 +136,15 @@ class _Rewriter:
         return nodes, (codes, scale, zero_point)
 
     def integer_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
-        """Conv -> ConvInteger, MatMul / Gemm -> MatMulInteger, each followed by ORT's float epilogue:
+        """The layer kind's integer op (ConvInteger, MatMulInteger) followed by ORT's float epilogue:
         Cast(int32 accumulator) * (x_scale * w_scale) + bias."""
-        weight = numpy_helper.to_array(self.initializers[layer.weight_name]).astype(np.float32)
-        is_conv = node.op_type == "Conv"
-        if node.op_type == "Gemm" and node_attribute(node, "transB", 0):
-            weight = weight.T  # ORT's Gemm rewrite also multiplies by the transposed weight
-        channel_axis = (0 if is_conv else 1) if q.per_channel else None
-        w_codes, w_scale = quantize_weight(weight, q.weight_bits, channel_axis)
-        if is_conv and q.per_channel:
-            w_scale = w_scale.reshape(-1, *([1] * (weight.ndim - 2)))  # broadcast over [N, C, H, W]
+        kind = layer.kind
+        # ORT's Gemm rewrite also multiplies by the transposed weight
+        stored = numpy_helper.to_array(self.initializers[layer.weight_name]).astype(np.float32)
+        weight = kind.engine_weight(node, stored)
+        w_codes, w_scale = quantize_weight(weight, q.weight_bits, kind.output_axis if q.per_channel else None)
+        if q.per_channel:
+            w_scale = kind.along_output_channels(w_scale, weight.ndim)
         stem = f"{node.name}_w{q.weight_bits}a{q.activation_bits}"
         nodes, (x_codes, x_scale, x_zero_point) = self.quantize_activation(node.input[0], q.activation_bits)
         w_name = self.constant(f"{stem}_weight_codes", w_codes)
@@ -152,24 +152,18 @@ class _Rewriter:
         w_zero_point = self.constant(f"{stem}_weight_zero_point", np.array(0, dtype=np.int8))
         acc, acc_float, scales = f"{stem}_acc_int32", f"{stem}_acc_float", f"{stem}_scales"
         output = node.output[0]
-        has_bias = len(node.input) > 2 and node.input[2] != ""
-        product = f"{stem}_product" if has_bias else output
-        if is_conv:
-            conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            integer_op = helper.make_node("ConvInteger", [x_codes, w_name, x_zero_point, w_zero_point], [acc], name=f"{stem}_conv_integer", **conv_attrs)
-        else:
-            integer_op = helper.make_node("MatMulInteger", [x_codes, w_name, x_zero_point, w_zero_point], [acc], name=f"{stem}_matmul_integer")
+        bias = kind.bias_input(node)
+        product = f"{stem}_product" if bias else output
         nodes += [
             helper.make_node("Mul", [x_scale, w_scale_name], [scales], name=f"{stem}_scales"),
-            integer_op,
+            kind.integer_node(node, [x_codes, w_name, x_zero_point, w_zero_point], acc, stem),
             helper.make_node("Cast", [acc], [acc_float], to=TensorProto.FLOAT, name=f"{stem}_cast"),
             helper.make_node("Mul", [acc_float, scales], [product], name=f"{stem}_rescale"),
         ]
-        if has_bias:
-            bias = node.input[2]
-            if is_conv:
+        if bias:
+            if kind.channels_first:
                 bias_array = numpy_helper.to_array(self.initializers[bias]).astype(np.float32)
-                bias = self.constant(f"{stem}_bias", bias_array.reshape(-1, *([1] * (weight.ndim - 2))))
+                bias = self.constant(f"{stem}_bias", kind.along_output_channels(bias_array, weight.ndim))
             nodes.append(helper.make_node("Add", [product, bias], [output], name=f"{stem}_bias_add"))
         self.layer_tensors[node.name] = {
             "x_codes": x_codes, "x_scale": x_scale, "x_zero_point": x_zero_point,
