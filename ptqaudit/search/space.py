@@ -98,7 +98,7 @@ class SearchSpace:
                 target = choice[:, operand] + step
                 movable = (target >= 0) & (target < len(self.bits))
                 width_change = np.abs(self._bits[np.clip(target, 0, len(self.bits) - 1)] - self._bits[choice[:, operand]])
-                change[:, operand] = np.where(movable, width_change * other * self._macs, -1)
+                change[:, operand] = np.where(movable, bitops_of(self._macs, width_change, other), -1)
             layer, operand = np.unravel_index(np.argmax(change), change.shape)
             if change[layer, operand] <= 0:
                 raise PtqauditError("no policy within --bits meets the budget")  # check_budget prevents this
