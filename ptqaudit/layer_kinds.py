@@ -60,6 +60,10 @@ class LayerKind:
         """A per-output-channel vector shaped to broadcast against the layer's output."""
         return vector.reshape(-1, *([1] * (output_rank - 2))) if self.channels_first else vector
 
+    def ort_quantizer_name(self, name: str) -> str:
+        """The name by which onnxruntime's quantize_dynamic selects the layer named `name`."""
+        return name
+
     def integer_node(self, node: onnx.NodeProto, inputs: list[str], output: str, name: str) -> onnx.NodeProto:
         """The rewrite's integer op: (x codes, weight codes, x zero point, weight zero point) -> int32."""
         return helper.make_node("MatMulInteger", inputs, [output], name=f"{name}_matmul_integer")
@@ -110,6 +114,11 @@ class GemmKind(LayerKind):
 
     def transposed(self, node):
         return bool(node_attribute(node, "transB", 0))
+
+    def ort_quantizer_name(self, name):
+        # quantize_dynamic first turns each Gemm into a MatMul named "<gemm>_MatMul" plus an Add, and
+        # selects nodes by that new name: the Gemm's own name would silently leave it in float
+        return f"{name}_MatMul"
 
 
 KINDS: dict[str, LayerKind] = {kind.op_type: kind for kind in (ConvKind(), MatMulKind(), GemmKind())}

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import PtqauditError
+from .layer_kinds import KINDS
 from .onnx_graph import Layer
 
 BUILTIN_DIR = Path(__file__).parent / "policies"
@@ -25,7 +26,7 @@ FP32_BITS = 32  # what an unquantized layer costs per operand in BitOPs
 SETTING_KEYS = ("weight_bits", "activation_bits", "granularity")
 FILE_KEYS = ("description", "default", "layers")
 # selectors that name layers by position or op type instead of by node name
-SPECIAL_SELECTORS = ("@first", "@last", "@Conv", "@MatMul", "@Gemm")
+SPECIAL_SELECTORS = ("@first", "@last", *(f"@{op_type}" for op_type in KINDS))
 # Policy files may come from others, so what one may ask of the parser is bounded. An explicit policy
 # naming 2,000 layers is ~230 KiB, and pure-Python YAML parses a few hundred KiB a second at best.
 MAX_FILE_BYTES = 256 * 1024

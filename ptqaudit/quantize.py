@@ -53,10 +53,7 @@ def ort_quantizer_applies(model: LoadedModel, policy: ResolvedPolicy) -> bool:
 
 def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedModel:
     setting = next(iter(policy.quantized.values()))
-    # quantize_dynamic first turns each Gemm into a MatMul named "<gemm>_MatMul" plus an Add, and
-    # selects nodes by that new name: the Gemm's own name would silently leave it in float
-    kinds = {layer.name: layer.op_type for layer in model.layers}
-    targets = [f"{name}_MatMul" if kinds[name] == "Gemm" else name for name in policy.quantized]
+    targets = [model.layer(name).kind.ort_quantizer_name(name) for name in policy.quantized]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "quantized.onnx"
         logging.disable(logging.WARNING)  # its advice to pre-process the model is noise in a CLI
