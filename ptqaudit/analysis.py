@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 from PIL import Image
 
 from .data import DataConfig, Dataset, load_dataset
 from .errors import PtqauditError
 from .evaluate import make_session, predict
-from .onnx_graph import LoadedModel, load_model
+from .onnx_graph import LoadedModel, load_model, with_outputs
 from .policy import LayerQuant, ResolvedPolicy, load_policy
 from .predictions import accuracy
 from .progress import Progress
@@ -174,15 +173,9 @@ def low_bit_frequency(run: SearchRun, count: int) -> dict:
 def activation_ranges(model: LoadedModel, dataset: Dataset) -> np.ndarray:
     """[inputs, layers]: each input's activation range (max - min) at the input of every quantized layer,
     in full precision (ORT, the tensors made graph outputs), divided by that layer's median range."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    nodes = {node.name: node for node in proto.graph.node}
+    nodes = {node.name: node for node in model.proto.graph.node}
     names = list(dict.fromkeys(nodes[layer.name].input[0] for layer in model.layers))
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = make_session(proto)
+    session = make_session(with_outputs(model.proto, names))
     input_name = session.get_inputs()[0].name
     outputs = [o.name for o in session.get_outputs()]
     index = [outputs.index(n) for n in names]

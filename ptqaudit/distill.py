@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from .data import DataConfig, Dataset
 from .errors import PtqauditError
 from .evaluate import check_model_fits_data, make_session, predict
-from .onnx_graph import LoadedModel, load_model, node_attribute
+from .onnx_graph import LoadedModel, load_model
 from .policy import MAX_BITS, MIN_BITS, ResolvedPolicy, load_policy, policy_file_dict
 from .predictions import accuracy
 from .progress import track
@@ -83,18 +83,15 @@ class DistillConfig:
 
 def export_student(teacher: LoadedModel, sim: SimModel) -> onnx.ModelProto:
     """The teacher's graph with the student's layer weights and biases: same architecture, same file
-    layout, FP32 (Gemm weights go back to the teacher's transB orientation)."""
+    layout, FP32 (each weight goes back to its stored orientation, e.g. a transB Gemm's [N, K])."""
     proto = copy.deepcopy(teacher.proto)
     nodes = {node.name: node for node in proto.graph.node}
     trained = {}
     for layer in teacher.layers:
         node, module = nodes[layer.name], sim.quant_layer(layer.name)
-        weight = module.weight.detach().cpu().numpy()
-        if node.op_type == "Gemm" and node_attribute(node, "transB", 0):
-            weight = weight.T
-        trained[layer.weight_name] = weight
+        trained[layer.weight_name] = layer.kind.engine_weight(node, module.weight.detach().cpu().numpy())
         if module.bias is not None:
-            trained[node.input[2]] = module.bias.detach().cpu().numpy()
+            trained[layer.kind.bias_input(node)] = module.bias.detach().cpu().numpy()
     for init in proto.graph.initializer:
         if init.name in trained:
             value = trained[init.name].astype(numpy_helper.to_array(init).dtype)

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from .data import Dataset, check_input_shape
 from .errors import PtqauditError
 from .onnx_graph import LoadedModel, ort_errors, ort_failure
-from .policy import Policy, ResolvedPolicy
+from .policy import FP32_BITS, Policy, ResolvedPolicy, bitops_of
 from .predictions import Predictions, accuracy
 from .progress import track
 from .quantize import quantize
@@ -173,7 +173,7 @@ def evaluate(
     report = EvalReport(
         model=str(model.path), dataset=dataset.name, images=len(dataset), batch_size=batch_size, engine=engine,
         runtime=runtime_description(), device=device, fp32_accuracy=fp32_accuracy,
-        fp32_images_per_second=fp32.images_per_second(), fp32_bitops=32 * 32 * model.total_macs, fp32_sim=fp32_check,
+        fp32_images_per_second=fp32.images_per_second(), fp32_bitops=bitops_of(model.total_macs, FP32_BITS, FP32_BITS), fp32_sim=fp32_check,
     )
     if on_update:
         on_update(report)

@@ -4,7 +4,8 @@ ORT's u8 x s8 matrix kernels are not exact on every CPU. On x86-64 with AVX2 but
 with `vpmaddubsw`, which adds the products of consecutive pairs along K and saturates each pair sum to int16
 before the int32 accumulation; VNNI, AMX and ARM dot-product kernels accumulate exactly in int32. ConvInteger
 (im2col, then a u8 x u8 GEMM) is exact on both. A family names one of these arithmetics so that the simulator
-and the tests compute what ORT computes on the machine a model will be deployed to.
+and the tests compute what ORT computes on the machine a model will be deployed to. A new family goes
+here: its name, how to detect it, and its integer product (the simulator's layers call it).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import platform
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from .arithmetic import activation_code_max
 
 EXACT = "exact"
 AVX2_U8S8 = "avx2-u8s8"
@@ -22,6 +26,7 @@ KERNEL_FAMILIES = {
     AVX2_U8S8: "u8 x s8 products added in pairs along K with int16 saturation (x86-64 AVX2 without VNNI)",
 }
 INT16_MIN, INT16_MAX = -32768, 32767
+PAIR_CHUNK_ELEMENTS = 2**24  # pair sums held at once by the saturating product: bounds its memory
 
 # CPU flags (Linux /proc/cpuinfo names) that select ORT's exact u8 x s8 kernels on x86-64
 _VNNI_FLAGS = ("avx_vnni", "avx512_vnni", "amx_int8")
@@ -62,3 +67,34 @@ def cpu_description() -> str:
         pass
     extensions = [f for f in ("avx2", "avx512f", *_VNNI_FLAGS, "asimddp", "i8mm") if f in flags]
     return ", ".join(part for part in (model or machine, " ".join(extensions)) if part)
+
+
+def largest_pair_sum(codes: torch.Tensor, activation_bits: int) -> float:
+    """An upper bound of |a[2p] * w[2p, n] + a[2p+1] * w[2p+1, n]| over b-bit activation codes a and MatMul
+    weight codes [K, N]: below 2^15 the avx2-u8s8 family's int16 pair sums cannot saturate on this layer."""
+    magnitude = codes.detach().abs()
+    if magnitude.shape[0] % 2:
+        magnitude = torch.cat([magnitude, magnitude.new_zeros(1, magnitude.shape[1])])
+    return float((magnitude[0::2] + magnitude[1::2]).max()) * activation_code_max(activation_bits)
+
+
+def saturating_matmul(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum over p of clip(a[2p] * w[2p] + a[2p+1] * w[2p+1], int16): what MLAS's AVX2 u8 x s8 kernel
+    (vpmaddubsw) accumulates for uint8 codes [..., K] and int8 weight codes [K, N], K padded with zero
+    to even. Returned in float64, which holds the int32 sum exactly. Differentiable: saturated pairs
+    pass no gradient, as a clip does."""
+    rows = codes.reshape(-1, codes.shape[-1])
+    k = rows.shape[1]
+    if k % 2:
+        rows = torch.nn.functional.pad(rows, (0, 1))
+        weight = torch.nn.functional.pad(weight, (0, 0, 0, 1))
+    pairs = rows.reshape(rows.shape[0], -1, 2).transpose(0, 1)  # [P, M, 2]
+    weight_pairs = weight.reshape(-1, 2, weight.shape[1])  # [P, 2, N]
+    chunk = max(1, PAIR_CHUNK_ELEMENTS // max(1, rows.shape[0] * weight.shape[1]))
+    total = None
+    for start in range(0, pairs.shape[0], chunk):
+        # each pair sum is at most 2 * 255 * 127 in magnitude: exact in float32 before the clip
+        pair_sums = torch.bmm(pairs[start:start + chunk], weight_pairs[start:start + chunk])
+        part = pair_sums.clamp(INT16_MIN, INT16_MAX).double().sum(dim=0)
+        total = part if total is None else total + part
+    return total.reshape(*codes.shape[:-1], weight.shape[1])

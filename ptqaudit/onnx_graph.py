@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +13,7 @@ import onnx
 
 from .data import format_dim, format_shape, is_free_dim
 from .errors import PtqauditError
-
-QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
+from .layer_kinds import KINDS, LayerKind
 
 
 @dataclass(frozen=True)
@@ -29,13 +28,11 @@ class Layer:
     output_shape: tuple[int | str, ...]  # per inferred shapes; the batch dim stays symbolic
     macs: int  # multiply-accumulates for one input sample
     params: int  # weight and bias elements
+    output_channels: int  # what a per-channel weight scale runs along: Conv filters, MatMul/Gemm columns (N)
 
     @property
-    def output_channels(self) -> int:
-        """The axis a per-channel weight scale runs along: Conv filters, MatMul/Gemm columns."""
-        if self.op_type == "Conv":
-            return self.weight_shape[0]
-        return self.weight_shape[-1]
+    def kind(self) -> LayerKind:
+        return KINDS[self.op_type]
 
 
 @dataclass
@@ -132,6 +129,19 @@ def _with_input_shape(model: onnx.ModelProto, shape: Sequence) -> onnx.ModelProt
     return fixed
 
 
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of the model that also returns the named intermediate tensors, as extra graph outputs
+    (untyped: ONNX Runtime takes their types from the graph)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    for name in names:
+        if name not in present:
+            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return exposed
+
+
 def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str], model_name: str) -> dict[str, tuple]:
     """Output shape of each named tensor: ONNX shape inference, or one ORT run of a zero input when
     inference leaves a non-batch dimension unknown (Slice/Reshape chains often defeat it).
@@ -157,12 +167,7 @@ def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str], 
         )
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(sized)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    probe = with_outputs(sized, names)
     sample_shape = [1 if is_free_dim(d) else d for d in input_shape]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -199,44 +204,12 @@ def ort_failure(exc: Exception, model: str, doing: str) -> PtqauditError:
     return PtqauditError(f"onnxruntime cannot run {model} ({doing}): {message}")
 
 
-def _macs(node: onnx.NodeProto, weight_shape: tuple[int, ...], output_shape: tuple) -> int:
-    per_sample_out = int(np.prod([d for d in output_shape[1:]], dtype=np.int64))
-    if node.op_type == "Conv":
-        # every output element takes (Cin / group) * kernel products: weight is [Cout, Cin/group, kh, kw]
-        return per_sample_out * int(np.prod(weight_shape[1:]))
-    k = weight_shape[0]
-    if node.op_type == "Gemm" and node_attribute(node, "transB", 0):
-        k = weight_shape[1]
-    return per_sample_out * k
-
-
-def node_attribute(node: onnx.NodeProto, name: str, default):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
-
-
-def _weight_input(node: onnx.NodeProto, initializers: dict) -> str | None:
-    """Name of the constant weight a node multiplies by, or None when the node is not quantizable."""
-    if node.op_type == "Conv":
-        return node.input[1] if node.input[1] in initializers else None
-    if node.op_type == "MatMul":
-        weight = node.input[1]
-        return weight if weight in initializers and len(initializers[weight].dims) == 2 else None
-    if node.op_type == "Gemm":
-        # the integer rewrite multiplies A by a constant B; transA, alpha and beta other than 1 change that
-        plain = node_attribute(node, "transA", 0) == 0 and node_attribute(node, "alpha", 1.0) == 1.0 and node_attribute(node, "beta", 1.0) == 1.0
-        return node.input[1] if plain and node.input[1] in initializers else None
-    return None
-
-
 def find_layers(model: onnx.ModelProto, input_shape, model_name: str = "the model") -> list[Layer]:
     initializers = {init.name: init for init in model.graph.initializer}
     candidates = []
     for node in model.graph.node:
-        if node.op_type in QUANTIZABLE_OPS:
-            weight = _weight_input(node, initializers)
+        if node.op_type in KINDS:
+            weight = KINDS[node.op_type].weight_input(node, initializers)
             if weight is not None:
                 candidates.append((node, weight))
     unnamed = [n for n, _ in candidates if not n.name]
@@ -255,10 +228,10 @@ def find_layers(model: onnx.ModelProto, input_shape, model_name: str = "the mode
     shapes = _layer_output_shapes(model, input_shape, [n.output[0] for n, _ in candidates], model_name)
     layers = []
     for index, (node, weight) in enumerate(candidates):
+        kind = KINDS[node.op_type]
         weight_shape = tuple(int(d) for d in initializers[weight].dims)
-        bias_params = 0
-        if len(node.input) > 2 and node.input[2] in initializers:
-            bias_params = int(np.prod(initializers[node.input[2]].dims))
+        bias = kind.bias_input(node)
+        bias_params = int(np.prod(initializers[bias].dims)) if bias in initializers else 0
         output_shape = ("batch",) + tuple(shapes[node.output[0]][1:])
         layers.append(
             Layer(
@@ -268,8 +241,9 @@ def find_layers(model: onnx.ModelProto, input_shape, model_name: str = "the mode
                 weight_name=weight,
                 weight_shape=weight_shape,
                 output_shape=output_shape,
-                macs=_macs(node, weight_shape, output_shape),
+                macs=kind.macs(node, weight_shape, output_shape),
                 params=int(np.prod(weight_shape)) + bias_params,
+                output_channels=kind.output_channels(node, weight_shape),
             )
         )
     return layers

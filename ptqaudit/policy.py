@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import PtqauditError
+from .layer_kinds import KINDS
 from .onnx_graph import Layer
 
 BUILTIN_DIR = Path(__file__).parent / "policies"
@@ -25,7 +26,7 @@ FP32_BITS = 32  # what an unquantized layer costs per operand in BitOPs
 SETTING_KEYS = ("weight_bits", "activation_bits", "granularity")
 FILE_KEYS = ("description", "default", "layers")
 # selectors that name layers by position or op type instead of by node name
-SPECIAL_SELECTORS = ("@first", "@last", "@Conv", "@MatMul", "@Gemm")
+SPECIAL_SELECTORS = ("@first", "@last", *(f"@{op_type}" for op_type in KINDS))
 # Policy files may come from others, so what one may ask of the parser is bounded. An explicit policy
 # naming 2,000 layers is ~230 KiB, and pure-Python YAML parses a few hundred KiB a second at best.
 MAX_FILE_BYTES = 256 * 1024
@@ -118,6 +119,21 @@ def _parse_setting(value, where: str, base: LayerQuant | None) -> LayerQuant | N
         raise PtqauditError(f"{where}: {exc}") from None
 
 
+def operand_bits(q: LayerQuant | None) -> tuple[int, int]:
+    """(weight bits, activation bits) a setting costs in BitOPs; fp32 (None) costs 32 bits per operand."""
+    return (FP32_BITS, FP32_BITS) if q is None else (q.weight_bits, q.activation_bits)
+
+
+def bitops_of(macs, weight_bits, activation_bits):
+    """BitOPs of `macs` multiply-accumulates at these operand widths (plain ints or NumPy arrays alike)."""
+    return macs * weight_bits * activation_bits
+
+
+def effective_bits_of(bitops: int, macs: int) -> float:
+    """sqrt(BitOPs / MACs): the width b at which a uniform WbAb policy costs `bitops`."""
+    return math.sqrt(bitops / macs)
+
+
 @dataclass(frozen=True)
 class Policy:
     """A policy as written: a default setting plus ordered per-layer rules (later rules win)."""
@@ -167,16 +183,11 @@ class ResolvedPolicy:
 
     def bitops(self, layers: list[Layer]) -> int:
         """Sum over layers of MACs * weight bits * activation bits, per input sample (fp32 = 32 bits)."""
-        total = 0
-        for layer in layers:
-            q = self.mapping[layer.name]
-            w, a = (q.weight_bits, q.activation_bits) if q else (FP32_BITS, FP32_BITS)
-            total += layer.macs * w * a
-        return total
+        return sum(bitops_of(layer.macs, *operand_bits(self.mapping[layer.name])) for layer in layers)
 
     def effective_bits(self, layers: list[Layer]) -> float:
         """sqrt(BitOPs / MACs): a uniform WbAb policy has b effective bits."""
-        return math.sqrt(self.bitops(layers) / sum(layer.macs for layer in layers))
+        return effective_bits_of(self.bitops(layers), sum(layer.macs for layer in layers))
 
     def to_dict(self) -> dict:
         return {name: (q.to_dict() if q else "fp32") for name, q in self.mapping.items()}

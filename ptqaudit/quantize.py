@@ -12,39 +12,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from .arithmetic import activation_code_max, quantize_weight
 from .errors import PtqauditError
-from .onnx_graph import Layer, LoadedModel, node_attribute, upgrade_opset
+from .layer_kinds import KINDS
+from .onnx_graph import Layer, LoadedModel, upgrade_opset
 from .policy import LayerQuant, ResolvedPolicy
 from .runs import write_atomic
 
 ORT_QUANTIZER = "onnxruntime.quantize_dynamic"
 REWRITE = "ptqaudit-rewrite"
 MIN_OPSET = 11  # DynamicQuantizeLinear, Round and Clip-with-inputs all need opset 11
-
-
-def weight_code_limit(bits: int) -> int:
-    """Largest |code| of a b-bit symmetric weight. 7 bits is ONNX Runtime's reduce_range grid,
-    whose codes run from -64 to 64 (scale max|w| / 64), so a w7 policy means the same on every path."""
-    return 64 if bits == 7 else 2 ** (bits - 1) - 1
-
-
-def quantize_weight(weight: np.ndarray, bits: int, channel_axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric b-bit weight codes (int8) and float32 scales, per tensor (channel_axis None) or per
-    slice along channel_axis. Mirrors onnxruntime.quantization's arithmetic: the scale is computed in
-    float64 and stored as float32, the codes are round-half-even(float32 w / float32 scale)."""
-    limit = weight_code_limit(bits)
-    weight = np.asarray(weight, dtype=np.float32)
-    if channel_axis is None:
-        absmax = np.abs(weight).max(keepdims=True)
-    else:
-        other_axes = tuple(a for a in range(weight.ndim) if a != channel_axis)
-        absmax = np.abs(weight).max(axis=other_axes, keepdims=True)
-    scale = (2.0 * absmax.astype(np.float64) / (2 * limit)).astype(np.float32)
-    # an all-zero weight (or channel) has no range: ORT then uses scale 1, which keeps every code 0
-    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale)
-    codes = np.clip(np.round(weight / scale), -limit, limit).astype(np.int8)
-    scales = scale.reshape(-1) if channel_axis is not None else scale.reshape(())
-    return codes, scales
 
 
 @dataclass
@@ -76,10 +53,7 @@ def ort_quantizer_applies(model: LoadedModel, policy: ResolvedPolicy) -> bool:
 
 def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedModel:
     setting = next(iter(policy.quantized.values()))
-    # quantize_dynamic first turns each Gemm into a MatMul named "<gemm>_MatMul" plus an Add, and
-    # selects nodes by that new name: the Gemm's own name would silently leave it in float
-    kinds = {layer.name: layer.op_type for layer in model.layers}
-    targets = [f"{name}_MatMul" if kinds[name] == "Gemm" else name for name in policy.quantized]
+    targets = [model.layer(name).kind.ort_quantizer_name(name) for name in policy.quantized]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "quantized.onnx"
         logging.disable(logging.WARNING)  # its advice to pre-process the model is noise in a CLI
@@ -90,13 +64,13 @@ def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedM
                 weight_type=QuantType.QInt8,
                 per_channel=setting.per_channel,
                 reduce_range=setting.weight_bits == 7,
-                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                op_types_to_quantize=list(KINDS),
                 nodes_to_quantize=targets,
             )
         finally:
             logging.disable(logging.NOTSET)
         proto = onnx.load(str(out))
-    left_float = {n.name for n in proto.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")} & set(targets)
+    left_float = {n.name for n in proto.graph.node if n.op_type in KINDS} & set(targets)
     if left_float:
         raise PtqauditError(
             f"onnxruntime's quantize_dynamic left {len(left_float)} layer(s) of policy {policy.name} in float: "
@@ -132,7 +106,7 @@ class _Rewriter:
         self.activation_cache[key] = (codes, scale, zero_point)
         if bits == 8:
             return [helper.make_node("DynamicQuantizeLinear", [tensor], [codes, scale, zero_point], name=f"{stem}_quantize")], (codes, scale, zero_point)
-        qmax = self.constant(f"{stem}_qmax", np.array(2**bits - 1, dtype=np.float32))
+        qmax = self.constant(f"{stem}_qmax", np.array(activation_code_max(bits), dtype=np.float32))
         zero = self.constant(f"{stem}_zero", np.array(0.0, dtype=np.float32))
         one = self.constant(f"{stem}_one", np.array(1.0, dtype=np.float32))
         n = f"{stem}_"
@@ -159,16 +133,15 @@ class _Rewriter:
         return nodes, (codes, scale, zero_point)
 
     def integer_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
-        """Conv -> ConvInteger, MatMul / Gemm -> MatMulInteger, each followed by ORT's float epilogue:
+        """The layer kind's integer op (ConvInteger, MatMulInteger) followed by ORT's float epilogue:
         Cast(int32 accumulator) * (x_scale * w_scale) + bias."""
-        weight = numpy_helper.to_array(self.initializers[layer.weight_name]).astype(np.float32)
-        is_conv = node.op_type == "Conv"
-        if node.op_type == "Gemm" and node_attribute(node, "transB", 0):
-            weight = weight.T  # ORT's Gemm rewrite also multiplies by the transposed weight
-        channel_axis = (0 if is_conv else 1) if q.per_channel else None
-        w_codes, w_scale = quantize_weight(weight, q.weight_bits, channel_axis)
-        if is_conv and q.per_channel:
-            w_scale = w_scale.reshape(-1, *([1] * (weight.ndim - 2)))  # broadcast over [N, C, H, W]
+        kind = layer.kind
+        # ORT's Gemm rewrite also multiplies by the transposed weight
+        stored = numpy_helper.to_array(self.initializers[layer.weight_name]).astype(np.float32)
+        weight = kind.engine_weight(node, stored)
+        w_codes, w_scale = quantize_weight(weight, q.weight_bits, kind.output_axis if q.per_channel else None)
+        if q.per_channel:
+            w_scale = kind.along_output_channels(w_scale, weight.ndim)
         stem = f"{node.name}_w{q.weight_bits}a{q.activation_bits}"
         nodes, (x_codes, x_scale, x_zero_point) = self.quantize_activation(node.input[0], q.activation_bits)
         w_name = self.constant(f"{stem}_weight_codes", w_codes)
@@ -176,24 +149,18 @@ class _Rewriter:
         w_zero_point = self.constant(f"{stem}_weight_zero_point", np.array(0, dtype=np.int8))
         acc, acc_float, scales = f"{stem}_acc_int32", f"{stem}_acc_float", f"{stem}_scales"
         output = node.output[0]
-        has_bias = len(node.input) > 2 and node.input[2] != ""
-        product = f"{stem}_product" if has_bias else output
-        if is_conv:
-            conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            integer_op = helper.make_node("ConvInteger", [x_codes, w_name, x_zero_point, w_zero_point], [acc], name=f"{stem}_conv_integer", **conv_attrs)
-        else:
-            integer_op = helper.make_node("MatMulInteger", [x_codes, w_name, x_zero_point, w_zero_point], [acc], name=f"{stem}_matmul_integer")
+        bias = kind.bias_input(node)
+        product = f"{stem}_product" if bias else output
         nodes += [
             helper.make_node("Mul", [x_scale, w_scale_name], [scales], name=f"{stem}_scales"),
-            integer_op,
+            kind.integer_node(node, [x_codes, w_name, x_zero_point, w_zero_point], acc, stem),
             helper.make_node("Cast", [acc], [acc_float], to=TensorProto.FLOAT, name=f"{stem}_cast"),
             helper.make_node("Mul", [acc_float, scales], [product], name=f"{stem}_rescale"),
         ]
-        if has_bias:
-            bias = node.input[2]
-            if is_conv:
+        if bias:
+            if kind.channels_first:
                 bias_array = numpy_helper.to_array(self.initializers[bias]).astype(np.float32)
-                bias = self.constant(f"{stem}_bias", bias_array.reshape(-1, *([1] * (weight.ndim - 2))))
+                bias = self.constant(f"{stem}_bias", kind.along_output_channels(bias_array, weight.ndim))
             nodes.append(helper.make_node("Add", [product, bias], [output], name=f"{stem}_bias_add"))
         self.layer_tensors[node.name] = {
             "x_codes": x_codes, "x_scale": x_scale, "x_zero_point": x_zero_point,

@@ -106,22 +106,23 @@ def build_tiny_digits_model(head: str = "gemm", seed: int = 0) -> onnx.ModelProt
     return model
 
 
+def _saved_tiny_model(tmp_path: Path, file_name: str, head: str) -> Path:
+    path = tmp_path / "models" / file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(build_tiny_digits_model(head), str(path))
+    return path
+
+
 @pytest.fixture
 def tiny_digits_model(tmp_path) -> Path:
     """A Conv+Relu+Flatten+Gemm digits classifier saved as tmp_path/models/tiny.onnx."""
-    path = tmp_path / "models" / "tiny.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(build_tiny_digits_model("gemm"), str(path))
-    return path
+    return _saved_tiny_model(tmp_path, "tiny.onnx", "gemm")
 
 
 @pytest.fixture
 def tiny_matmul_model(tmp_path) -> Path:
     """The same classifier with a MatMul + Add head, saved as tmp_path/models/tiny_matmul.onnx."""
-    path = tmp_path / "models" / "tiny_matmul.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(build_tiny_digits_model("matmul"), str(path))
-    return path
+    return _saved_tiny_model(tmp_path, "tiny_matmul.onnx", "matmul")
 
 
 @pytest.fixture(scope="session")

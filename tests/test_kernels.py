@@ -8,8 +8,7 @@ import itertools
 import numpy as np
 import torch
 
-from ptqaudit.kernels import KERNEL_FAMILIES, cpu_description, detect_kernel_family
-from ptqaudit.sim.quantizers import largest_pair_sum
+from ptqaudit.kernels import KERNEL_FAMILIES, cpu_description, detect_kernel_family, largest_pair_sum
 
 
 def test_detected_family_is_the_one_ort_computes(ort_kernel_family):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -13,6 +12,8 @@ from onnxruntime.quantization import quant_utils
 
 import numpy_reference as ref
 from reference_cases import CONV_CASES, conv_kwargs, ort_quantize_dynamic
+
+from ptqaudit.onnx_graph import with_outputs
 
 OPSET = 17
 F32 = np.float32
@@ -59,18 +60,9 @@ def _run_quantized(qmodel, x):
         "w_scale": inits[base + "_scale"],
         "w_zp": inits[base + "_zero_point"],
     }
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(qmodel)
-    names = {
-        "x_codes": (dql.output[0], TensorProto.UINT8),
-        "x_scale": (dql.output[1], TensorProto.FLOAT),
-        "x_zp": (dql.output[2], TensorProto.UINT8),
-        "acc": (int_node.output[0], TensorProto.INT32),
-    }
-    for name, dtype in names.values():
-        exposed.graph.output.append(helper.make_tensor_value_info(name, dtype, None))
-    outs = _session(exposed, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(
-        ["y", *(n for n, _ in names.values())], {"x": x}
+    names = {"x_codes": dql.output[0], "x_scale": dql.output[1], "x_zp": dql.output[2], "acc": int_node.output[0]}
+    outs = _session(with_outputs(qmodel, names.values()), ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(
+        ["y", *names.values()], {"x": x}
     )
     got = dict(zip(names, outs[1:]))
     y_default = _session(qmodel, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(["y"], {"x": x})[0]
@@ -174,10 +166,7 @@ def test_conv_per_channel_against_ort_kernels(reduce_range, tmp_path):
     inits = {"Wq": codes, "Wzp": np.int8(0), "Ws": scales.reshape(-1, 1, 1), "B": b,
              "shape": np.array([1, -1, 1, 1], np.int64)}
     model = _model(nodes, inits, (3, 4, 6, 7))
-    exposed = [("x_q", TensorProto.UINT8), ("x_s", TensorProto.FLOAT), ("x_zp", TensorProto.UINT8),
-               ("acc", TensorProto.INT32)]
-    model.graph.output.extend([helper.make_tensor_value_info(n, t, None) for n, t in exposed])
-    sess = _session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    sess = _session(with_outputs(model, ["x_q", "x_s", "x_zp", "acc"]), ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     x = _x(rng, (3, 4, 6, 7))
     y, xq, xs, xzp, acc = sess.run(None, {"x": x})
     r = ref.conv_layer(x, w, b, bits_w, 8, True, **conv_kwargs(attrs))

@@ -87,6 +87,7 @@ def test_mixed_graph_keeps_only_constant_weight_layers_in_graph_order():
     assert by_name["conv_const"].output_channels == 4
     assert by_name["matmul_const"].output_channels == 32
     assert by_name["gemm_plain"].output_channels == 16
+    assert by_name["gemm_transB"].output_channels == 10  # B stored [N, K] = [10, 16]: N, not K
 
 
 @pytest.mark.parametrize("attrs", [{"alpha": 2.0}, {"beta": 0.5}, {"transA": 1}])
@@ -104,6 +105,7 @@ def test_plain_gemm_is_a_layer(attrs):
     proto = model(nodes, [vinfo("x", ["b", 16])], [vinfo("y", ["b", 10])], [init("w", weight_shape), init("bias", (10,))])
     (layer,) = find_layers(proto, ("b", 16))
     assert (layer.name, layer.macs, layer.params, layer.output_shape) == ("gemm", 16 * 10, 16 * 10 + 10, ("batch", 10))
+    assert layer.output_channels == 10  # N = the output width, whichever way B is stored
 
 
 def test_matmul_of_two_activations_is_not_a_layer():
@@ -162,9 +164,9 @@ def test_conv_macs_params_and_output_shape(cin, cout, group, kernel, stride, pad
     assert layer.weight_shape == (cout, cin // group, kh, kw)
 
 
-def test_output_shapes_fall_back_to_a_run_when_inference_cannot_tell():
-    """A Reshape whose target shape goes through float math defeats ONNX shape inference; the Conv's
-    output shape then comes from one ONNX Runtime run, and its MACs must still be right."""
+def _conv_behind_opaque_reshape(batch: str, weight_shape: tuple) -> onnx.ModelProto:
+    """x [batch, 1, 8, 8] -> Reshape to its own shape, computed through float math (which defeats ONNX
+    shape inference) -> Conv(weight_shape, pads 1) -> mean over H, W."""
     nodes = [
         helper.make_node("Shape", ["x"], ["s"], name="shape"),
         helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT, name="to_float"),
@@ -176,7 +178,13 @@ def test_output_shapes_fall_back_to_a_run_when_inference_cannot_tell():
         helper.make_node("Conv", ["r", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
         helper.make_node("ReduceMean", ["y"], ["out"], axes=[2, 3], keepdims=0, name="gap"),
     ]
-    proto = model(nodes, [vinfo("x", ["b", 1, 8, 8])], [vinfo("out", ["b", 4])], [init("w", (4, 1, 3, 3))], opset=13)
+    return model(nodes, [vinfo("x", [batch, 1, 8, 8])], [vinfo("out", [batch, 4])], [init("w", weight_shape)], opset=13)
+
+
+def test_output_shapes_fall_back_to_a_run_when_inference_cannot_tell():
+    """A Reshape whose target shape goes through float math defeats ONNX shape inference; the Conv's
+    output shape then comes from one ONNX Runtime run, and its MACs must still be right."""
+    proto = _conv_behind_opaque_reshape("b", (4, 1, 3, 3))
     inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     y_info = [vi for vi in inferred.graph.value_info if vi.name == "y"]
     fully_known = bool(y_info) and y_info[0].type.tensor_type.HasField("shape") and all(
@@ -247,18 +255,7 @@ def test_a_model_onnx_runtime_cannot_run_is_a_clear_error(tmp_path):
     """A Conv whose weight wants 2 input channels where the input has 1 passes the ONNX checker.
     Behind a Reshape that defeats shape inference, its output shape takes an ORT run, which fails:
     one line saying so, not an internal error."""
-    nodes = [
-        helper.make_node("Shape", ["x"], ["s"], name="shape"),
-        helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT, name="to_float"),
-        helper.make_node("Sqrt", ["sf"], ["sq"], name="sqrt"),
-        helper.make_node("Mul", ["sq", "sq"], ["sq2"], name="square"),
-        helper.make_node("Round", ["sq2"], ["sr"], name="round"),
-        helper.make_node("Cast", ["sr"], ["si"], to=TensorProto.INT64, name="to_int"),
-        helper.make_node("Reshape", ["x", "si"], ["r"], name="reshape"),
-        helper.make_node("Conv", ["r", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("ReduceMean", ["y"], ["out"], axes=[2, 3], keepdims=0, name="gap"),
-    ]
-    proto = model(nodes, [vinfo("x", ["N", 1, 8, 8])], [vinfo("out", ["N", 4])], [init("w", (4, 2, 3, 3))], opset=13)
+    proto = _conv_behind_opaque_reshape("N", (4, 2, 3, 3))
     path = tmp_path / "mismatch.onnx"
     onnx.save_model(proto, str(path))
     with pytest.raises(PtqauditError, match=r"onnxruntime cannot run .*mismatch.onnx \(finding its layers' shapes\): .*conv"):
@@ -336,15 +333,19 @@ def _with_external_location(proto: onnx.ModelProto, tensor_name: str, location: 
     return proto
 
 
+def _assert_refused(path: Path, proto: onnx.ModelProto) -> None:
+    """Reading the model saved at `path` is refused for external data that leaves its folder."""
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(PtqauditError, match="refusing.*outside"):
+        read_model(path)
+
+
 @pytest.mark.parametrize("location", ["../secret.bin", "sub/../../secret.bin", "/etc/passwd"])
 def test_external_data_outside_the_folder_is_refused(tmp_path, location):
     folder = tmp_path / "model"
     folder.mkdir()
     proto = _with_external_location(build_tiny_digits_model(), "fc_w", location, 256 * 10 * 4)
-    path = folder / "m.onnx"
-    path.write_bytes(proto.SerializeToString())
-    with pytest.raises(PtqauditError, match="refusing.*outside"):
-        read_model(path)
+    _assert_refused(folder / "m.onnx", proto)
 
 
 def test_external_data_symlink_leaving_the_folder_is_refused(tmp_path):
@@ -354,10 +355,7 @@ def test_external_data_symlink_leaving_the_folder_is_refused(tmp_path):
     secret.write_bytes(np.zeros(2560, np.float32).tobytes())
     (folder / "weights.bin").symlink_to(secret)
     proto = _with_external_location(build_tiny_digits_model(), "fc_w", "weights.bin", 256 * 10 * 4)
-    path = folder / "m.onnx"
-    path.write_bytes(proto.SerializeToString())
-    with pytest.raises(PtqauditError, match="refusing.*outside"):
-        read_model(path)
+    _assert_refused(folder / "m.onnx", proto)
 
 
 def test_external_data_in_a_constant_attribute_is_checked_too(tmp_path):
@@ -371,10 +369,7 @@ def test_external_data_in_a_constant_attribute_is_checked_too(tmp_path):
         entry = value.external_data.add()
         entry.key, entry.value = key, val
     proto.graph.node.insert(0, helper.make_node("Constant", [], ["unused_const"], name="const", value=value))
-    path = folder / "m.onnx"
-    path.write_bytes(proto.SerializeToString())
-    with pytest.raises(PtqauditError, match="refusing.*outside"):
-        read_model(path)
+    _assert_refused(folder / "m.onnx", proto)
 
 
 def test_external_data_in_the_same_folder_loads(tmp_path):

@@ -10,9 +10,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ptqaudit.onnx_graph import load_model
+from ptqaudit.arithmetic import quantize_weight, weight_code_limit
+from ptqaudit.onnx_graph import load_model, with_outputs
 from ptqaudit.policy import ResolvedPolicy, load_policy, parse_policy
-from ptqaudit.quantize import ORT_QUANTIZER, REWRITE, quantize, quantize_weight, weight_code_limit
+from ptqaudit.quantize import ORT_QUANTIZER, REWRITE, quantize
 
 import numpy_reference as ref
 from reference_cases import CONV_CASES, conv_kwargs, ort_quantize_dynamic
@@ -70,14 +71,7 @@ def _session(proto, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
 
 def _run(proto, x, extra=(), level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> dict:
     """Runs a model on x, exposing the named intermediate tensors as extra graph outputs."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(proto)
-    present = {o.name for o in exposed.graph.output}
-    for name in extra:
-        if name not in present:
-            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
-            present.add(name)
-    session = _session(exposed, level)
+    session = _session(with_outputs(proto, extra), level)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, {session.get_inputs()[0].name: x})))
 

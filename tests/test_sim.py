@@ -20,7 +20,7 @@ from ptqaudit.policy import LayerQuant, load_policy, parse_policy
 from ptqaudit.quantize import quantize
 from ptqaudit.sim.engine import sim_predict
 from ptqaudit.sim.model import SimModel
-from ptqaudit.sim.quantizers import activation_scale_zero_point, centered_activation_codes, weight_codes
+from ptqaudit.arithmetic import activation_scale_zero_point, centered_activation_codes, weight_codes
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = REPO / "sample_models" / "digits_cnn.onnx"

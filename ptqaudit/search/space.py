@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import PtqauditError
 from ..onnx_graph import Layer
-from ..policy import FP32_BITS, LayerQuant, ResolvedPolicy
+from ..policy import LayerQuant, ResolvedPolicy, bitops_of, effective_bits_of, operand_bits
 
 OBJECTIVES = ("worst", "best")
 WEIGHT, ACTIVATION = 0, 1  # operand axis of a choice array
@@ -28,7 +28,7 @@ class Budget:
         return cls(int(math.ceil(average_bits**2 * total_macs)))
 
     def effective_bits(self, total_macs: int) -> float:
-        return math.sqrt(self.bitops / total_macs)
+        return effective_bits_of(self.bitops, total_macs)
 
     def admits(self, bitops: int, objective: str) -> bool:
         return bitops >= self.bitops if objective == "worst" else bitops <= self.bitops
@@ -51,7 +51,7 @@ class SearchSpace:
         self._macs = np.array([layer.macs for layer in self.searched], dtype=np.int64)
         self._bits = np.array(self.bits, dtype=np.int64)
         pinned = [layer for layer in layers if layer not in self.searched]
-        self._pinned_bitops = sum(layer.macs * _operand_bits(base.mapping[layer.name]) for layer in pinned)
+        self._pinned_bitops = sum(bitops_of(layer.macs, *operand_bits(base.mapping[layer.name])) for layer in pinned)
         self.bitops_range = (self.bitops(self.uniform(0)), self.bitops(self.uniform(len(self.bits) - 1)))
 
     @property
@@ -63,7 +63,7 @@ class SearchSpace:
 
     def bitops(self, choice: np.ndarray) -> int:
         chosen = self._bits[choice]
-        return int(self._pinned_bitops + np.sum(self._macs * chosen[:, WEIGHT] * chosen[:, ACTIVATION]))
+        return int(self._pinned_bitops + np.sum(bitops_of(self._macs, chosen[:, WEIGHT], chosen[:, ACTIVATION])))
 
     def check_budget(self, objective: str) -> None:
         low, high = self.bitops_range
@@ -71,12 +71,12 @@ class SearchSpace:
         if objective == "worst" and high < self.budget.bitops:
             raise PtqauditError(
                 f"budget of {self.budget.effective_bits(total):.2f} effective bits is above what --bits "
-                f"{','.join(map(str, self.bits))} can reach ({math.sqrt(high / total):.2f}): no policy qualifies"
+                f"{','.join(map(str, self.bits))} can reach ({effective_bits_of(high, total):.2f}): no policy qualifies"
             )
         if objective == "best" and low > self.budget.bitops:
             raise PtqauditError(
                 f"budget of {self.budget.effective_bits(total):.2f} effective bits is below what --bits "
-                f"{','.join(map(str, self.bits))} can reach ({math.sqrt(low / total):.2f}): no policy qualifies"
+                f"{','.join(map(str, self.bits))} can reach ({effective_bits_of(low, total):.2f}): no policy qualifies"
             )
 
     def policy(self, choice: np.ndarray, name: str = "candidate") -> ResolvedPolicy:
@@ -98,16 +98,12 @@ class SearchSpace:
                 target = choice[:, operand] + step
                 movable = (target >= 0) & (target < len(self.bits))
                 width_change = np.abs(self._bits[np.clip(target, 0, len(self.bits) - 1)] - self._bits[choice[:, operand]])
-                change[:, operand] = np.where(movable, width_change * other * self._macs, -1)
+                change[:, operand] = np.where(movable, bitops_of(self._macs, width_change, other), -1)
             layer, operand = np.unravel_index(np.argmax(change), change.shape)
             if change[layer, operand] <= 0:
                 raise PtqauditError("no policy within --bits meets the budget")  # check_budget prevents this
             choice[layer, operand] += step
         return choice
-
-
-def _operand_bits(q: LayerQuant | None) -> int:
-    return FP32_BITS * FP32_BITS if q is None else q.weight_bits * q.activation_bits
 
 
 def layer_features(layers: list[Layer], weights: list[np.ndarray]) -> np.ndarray:

@@ -12,28 +12,29 @@ import torch
 import torch.nn as nn
 from onnx import numpy_helper
 
+from ..arithmetic import activation_code_max, activation_scale_zero_point, centered_activation_codes, weight_codes
 from ..errors import PtqauditError
-from ..kernels import AVX2_U8S8, EXACT, INT16_MAX, detect_kernel_family
-from ..onnx_graph import Layer, LoadedModel, node_attribute, upgrade_opset
+from ..kernels import AVX2_U8S8, EXACT, INT16_MAX, detect_kernel_family, largest_pair_sum, saturating_matmul
+from ..onnx_graph import Layer, LoadedModel, upgrade_opset
 from ..policy import LayerQuant, ResolvedPolicy
-from .ops import OPS, attributes, conv_forward
-from .quantizers import (
-    EXACT_FLOAT32_LIMIT,
-    accumulator_bound,
-    activation_scale_zero_point,
-    centered_activation_codes,
-    largest_pair_sum,
-    saturating_matmul,
-    weight_codes,
-)
+from .ops import OPS, attributes
 
 OPS_OPSET = 13  # the op handlers follow opset-13+ semantics; older graphs are converted first
 RANGES = ("batch", "sample")  # activation range over the whole batch (ORT), or per input (batch size 1)
+EXACT_FLOAT32_LIMIT = 2**24  # integers up to this magnitude, and sums of them, are exact in float32
+
+
+def accumulator_bound(codes: torch.Tensor, activation_bits: int, output_axis: int) -> float:
+    """Largest |int32 accumulator| any input can produce: sum of |weight codes| feeding one output
+    times the largest |activation code - zero point| (2^b - 1)."""
+    other = tuple(a for a in range(codes.dim()) if a != output_axis)
+    return float(codes.detach().abs().sum(dim=other).max()) * activation_code_max(activation_bits)
 
 
 class QuantLayer(nn.Module):
-    """One Conv / MatMul / Gemm layer; forward(x, setting) runs it in float (setting None) or as ORT's
-    integer kernel would: int codes, exact integer products, float32(acc) * (x_scale * w_scale) + bias."""
+    """One quantizable layer, its product given by its layer kind; forward(x, setting) runs it in float
+    (setting None) or as ORT's integer kernel would: int codes, exact integer products,
+    float32(acc) * (x_scale * w_scale) + bias."""
 
     def __init__(self, layer: Layer, attrs: dict, weight: np.ndarray, bias: np.ndarray | None,
                  nonnegative_input: bool = False, kernel_family: str = EXACT):
@@ -41,28 +42,21 @@ class QuantLayer(nn.Module):
         self.name = layer.name
         self.kernel_family = kernel_family  # the integer arithmetic of the CPU being simulated (kernels.py)
         self.nonnegative_input = nonnegative_input  # input comes from a ReLU: its minimum is known to be >= 0
-        self.is_conv = layer.op_type == "Conv"
+        self.kind = layer.kind
         self.attrs = attrs
         self.weight = nn.Parameter(torch.from_numpy(np.array(weight, dtype=np.float32)))
         self.bias = nn.Parameter(torch.from_numpy(np.array(bias, dtype=np.float32))) if bias is not None else None
         self._weight_cache: dict = {}
 
-    @property
-    def output_axis(self) -> int:
-        """Axis of the weight that indexes output channels: Conv filters, MatMul columns (K, N)."""
-        return 0 if self.is_conv else 1
-
     def _linear(self, x, weight, bias):
-        if self.is_conv:
-            return conv_forward(x, weight, bias, self.attrs)
-        y = torch.matmul(x, weight)
-        return y if bias is None else y + bias
+        return self.kind.float_product(x, weight, bias, self.attrs)
 
     def _weight_at(self, setting: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
         """Codes, scale, whether float32 sums stay exact, and whether this CPU's kernel saturates here."""
-        codes, scale = weight_codes(self.weight, setting.weight_bits, self.output_axis if setting.per_channel else None)
-        exact = accumulator_bound(codes, setting.activation_bits, self.output_axis) < EXACT_FLOAT32_LIMIT
-        saturates = (self.kernel_family == AVX2_U8S8 and not self.is_conv
+        output_axis = self.kind.output_axis
+        codes, scale = weight_codes(self.weight, setting.weight_bits, output_axis if setting.per_channel else None)
+        exact = accumulator_bound(codes, setting.activation_bits, output_axis) < EXACT_FLOAT32_LIMIT
+        saturates = (self.kernel_family == AVX2_U8S8 and self.kind.matrix_kernel
                      and largest_pair_sum(codes, setting.activation_bits) > INT16_MAX)
         return codes, scale, exact, saturates
 
@@ -94,14 +88,9 @@ class QuantLayer(nn.Module):
         else:  # sums could pass 2^24: accumulate in float64, exact like ORT's int32, then round as its Cast does
             acc = self._linear(x_codes.double(), w_codes.double(), None).float()
         # scales shaped to the output: per-sample x_scale on axis 0, per-channel w_scale on the channel axis
-        if self.is_conv:
-            x_scale = x_scale.reshape(x_scale.shape[0], *([1] * (acc.dim() - 1)))
-            w_scale = w_scale.reshape(1, -1, *([1] * (acc.dim() - 2)))
-            bias = None if self.bias is None else self.bias.reshape(1, -1, *([1] * (acc.dim() - 2)))
-        else:
-            x_scale = x_scale.reshape(x_scale.shape[0], *([1] * (acc.dim() - 1))) if ranges == "sample" else x_scale.reshape(())
-            w_scale = w_scale.reshape(-1)
-            bias = self.bias
+        x_scale = x_scale.reshape(x_scale.shape[0], *([1] * (acc.dim() - 1)))
+        w_scale = self.kind.along_output_channels(w_scale.reshape(-1), acc.dim())
+        bias = None if self.bias is None else self.kind.along_output_channels(self.bias, acc.dim())
         # in place: acc is a fresh tensor and neither op needs it for its gradient
         y = acc.mul_(x_scale * w_scale)
         return y if bias is None else y.add_(bias)
@@ -175,11 +164,9 @@ class SimModel(nn.Module):
         for node in graph.node:
             if node.name in layer_by_name:
                 layer = layer_by_name[node.name]
-                weight = initializers[layer.weight_name]
-                if node.op_type == "Gemm" and node_attribute(node, "transB", 0):
-                    weight = weight.T
-                has_bias = len(node.input) > 2 and node.input[2] != ""
-                bias = initializers[node.input[2]] if has_bias else None
+                weight = layer.kind.engine_weight(node, initializers[layer.weight_name])
+                bias_name = layer.kind.bias_input(node)
+                bias = initializers[bias_name] if bias_name else None
                 key = f"layer{layer.index}"
                 self.quant_layers[key] = QuantLayer(layer, attributes(node), weight, bias, node.input[0] in nonnegative,
                                                        self.kernel_family)

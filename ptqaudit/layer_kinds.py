@@ -1,0 +1,128 @@
+"""Layer kinds: for each quantizable ONNX op type, what quantizing one of its nodes means to every engine.
+
+A kind owns which input is the constant weight and when a node qualifies, the weight's orientation in
+the engines, the bias input, the output-channel axis, the MACs, the integer node of the ONNX rewrite
+and the float product the simulator runs. KINDS finds a kind by op type (as onnxruntime.quantization's
+registry does): a new layer kind is one class here and one entry in KINDS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from .sim.ops import conv_forward
+
+
+def node_attribute(node: onnx.NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+class LayerKind:
+    """A node multiplying its first input by a constant weight, optionally adding a bias (input 2)."""
+
+    op_type = ""
+    output_axis = 1  # axis of the weight, as the engines hold it, that indexes output channels
+    channels_first = False  # output channels on axis 1 of the output (else the last axis, where vectors broadcast)
+    matrix_kernel = True  # ORT runs it on the u8 x s8 matrix kernel, whose arithmetic depends on the CPU (kernels.py)
+
+    def weight_input(self, node: onnx.NodeProto, initializers: dict) -> str | None:
+        """Name of the constant weight the node multiplies by, or None when the node does not qualify."""
+        return node.input[1] if node.input[1] in initializers else None
+
+    def bias_input(self, node: onnx.NodeProto) -> str | None:
+        return node.input[2] if len(node.input) > 2 and node.input[2] != "" else None
+
+    def transposed(self, node: onnx.NodeProto) -> bool:
+        """Whether the stored weight is the transpose of what the engines multiply by."""
+        return False
+
+    def engine_weight(self, node: onnx.NodeProto, weight):
+        """The stored weight as the engines multiply by it; applied again, it gives back the stored layout."""
+        return weight.T if self.transposed(node) else weight
+
+    def engine_shape(self, node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return weight_shape[::-1] if self.transposed(node) else weight_shape
+
+    def output_channels(self, node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> int:
+        return self.engine_shape(node, weight_shape)[self.output_axis]
+
+    def macs(self, node: onnx.NodeProto, weight_shape: tuple[int, ...], output_shape: tuple) -> int:
+        """Multiply-accumulates per sample: every output element takes K products (engine weight [K, N])."""
+        return _per_sample(output_shape) * self.engine_shape(node, weight_shape)[0]
+
+    def along_output_channels(self, vector, output_rank: int):
+        """A per-output-channel vector shaped to broadcast against the layer's output."""
+        return vector.reshape(-1, *([1] * (output_rank - 2))) if self.channels_first else vector
+
+    def ort_quantizer_name(self, name: str) -> str:
+        """The name by which onnxruntime's quantize_dynamic selects the layer named `name`."""
+        return name
+
+    def integer_node(self, node: onnx.NodeProto, inputs: list[str], output: str, name: str) -> onnx.NodeProto:
+        """The rewrite's integer op: (x codes, weight codes, x zero point, weight zero point) -> int32."""
+        return helper.make_node("MatMulInteger", inputs, [output], name=f"{name}_matmul_integer")
+
+    def float_product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      attrs: dict) -> torch.Tensor:
+        """The simulator's product with the engine weight (float, or integer codes held in floats)."""
+        y = torch.matmul(x, weight)
+        return y if bias is None else y + bias
+
+
+class ConvKind(LayerKind):
+    op_type = "Conv"
+    output_axis = 0  # weight [Cout, Cin / group, *kernel]
+    channels_first = True
+    matrix_kernel = False  # ConvInteger (im2col, then a u8 x u8 GEMM) is exact on every CPU
+
+    def macs(self, node, weight_shape, output_shape):
+        # every output element takes (Cin / group) * kernel products
+        return _per_sample(output_shape) * int(np.prod(weight_shape[1:]))
+
+    def integer_node(self, node, inputs, output, name):
+        conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        return helper.make_node("ConvInteger", inputs, [output], name=f"{name}_conv_integer", **conv_attrs)
+
+    def float_product(self, x, weight, bias, attrs):
+        return conv_forward(x, weight, bias, attrs)
+
+
+class MatMulKind(LayerKind):
+    op_type = "MatMul"
+
+    def weight_input(self, node, initializers):
+        weight = super().weight_input(node, initializers)
+        return weight if weight is not None and len(initializers[weight].dims) == 2 else None
+
+
+class GemmKind(LayerKind):
+    """Y = A B + C with a constant B, [K, N], or [N, K] under transB=1 (as PyTorch exports Linear)."""
+
+    op_type = "Gemm"
+
+    def weight_input(self, node, initializers):
+        # the integer rewrite multiplies A by a constant B; transA, alpha and beta other than 1 change that
+        plain = (node_attribute(node, "transA", 0) == 0 and node_attribute(node, "alpha", 1.0) == 1.0
+                 and node_attribute(node, "beta", 1.0) == 1.0)
+        return super().weight_input(node, initializers) if plain else None
+
+    def transposed(self, node):
+        return bool(node_attribute(node, "transB", 0))
+
+    def ort_quantizer_name(self, name):
+        # quantize_dynamic first turns each Gemm into a MatMul named "<gemm>_MatMul" plus an Add, and
+        # selects nodes by that new name: the Gemm's own name would silently leave it in float
+        return f"{name}_MatMul"
+
+
+KINDS: dict[str, LayerKind] = {kind.op_type: kind for kind in (ConvKind(), MatMulKind(), GemmKind())}
+
+
+def _per_sample(output_shape: tuple) -> int:
+    return int(np.prod([d for d in output_shape[1:]], dtype=np.int64))
