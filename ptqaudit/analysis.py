@@ -18,7 +18,7 @@ from .errors import PtqauditError
 from .evaluate import make_session, predict
 from .onnx_graph import LoadedModel, load_model
 from .policy import LayerQuant, ResolvedPolicy, load_policy
-from .predictions import accuracy
+from .predictions import accuracy, drop_points
 from .progress import Progress
 from .quantize import quantize
 from .runs import (ANALYSIS, DISTILL_SUMMARY, SEARCH_RUN_FILE, SEARCH_SUMMARY, RunFolder, check_fields, input_identity,
@@ -147,7 +147,7 @@ def layer_sensitivity(meter: _Meter, run: SearchRun, base: ResolvedPolicy, refer
             mapping = dict(base.mapping)
             mapping[layer.name] = LayerQuant(bits, bits, setting.per_channel)
             acc = meter.accuracy(ResolvedPolicy(f"{layer.name}@{bits}", mapping))
-            rows.append({"layer": layer.name, "bits": bits, "accuracy": acc, "drop_points": 100 * (reference - acc)})
+            rows.append({"layer": layer.name, "bits": bits, "accuracy": acc, "drop_points": drop_points(reference, acc)})
     return rows
 
 
@@ -209,7 +209,7 @@ def per_input(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, relative_ran
         if members.any():
             fp_acc, low_acc = float(np.mean(fp32[members] == c)), float(np.mean(low[members] == c))
             classes.append({"class": name, "images": int(members.sum()), "fp32_accuracy": fp_acc,
-                            "worst_accuracy": low_acc, "drop_points": 100 * (fp_acc - low_acc)})
+                            "worst_accuracy": low_acc, "drop_points": drop_points(fp_acc, low_acc)})
     order = np.argsort(-range_score[flipped]) if flipped.any() else np.array([], dtype=int)
     flipped_index = np.flatnonzero(flipped)[order]
     return {
@@ -297,7 +297,7 @@ def corruptions(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, severities
             corrupted = Dataset(f"{raw.name}+{kind}{severity}", x.astype(np.float32), raw.y, raw.classes)
             fp_acc, low_acc = meter.accuracy(None, corrupted), meter.accuracy(worst, corrupted)
             rows.append({"corruption": kind, "severity": severity, "fp32_accuracy": fp_acc, "worst_accuracy": low_acc,
-                         "drop_points": 100 * (fp_acc - low_acc)})
+                         "drop_points": drop_points(fp_acc, low_acc)})
     return {"rows": rows}
 
 

@@ -22,6 +22,7 @@ from .errors import GateFailed, PtqauditError
 from .evaluate import DEVICES, ENGINES, EvalReport, evaluate
 from .onnx_graph import load_model
 from .policy import builtin_policy_names, load_policy
+from .predictions import drop_points
 from .quantize import quantize
 from .report import FORMATS, Gate, build, plots, render, report_inputs
 from .runs import write_atomic
@@ -595,17 +596,16 @@ def distill_command(teacher, data, data_root, download, split, limit, mean, std,
     click.echo(f"\n{mode} student of {teacher} | trained on {summary['train_images']} images of {summary['train_dataset']}, "
                f"{epochs} epochs | data {summary['dataset']}, {summary['images']} images | batch size {batch_size} | "
                f"policy {summary['policy_effective_bits']:.2f} effective bits (budget {budget_avg_bits})\n")
-    fp32 = summary["student_fp32_accuracy"]
-    rows = [["teacher fp32", summary["teacher_fp32_accuracy"], None],
-            ["teacher under the student's policy", summary["teacher_policy_accuracy"],
-             summary["teacher_fp32_accuracy"] - summary["teacher_policy_accuracy"]],
-            ["student fp32", fp32, None],
-            ["student under its policy", summary["student_policy_accuracy"], fp32 - summary["student_policy_accuracy"]],
-            ["student w8a8", summary["student_w8a8_accuracy"], fp32 - summary["student_w8a8_accuracy"]],
-            ["student, fresh search's worst case", summary["audit"]["worst_accuracy"],
-             fp32 - summary["audit"]["worst_accuracy"]]]
+    teacher, student = summary["teacher_fp32_accuracy"], summary["student_fp32_accuracy"]
+    rows = [["teacher fp32", teacher, None],  # (name, accuracy, the fp32 accuracy its drop is from)
+            ["teacher under the student's policy", summary["teacher_policy_accuracy"], teacher],
+            ["student fp32", student, None],
+            ["student under its policy", summary["student_policy_accuracy"], student],
+            ["student w8a8", summary["student_w8a8_accuracy"], student],
+            ["student, fresh search's worst case", summary["audit"]["worst_accuracy"], student]]
     click.echo(_table(["", "ORT accuracy", "drop (pts)"],
-                      [[name, f"{100 * acc:.2f}%", "" if drop is None else f"{100 * drop:+.2f}"] for name, acc, drop in rows],
+                      [[name, f"{100 * acc:.2f}%", "" if fp32 is None else f"{drop_points(fp32, acc):+.2f}"]
+                       for name, acc, fp32 in rows],
                       right={1, 2}))
     click.echo(f"\nsimulator = ORT on the student's policy: {100 * summary['sim_top1_agreement_with_ort']:.2f}% top-1")
     click.echo(f"student, policy and details in {output}/ (student.onnx, policy.yaml, summary.json, audit/)")

@@ -20,7 +20,7 @@ from .errors import PtqauditError
 from .evaluate import check_model_fits_data, make_session, predict
 from .onnx_graph import LoadedModel, load_model, node_attribute
 from .policy import MAX_BITS, MIN_BITS, ResolvedPolicy, load_policy, policy_file_dict
-from .predictions import accuracy
+from .predictions import accuracy, drop_points
 from .progress import track
 from .quantize import quantize
 from .runs import RunFolder, input_identity, write_atomic, write_json
@@ -308,11 +308,11 @@ def _verify(config, teacher, sim, policy, test, out: Path, train, history, train
         "student_fp32_accuracy": acc["student_fp32"],
         "student_policy_accuracy": acc["student_policy"],
         "student_w8a8_accuracy": acc["student_w8a8"],
-        "fp32_gap_points": 100 * (acc["teacher_fp32"] - acc["student_fp32"]),
-        "policy_drop_points": 100 * (acc["student_fp32"] - acc["student_policy"]),
-        "w8a8_drop_points": 100 * (acc["student_fp32"] - acc["student_w8a8"]),
+        "fp32_gap_points": drop_points(acc["teacher_fp32"], acc["student_fp32"]),
+        "policy_drop_points": drop_points(acc["student_fp32"], acc["student_policy"]),
+        "w8a8_drop_points": drop_points(acc["student_fp32"], acc["student_w8a8"]),
         "audit": {"run": "audit", "worst_accuracy": audit["worst"]["ort_accuracy"],
-                  "drop_points": 100 * (acc["student_fp32"] - audit["worst"]["ort_accuracy"]),
+                  "drop_points": drop_points(acc["student_fp32"], audit["worst"]["ort_accuracy"]),
                   "policy_file": "audit/worst.yaml", "evaluations": audit["worst"]["evaluations"]},
         "sim_top1_agreement_with_ort": agreement.top1_agreement,
         "history": history, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,

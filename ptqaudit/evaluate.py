@@ -14,7 +14,7 @@ from .data import Dataset, check_input_shape
 from .errors import PtqauditError
 from .onnx_graph import LoadedModel, ort_errors, ort_failure
 from .policy import Policy, ResolvedPolicy
-from .predictions import Predictions, accuracy
+from .predictions import Predictions, accuracy, drop_points
 from .progress import track
 from .quantize import quantize
 from .sim.engine import EngineAgreement, sim_predict
@@ -183,7 +183,7 @@ def evaluate(
         report.results.append(PolicyResult(
             policy=policy.name, description=policy.description, method=method,
             layers=applied.summary(), digest=applied.digest, accuracy=policy_accuracy,
-            drop_points=100.0 * (fp32_accuracy - policy_accuracy),
+            drop_points=drop_points(fp32_accuracy, policy_accuracy),
             agreement_with_fp32=accuracy(predictions.labels, fp32.labels),
             bitops=applied.bitops(model.layers), effective_bits=applied.effective_bits(model.layers),
             images_per_second=predictions.images_per_second(), sim=check,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .analysis import SearchRun
 from .errors import PtqauditError
+from .predictions import drop_points
 
 FORMATS = ("md", "html", "json", "junit")
 
@@ -32,7 +33,7 @@ class Gate:
 
     def checks(self, fp32: float, worst: float) -> list[dict]:
         """One entry per threshold: its name, the figure, and whether it holds."""
-        drop = 100 * (fp32 - worst)
+        drop = drop_points(fp32, worst)
         checks = []
         if self.max_drop is not None:
             checks.append({"name": f"worst-case drop <= {self.max_drop:g} points", "figure": "worst-case drop",
@@ -79,7 +80,7 @@ def headline(run: SearchRun, gate: Gate) -> dict:
         "model": str(run.model.path), "dataset": summary["dataset"], "images": summary["images"],
         "batch_size": summary["batch_size"], "budget_effective_bits": summary["budget"]["effective_bits"],
         "bits": summary["bits"], "method": summary["method"],
-        "fp32_accuracy": fp32, "worst_accuracy": worst, "worst_drop_points": 100 * (fp32 - worst),
+        "fp32_accuracy": fp32, "worst_accuracy": worst, "worst_drop_points": drop_points(fp32, worst),
         "best_accuracy": summary["best"]["ort_accuracy"] if "best" in summary else None,
         "spread_points": summary.get("spread_points"),
         "engine_agreement": min(c["sim_top1_agreement_with_ort"] for c in candidates),

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import PtqauditError
+from ..predictions import drop_points
 from .evaluator import Leaderboard, SimEvaluator
 from .space import ACTIVATION, WEIGHT, SearchSpace
 
@@ -50,7 +51,7 @@ def sensitivity(space: SearchSpace, evaluator: SimEvaluator, objective: str, boa
     scored = evaluator.accuracies([top] + probes, objective, "sensitivity")
     if len(scored) > 1:
         reference, *dropped = scored
-        drop[: len(dropped)] = np.maximum(100 * (reference - np.array(dropped)), 0)
+        drop[: len(dropped)] = np.maximum(drop_points(reference, np.array(dropped)), 0)
         if board is not None:
             admitted = [i for i in range(len(dropped)) if space.budget.admits(space.bitops(probes[i]), objective)]
             board.offer(space, [probes[i] for i in admitted], [dropped[i] for i in admitted])

@@ -16,7 +16,7 @@ from ..errors import PtqauditError
 from ..evaluate import check_model_fits_data, make_session, predict
 from ..onnx_graph import LoadedModel
 from ..policy import MAX_BITS, MIN_BITS, load_policy, policy_file_dict
-from ..predictions import accuracy
+from ..predictions import accuracy, drop_points
 from ..progress import Progress
 from ..quantize import quantize
 from ..runs import RunFolder, input_identity, write_atomic, write_json
@@ -182,7 +182,7 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
                        f"{budget.effective_bits(model.total_macs):.2f} effective bits: {100 * chosen.ort_accuracy:.2f}% on ORT")
         write_atomic(folder.path / f"{objective}.yaml", yaml.safe_dump(policy_file_dict(policy, description), sort_keys=False))
         summary[objective] = {
-            "ort_accuracy": chosen.ort_accuracy, "drop_points": 100 * (fp32_accuracy - chosen.ort_accuracy),
+            "ort_accuracy": chosen.ort_accuracy, "drop_points": drop_points(fp32_accuracy, chosen.ort_accuracy),
             "policy_file": f"{objective}.yaml", "evaluations": evaluations, "policy": chosen.layers,
             "candidates": [asdict(v) for v in verified],
         }
@@ -191,7 +191,7 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
             summary[objective]["dynamic"] = _dynamic(model, sim, search_set, dataset, config, space, board, verified,
                                                      objective, folder, fp32_accuracy, progress)
     if "worst" in boards and "best" in boards:
-        summary["spread_points"] = 100 * (summary["best"]["ort_accuracy"] - summary["worst"]["ort_accuracy"])
+        summary["spread_points"] = drop_points(summary["best"]["ort_accuracy"], summary["worst"]["ort_accuracy"])
     summary["total_seconds"] = time.perf_counter() - started
     write_json(folder.path / "summary.json", summary)
     return summary
@@ -210,7 +210,7 @@ def _dynamic(model, sim, search_set, dataset, config, space, board, verified, ob
     torch.save({"state_dict": router.state_dict(), "menu": [f"{objective}-menu-{v.rank}.yaml" for v in verified],
                 "per_batch": config.batch_size > 1}, buffer)
     write_atomic(folder.path / f"{objective}-router.pt", buffer.getvalue())
-    return {**asdict(result), "drop_points": 100 * (fp32_accuracy - result.ort_accuracy),
+    return {**asdict(result), "drop_points": drop_points(fp32_accuracy, result.ort_accuracy),
             "router_file": f"{objective}-router.pt", "routing": "per batch" if config.batch_size > 1 else "per input"}
 
 
