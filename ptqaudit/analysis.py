@@ -23,6 +23,7 @@ from .progress import Progress
 from .quantize import quantize
 from .runs import (ANALYSIS, DISTILL_SUMMARY, SEARCH_RUN_FILE, SEARCH_SUMMARY, RunFolder, check_fields, input_identity,
                    read_checked, read_json, write_json)
+from .search.space import OBJECTIVES
 
 ANALYSIS_FILE = "analysis.json"
 CORRUPTIONS = ("brightness", "contrast", "gaussian_noise", "jpeg")
@@ -305,20 +306,20 @@ def budget_curves(meter: _Meter, run: SearchRun, points: int) -> dict:
     """Accuracy versus budget from the policies the search scored: at each budget level the lowest-scoring
     worst-case policy costing at least it, and the highest-scoring best-case policy costing at most it,
     each re-measured on ORT (once: the meter remembers a policy it has measured)."""
-    trace = [r for r in RunFolder(run.path).read_trace() if "effective_bits" in r and r.get("objective") in ("worst", "best")]
+    trace = [r for r in RunFolder(run.path).read_trace() if "effective_bits" in r and r.get("objective") in OBJECTIVES]
     if not trace:
         return {"worst": [], "best": []}
     costs = [r["effective_bits"] for r in trace]
     levels = np.linspace(min(costs), max(costs), points)
-    curves = {"worst": [], "best": []}
-    for objective in ("worst", "best"):
+    curves = {objective: [] for objective in OBJECTIVES}
+    for objective in OBJECTIVES:
         records = [r for r in trace if r["objective"] == objective]
         for level in levels:
-            admitted = [r for r in records if (r["effective_bits"] >= level - 1e-9 if objective == "worst"
-                                               else r["effective_bits"] <= level + 1e-9)]
+            # a policy counts at a level within rounding of its own cost
+            admitted = [r for r in records if objective.admits(r["effective_bits"], level + objective.sign * 1e-9)]
             if not admitted:
                 continue
-            pick = (min if objective == "worst" else max)(admitted, key=lambda r: r["sim_accuracy"])
+            pick = objective.pick(admitted, lambda r: r["sim_accuracy"])
             curves[objective].append({"budget_effective_bits": float(level), "policy_effective_bits": pick["effective_bits"],
                                       "ort_accuracy": meter.accuracy(_policy_from_labels(run, pick["policy"])),
                                       "digest": pick["digest"]})

@@ -27,7 +27,7 @@ from .runs import RunFolder, input_identity, write_atomic, write_json
 from .search.evaluator import Leaderboard, SimEvaluator
 from .search.methods import PolicyAgent, sensitivity
 from .search.run import SearchConfig, run_search
-from .search.space import Budget, SearchSpace, layer_features
+from .search.space import Budget, Objective, SearchSpace, layer_features
 from .sim.engine import EngineAgreement, sim_predict, simulation_plan
 from .sim.model import SimModel
 
@@ -130,7 +130,7 @@ class _PolicyRound:
     def __call__(self, sim: SimModel, steps: int) -> tuple[ResolvedPolicy, float]:
         sim.eval()
         evaluator = SimEvaluator(sim, self.probe, self.batch_size, self.space, lambda records: None, {})
-        board = Leaderboard("worst", self.keep)
+        board = Leaderboard(Objective.WORST, self.keep)
         for _ in range(steps):
             self.agent.step(evaluator, board, method="distill")
         for candidate in board.ranked:
@@ -145,7 +145,7 @@ def _candidate_policies(policy: ResolvedPolicy, policy_round: _PolicyRound, spac
     a policy that led an earlier round, and a uniformly random one (projected onto the budget)."""
     pool = list(policy_round.pool.values())
     return [policy, space.policy(policy_round.agent.sample(1)[0]), space.policy(pool[rng.integers(len(pool))]),
-            space.policy(space.project(rng.integers(0, len(space.bits), size=(len(space.searched), 2)), "worst"))]
+            space.policy(space.project(rng.integers(0, len(space.bits), size=(len(space.searched), 2)), Objective.WORST))]
 
 
 def _training_policy(step: int, candidates: list[ResolvedPolicy], sim: SimModel, x: torch.Tensor,
@@ -187,7 +187,7 @@ def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, tes
     base = load_policy("w8a8").resolve(teacher.layers)
     budget = Budget.from_average_bits(config.budget_avg_bits, teacher.total_macs)
     space = SearchSpace(teacher.layers, base, config.bits, [layer.name for layer in teacher.layers], budget)
-    space.check_budget("worst")
+    space.check_budget(Objective.WORST)
     folder = RunFolder(config.output)
     if (folder.path / "run.json").exists():
         raise PtqauditError(f"{folder.path} already holds a run; use another -o folder")
@@ -210,8 +210,8 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     features = layer_features(space.searched, [sim.quant_layer(layer.name).weight.detach().cpu().numpy()
                                                for layer in space.searched])
     sim.eval()
-    drop = sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}), "worst")
-    agent = PolicyAgent(space, features, drop, "worst")
+    drop = sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}), Objective.WORST)
+    agent = PolicyAgent(space, features, drop, Objective.WORST)
     policy_round = _PolicyRound(agent, space, probe, config.batch_size)
     optimizer = torch.optim.Adam(sim.parameters(), lr=config.lr)
     ranges = simulation_plan(config.batch_size)[0]

@@ -17,7 +17,7 @@ from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import LayerQuant, ResolvedPolicy, load_policy
 from ptqaudit.quantize import quantize
 from ptqaudit.search.run import SearchConfig, run_search
-from ptqaudit.search.space import Budget, SearchSpace
+from ptqaudit.search.space import Budget, Objective, SearchSpace
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = str(REPO / "sample_models" / "digits_cnn.onnx")
@@ -35,7 +35,7 @@ def _space(model, bits=(2, 3, 4, 5, 6, 8), avg_bits=6.0, layers=None):
     return SearchSpace(model.layers, base, bits, names, Budget.from_average_bits(avg_bits, model.total_macs))
 
 
-@pytest.mark.parametrize("objective", ["worst", "best"])
+@pytest.mark.parametrize("objective", list(Objective))
 def test_projection_always_lands_inside_the_budget(digits, objective):
     space = _space(digits)
     rng = np.random.default_rng(0)
@@ -214,7 +214,7 @@ def test_sensitivity_prior_leans_the_right_way():
     from ptqaudit.search.methods import sensitivity_prior
 
     drop = np.array([[10.0, 0.0], [2.0, 5.0]])  # [layers, (weight, activation)] points lost at the lowest width
-    for objective, lowest_preferred in (("worst", True), ("best", False)):
+    for objective, lowest_preferred in ((Objective.WORST, True), (Objective.BEST, False)):
         prior = sensitivity_prior(drop, 4, objective)
         probabilities = np.exp(prior) / np.exp(prior).sum(axis=-1, keepdims=True)
         assert np.allclose(probabilities[0, 1], 0.25)  # insensitive operand: uniform
@@ -319,7 +319,7 @@ def test_exhaustive_search_refuses_a_space_larger_than_the_cap(tmp_path, tiny_di
     """Rather than a partial enumeration passed off as exhaustive; the message says how many policies."""
     model = load_model(tiny_digits_model)
     space = _space(model, bits=(2, 4, 8), avg_bits=5.0)
-    admitted = sum(space.budget.admits(space.bitops(np.array(flat).reshape(2, 2)), "worst")
+    admitted = sum(space.budget.admits(space.bitops(np.array(flat).reshape(2, 2)), Objective.WORST)
                    for flat in itertools.product(range(3), repeat=4))
     data = DataConfig(name="digits", limit=40)
     config = SearchConfig(model=str(tiny_digits_model), data=data, output=str(tmp_path / "run"), method="exhaustive",
@@ -346,8 +346,8 @@ def test_rl_step_cut_by_the_cap_learns_only_from_what_was_scored(tiny_digits_mod
     evaluator = SimEvaluator(SimModel(model).eval(), load_dataset(DataConfig(name="digits", limit=40)), 1, space,
                              records.extend, {})
     torch.manual_seed(0)
-    agent = PolicyAgent(space, np.zeros((2, 3), dtype=np.float32), np.zeros((2, 2)), "worst")
-    board = Leaderboard("worst", 20)
+    agent = PolicyAgent(space, np.zeros((2, 3), dtype=np.float32), np.zeros((2, 2)), Objective.WORST)
+    board = Leaderboard(Objective.WORST, 20)
 
     def parameters():
         return torch.cat([p.detach().flatten().clone() for p in agent.network.parameters()])

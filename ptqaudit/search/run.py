@@ -25,7 +25,7 @@ from ..sim.model import SimModel
 from .dynamic import dynamic_policy
 from .evaluator import Leaderboard, SimEvaluator
 from .methods import METHODS, SEARCHES
-from .space import OBJECTIVES, Budget, SearchSpace, layer_features
+from .space import OBJECTIVES, Budget, Objective, SearchSpace, layer_features
 
 
 @dataclass
@@ -104,7 +104,7 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
     budget = (Budget(config.budget_bitops) if config.budget_bitops is not None
               else Budget.from_average_bits(config.budget_avg_bits, model.total_macs))
     space = SearchSpace(model.layers, base, config.bits, _searched_layers(model, config.layers), budget)
-    objectives = OBJECTIVES if config.objective == "both" else (config.objective,)
+    objectives = OBJECTIVES if config.objective == "both" else (Objective(config.objective),)
     for objective in objectives:
         space.check_budget(objective)
 
@@ -115,7 +115,7 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
 
 
 def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_data: Dataset | None,
-            folder: RunFolder, space: SearchSpace, budget: Budget, objectives: tuple[str, ...], resume: bool,
+            folder: RunFolder, space: SearchSpace, budget: Budget, objectives: tuple[Objective, ...], resume: bool,
             progress: bool, echo) -> dict:
     """Search, verify and write the results: run_search's work, done while it holds the run folder."""
     memo = {r["digest"]: r["sim_accuracy"] for r in folder.read_trace()} if resume else {}
@@ -214,7 +214,7 @@ def _dynamic(model, sim, search_set, dataset, config, space, board, verified, ob
             "router_file": f"{objective}-router.pt", "routing": "per batch" if config.batch_size > 1 else "per input"}
 
 
-def _verify(model, dataset, config, space, sim, board: Leaderboard, objective: str, progress) -> list[Verified]:
+def _verify(model, dataset, config, space, sim, board: Leaderboard, objective: Objective, progress) -> list[Verified]:
     """ORT accuracy of each leading candidate on the whole evaluation set, ranked by it."""
     results = []
     for candidate in board.ranked:
@@ -229,7 +229,7 @@ def _verify(model, dataset, config, space, sim, board: Leaderboard, objective: s
             bitops=candidate.bitops, effective_bits=policy.effective_bits(model.layers),
             layers={name: (q.label if q else "fp32") for name, q in policy.mapping.items()},
         ))
-    results.sort(key=lambda v: v.ort_accuracy if objective == "worst" else -v.ort_accuracy)
+    results.sort(key=lambda v: objective.key(v.ort_accuracy))
     for rank, result in enumerate(results, 1):
         result.rank = rank
     return results
