@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import onnx
 from PIL import Image
 
 from .data import DataConfig, Dataset, load_dataset
+from .distill import DistillSummary
 from .errors import PtqauditError
 from .evaluate import make_session, predict
 from .onnx_graph import LoadedModel, load_model
@@ -21,11 +23,13 @@ from .policy import LayerQuant, ResolvedPolicy, load_policy
 from .predictions import accuracy, drop_points
 from .progress import Progress
 from .quantize import quantize
-from .runs import (ANALYSIS, DISTILL_SUMMARY, SEARCH_RUN_FILE, SEARCH_SUMMARY, RunFolder, check_fields, input_identity,
-                   read_checked, read_json, write_json)
-from .search.space import OBJECTIVES
+from .runs import (ANALYSIS, SEARCH_RUN_FILE, RunFolder, check_fields, check_schema_version, input_identity, read_checked,
+                   read_json, write_json)
+from .search.run import SearchConfig, SearchSummary
+from .search.space import OBJECTIVES, Objective
 
 ANALYSIS_FILE = "analysis.json"
+ANALYSIS_VERSION = 1  # the layout of analysis.json; a reader refuses another
 CORRUPTIONS = ("brightness", "contrast", "gaussian_noise", "jpeg")
 # severity 1..5 parameters, after the CIFAR-10-C benchmark's (Hendrycks & Dietterich, 2019)
 SEVERITY_PARAMETERS = {
@@ -54,20 +58,39 @@ class SearchRun:
     """A search run folder as the report reads it (for a distill run: its audit/ search, plus its summary)."""
 
     path: Path
-    config: dict
-    summary: dict
+    config: SearchConfig
+    summary: SearchSummary
     model: LoadedModel
-    data: DataConfig
-    distill: dict | None = None  # the distill run's summary.json when the report is of a distill run
+    distill: DistillSummary | None = None  # when the report is of a distill run
+
+    @property
+    def data(self) -> DataConfig:
+        return self.config.data
 
     @property
     def batch_size(self) -> int:
-        return int(self.config["batch_size"])
+        return self.config.batch_size
 
-    def policy(self, objective: str) -> ResolvedPolicy | None:
-        if objective not in self.summary:
+    def policy(self, objective: Objective) -> ResolvedPolicy | None:
+        case = self.summary.case(objective)
+        if case is None:
             return None
-        return load_policy(str(self.path / self.summary[objective]["policy_file"])).resolve(self.model.layers)
+        return load_policy(str(self.path / case.policy_file)).resolve(self.model.layers)
+
+
+RUN_KINDS = ("search", "distill")
+
+
+def _run_kind(summary, where: Path) -> str:
+    """summary.json's kind of run. A file written before the field existed has none: a distill summary is
+    the one with a mode and an audit."""
+    if not isinstance(summary, dict):
+        return "search"  # SearchSummary.from_dict names what is wrong
+    kind = summary.get("kind", "distill" if "mode" in summary and "audit" in summary else "search")
+    if kind not in RUN_KINDS:
+        raise PtqauditError(f"{where}: field kind is {json.dumps(kind)[:40]}, expected {' or '.join(RUN_KINDS)}; "
+                            "the file was changed since ptqaudit wrote it")
+    return kind
 
 
 def load_run(run_dir: str | Path, model_path: str | None = None) -> SearchRun:
@@ -78,23 +101,21 @@ def load_run(run_dir: str | Path, model_path: str | None = None) -> SearchRun:
                             "or `ptqaudit distill`")
     summary = read_json(root / "summary.json")
     distill = None
-    if isinstance(summary, dict) and "mode" in summary and "audit" in summary:  # a distill run: report on its audit
-        check_fields(summary, DISTILL_SUMMARY, root / "summary.json")
-        distill, root = summary, root / summary["audit"]["run"]
+    if _run_kind(summary, root / "summary.json") == "distill":  # report on its audit, a search of the student
+        distill = DistillSummary.from_dict(summary, root / "summary.json")
+        root = root / distill.audit["run"]
         if model_path is None:
-            model_path = str(Path(run_dir) / summary["student_file"])
+            model_path = str(Path(run_dir) / distill.student_file)
         summary = read_json(root / "summary.json")
-    check_fields(summary, SEARCH_SUMMARY, root / "summary.json")
-    config = read_checked(root / "run.json", SEARCH_RUN_FILE)["config"]
-    path = model_path or config["model"]
+    search = SearchSummary.from_dict(summary, root / "summary.json")
+    config = SearchConfig.from_dict(read_checked(root / "run.json", SEARCH_RUN_FILE)["config"])
+    path = model_path or config.model
     if not Path(path).is_file():
         raise PtqauditError(f"model {path} named by {root / 'run.json'} not found (relative paths are read from the "
                             "current folder): pass --model PATH")
-    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
-    data = DataConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config["data"].items() if k in data_fields})
     # a model that leaves input dims symbolic takes them from one example of the run's data
-    model = load_model(path, lambda: load_dataset(dataclasses.replace(data, limit=1)).x.shape[1:])
-    return SearchRun(root, config, summary, model, data, distill)
+    model = load_model(path, lambda: load_dataset(dataclasses.replace(config.data, limit=1)).x.shape[1:])
+    return SearchRun(root, config, search, model, distill)
 
 
 class _Meter:
@@ -133,7 +154,7 @@ class _Meter:
 
 
 def _low_bits(run: SearchRun) -> list[int]:
-    bits = sorted(run.config["bits"])
+    bits = sorted(run.config.bits)
     return [b for b in bits if b < bits[-1]]
 
 
@@ -155,8 +176,8 @@ def layer_sensitivity(meter: _Meter, run: SearchRun, base: ResolvedPolicy, refer
 def low_bit_frequency(run: SearchRun, count: int) -> dict:
     """How often each layer has an operand below the top width among the worst policies the search found
     (its verified candidates and its lowest-scoring traced worst-case policies)."""
-    top = max(run.config["bits"])
-    policies = [c["layers"] for c in run.summary.get("worst", {}).get("candidates", [])]
+    top = max(run.config.bits)
+    policies = [c.layers for c in run.summary.worst.candidates] if run.summary.worst else []
     trace = [r for r in RunFolder(run.path).read_trace() if r.get("objective") == "worst" and "policy" in r]
     trace.sort(key=lambda r: r["sim_accuracy"])
     policies += [r["policy"] for r in trace[:count]]
@@ -333,13 +354,13 @@ def _policy_from_labels(run: SearchRun, labels: dict) -> ResolvedPolicy:
 
 def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, echo=print) -> dict:
     """Every measurement of the analysis on a class-balanced subset of the run's evaluation data."""
-    worst = run.policy("worst")
+    worst = run.policy(Objective.WORST)
     if worst is None:
         raise PtqauditError(f"{run.path} has no worst case (searched with --objective best): the vulnerability "
                             "analysis follows the worst policy")
     started = time.perf_counter()
     dataset = load_dataset(dataclasses.replace(run.data, limit=settings.limit))
-    base = load_policy(run.config.get("base_policy", "w8a8")).resolve(run.model.layers)
+    base = load_policy(run.config.base_policy).resolve(run.model.layers)
     jpeg_runs = 4 if dataset.x.shape[1] in (1, 3) else 3
     total = (len(run.model.layers) * len(_low_bits(run)) + 4 + len(settings.batch_sizes) + 3
              + 2 * jpeg_runs * len(settings.severities) + 2 * settings.budget_points)
@@ -349,10 +370,10 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
     fp32 = meter.accuracy(None)
     relative_ranges = activation_ranges(run.model, dataset)
     result = {
-        "settings": dataclasses.asdict(settings), "inputs": input_identity(run.model.path, [dataset]),
+        "schema_version": ANALYSIS_VERSION, "kind": "analysis", "settings": dataclasses.asdict(settings), "inputs": input_identity(run.model.path, [dataset]),
         "dataset": dataset.name, "images": len(dataset),
         "batch_size": run.batch_size, "fp32_accuracy": fp32, "worst_accuracy": meter.accuracy(worst),
-        "base_policy": run.config.get("base_policy", "w8a8"),
+        "base_policy": run.config.base_policy,
         "layer_sensitivity": layer_sensitivity(meter, run, base, fp32),
         "low_bit_frequency": low_bit_frequency(run, settings.worst_policies),
         "per_input": per_input(meter, run, worst, relative_ranges),
@@ -375,6 +396,7 @@ def cached_analysis(run: SearchRun, settings: AnalysisSettings) -> dict | None:
     if not path.is_file():
         return None
     stored = read_json(path)
+    check_schema_version(stored, path, ANALYSIS_VERSION, " (--recompute measures the analysis again)")
     as_stored = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
     if not isinstance(stored, dict) or stored.get("settings") != as_stored:
         return None

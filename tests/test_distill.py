@@ -118,7 +118,7 @@ def test_short_distillation_on_the_digits_model(tmp_path, digits, digits_data, m
     settings = {"epochs": 20, "lr": 2e-3, "quant_weight": 0.5} if mode == "detrimental" else {"epochs": 6}
     config = DistillConfig(teacher=DIGITS_MODEL, data=DataConfig("digits"), output=str(out), mode=mode,
                            policy_limit=200, policy_steps=3, audit_evaluations=45, **settings)
-    summary = run_distill(config, digits, train, test, progress=False, echo=lambda line: None)
+    summary = run_distill(config, digits, train, test, progress=False, echo=lambda line: None).to_dict()
 
     assert summary["student_fp32_accuracy"] == pytest.approx(_ort_accuracy(out / "student.onnx", test))
     assert summary["student_policy_accuracy"] == pytest.approx(

@@ -71,7 +71,7 @@ def _search(tmp_path, model, method, objective, **settings):
     config = SearchConfig(model=DIGITS_MODEL, data=DataConfig(name="digits", limit=len(dataset)),
                           output=str(tmp_path / f"{method}-{objective}"), method=method, objective=objective,
                           **settings)
-    return run_search(config, model, dataset, progress=False, echo=lambda m: None), dataset
+    return run_search(config, model, dataset, progress=False, echo=lambda m: None).to_dict(), dataset
 
 
 @pytest.mark.parametrize("objective", ["worst", "best"])
@@ -303,7 +303,7 @@ def test_max_evaluations_is_a_hard_cap(tmp_path, tiny_digits_model, method, cap)
         config = SearchConfig(model=str(tiny_digits_model), data=data, output=str(out), method=method,
                               objective=objective, max_evaluations=cap, bits=bits, budget_avg_bits=5.0, verify_top=1)
         try:
-            summary = run_search(config, model, dataset, progress=False, echo=lambda m: None)
+            summary = run_search(config, model, dataset, progress=False, echo=lambda m: None).to_dict()
         except PtqauditError as exc:  # too few evaluations to find a policy in the budget, or to be exhaustive
             assert "--max-evaluations" in str(exc), exc
             summary = None
@@ -327,7 +327,7 @@ def test_exhaustive_search_refuses_a_space_larger_than_the_cap(tmp_path, tiny_di
     with pytest.raises(PtqauditError, match=f"would score {admitted} policies .* more than --max-evaluations {admitted - 1}"):
         run_search(config, model, load_dataset(data), progress=False, echo=lambda m: None)
     config.max_evaluations, config.output = admitted, str(tmp_path / "run2")
-    summary = run_search(config, model, load_dataset(data), progress=False, echo=lambda m: None)
+    summary = run_search(config, model, load_dataset(data), progress=False, echo=lambda m: None).to_dict()
     assert summary["worst"]["evaluations"] == admitted == _scored_policies(tmp_path / "run2", "worst")[1]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import PtqauditError
 from ..onnx_graph import Layer
-from ..policy import FP32_BITS, LayerQuant, ResolvedPolicy
+from ..policy import FP32_BITS, MAX_BITS, MIN_BITS, LayerQuant, ResolvedPolicy
 
 
 
@@ -51,6 +51,12 @@ class Objective(StrEnum):
 
 OBJECTIVES = tuple(Objective)
 WEIGHT, ACTIVATION = 0, 1  # operand axis of a choice array
+
+
+def check_bits(bits: tuple[int, ...]) -> None:
+    """The --bits a layer's operands may choose from: at least one, each a width policies accept."""
+    if not bits or any(not MIN_BITS <= b <= MAX_BITS for b in bits):
+        raise PtqauditError(f"--bits must list widths from {MIN_BITS} to {MAX_BITS}, got {list(bits)}")
 
 
 @dataclass(frozen=True)
