@@ -178,7 +178,7 @@ def low_bit_frequency(run: SearchRun, count: int) -> dict:
     (its verified candidates and its lowest-scoring traced worst-case policies)."""
     top = max(run.config.bits)
     policies = [c.layers for c in run.summary.worst.candidates] if run.summary.worst else []
-    trace = [r for r in RunFolder(run.path).read_trace() if r.get("objective") == "worst" and "policy" in r]
+    trace = [r for r in RunFolder(run.path).read_trace() if r.get("objective") == Objective.WORST and "policy" in r]
     trace.sort(key=lambda r: r["sim_accuracy"])
     policies += [r["policy"] for r in trace[:count]]
     if not policies:

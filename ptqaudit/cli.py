@@ -18,16 +18,16 @@ from .analysis import AnalysisSettings, analyse, cached_analysis, load_run
 from .data import DataConfig, load_dataset
 from .distill import MODES, DistillConfig, run_distill
 from .errors import GateFailed, PtqauditError
-from .evaluate import DEVICES, ENGINES, EvalReport, evaluate
+from .evaluate import DEVICES, ENGINES, EVAL_COLUMNS, SIM_COLUMNS, EvalReport, evaluate, table_line
 from .onnx_graph import load_model
 from .policy import builtin_policy_names, load_policy
 from .quantize import quantize
 from .report import FORMATS, Gate, build, plots, render, report_inputs
 from .runs import write_atomic
-from .text import table
 from .search.methods import METHODS
 from .search.run import SearchConfig, run_search
-from .search.space import OBJECTIVES
+from .search.space import OBJECTIVES, Objective
+from .text import table
 
 EXIT_INTERNAL_ERROR = 3  # a bug in ptqaudit, kept apart from 1 (gate failed) and 2 (bad input)
 
@@ -251,41 +251,6 @@ def quantize_command(model, policy, output, force, input_shape, as_json):
                    f"{info['layers']}, {info['effective_bits']:.2f} effective bits")
 
 
-EVAL_COLUMNS = [("policy", None), ("accuracy", 9), ("drop (pts)", 10), ("agree w/ fp32", 13), ("BitOPs/img", 10),
-                ("eff. bits", 9), ("images/s", 9)]
-SIM_COLUMNS = [("sim = ort", 9), ("sim img/s", 9)]  # with --engine both: top-1 agreement and simulator speed
-
-
-def _si(value: float) -> str:
-    """A large count in engineering notation: 2.60G, 41.0M."""
-    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if value >= factor:
-            return f"{value / factor:.3g}{suffix}"
-    return f"{value:.3g}"
-
-
-def _eval_line(cells: list[str], columns: list, policy_width: int) -> str:
-    """One row of the eval table at fixed widths, so rows can be printed as each policy finishes."""
-    out = [cells[0].ljust(policy_width)]
-    out += [c.rjust(w) for c, (_, w) in zip(cells[1:-1], columns[1:])]
-    return "  ".join(out + [cells[-1]]).rstrip()
-
-
-def _sim_cells(check) -> list[str]:
-    return [f"{100 * check.top1_agreement_with_ort:.2f}%", f"{check.images_per_second:,.0f}"] if check else ["", ""]
-
-
-def _report_rows(report: EvalReport) -> list[list[str]]:
-    both = report.engine == "both"
-    rows = [["fp32", f"{100 * report.fp32_accuracy:.2f}%", "", "", _si(report.fp32_bitops), "32.00",
-             f"{report.fp32_images_per_second:,.0f}"] + (_sim_cells(report.fp32_sim) if both else []) + ["-"]]
-    for r in report.results:
-        rows.append([r.policy, f"{100 * r.accuracy:.2f}%", f"{r.drop_points:+.2f}", f"{100 * r.agreement_with_fp32:.2f}%",
-                     _si(r.bitops), f"{r.effective_bits:.2f}", f"{r.images_per_second:,.0f}"]
-                    + (_sim_cells(r.sim) if both else []) + [r.method])
-    return rows
-
-
 @cli.command(name="eval")
 @model_argument
 @data_options
@@ -321,17 +286,17 @@ def eval_command(model, data_config, policy_specs, batch_size, engine, device, t
 
     def print_new_rows(report: EvalReport) -> None:
         nonlocal printed
-        rows = _report_rows(report)
+        rows = report.rows()
         for row in rows[printed:]:
-            click.echo(_eval_line(row, columns, width))
+            click.echo(table_line(row, columns, width))
         printed = len(rows)
 
     if not as_json:
         source = {"ort": "ONNX Runtime", "sim": "the simulator (not ORT)", "both": "ONNX Runtime, simulator checked"}[engine]
         click.echo(f"model {model} | data {dataset.name}, {len(dataset)} images | batch size {batch_size} | "
                    f"numbers from {source}\n")
-        click.echo(_eval_line([name for name, _ in columns] + ["built by"], columns, width))
-        click.echo(_eval_line(["-" * width] + ["-" * w for _, w in columns[1:]] + ["-" * 8], columns, width))
+        click.echo(table_line([name for name, _ in columns] + ["built by"], columns, width))
+        click.echo(table_line(["-" * width] + ["-" * w for _, w in columns[1:]] + ["-" * 8], columns, width))
     report = evaluate(loaded, dataset, chosen, batch_size=batch_size, engine=engine, device=device, threads=threads,
                       progress=not no_progress, on_update=None if as_json else print_new_rows)
     if as_json:
@@ -394,7 +359,7 @@ def search_command(model, data_config, bits, budget_avg_bits, budget_bitops,
     if budget_avg_bits is None and budget_bitops is None:
         budget_avg_bits = SearchConfig.budget_avg_bits
     gate = Gate(max_drop, min_accuracy)
-    if gate.is_set and objective == "best":
+    if gate.is_set and objective == Objective.BEST:
         raise PtqauditError("--max-drop / --min-accuracy gate the worst case: search with --objective worst or both")
     if output is None:
         if resume:

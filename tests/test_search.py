@@ -363,3 +363,18 @@ def test_rl_step_cut_by_the_cap_learns_only_from_what_was_scored(tiny_digits_mod
     assert evaluator.evaluations == 5 and len(records) <= 6
     after = parameters()
     assert torch.isfinite(after).all() and not torch.equal(after, before)
+
+
+def test_objective_admits_and_ranks_as_its_definition_says():
+    """Worst: a floor, lower accuracy sought; best: a ceiling, higher accuracy sought."""
+    rng = np.random.default_rng(3)
+    for cost, budget, a, b in rng.integers(0, 5, size=(200, 4)):
+        assert Objective.WORST.admits(cost, budget) == (cost >= budget)
+        assert Objective.BEST.admits(cost, budget) == (cost <= budget)
+        assert Objective.WORST.better(a, b) == (a < b) and Objective.BEST.better(a, b) == (a > b)
+    values = rng.random((4, 6))
+    assert np.array_equal(Objective.WORST.extreme(values, axis=0), values.min(axis=0))
+    assert np.array_equal(Objective.BEST.extreme(values, axis=0), values.max(axis=0))
+    items = [("a", 0.5), ("b", 0.2), ("c", 0.9), ("d", 0.2), ("e", 0.9)]
+    assert Objective.WORST.pick(items, lambda i: i[1]) == ("b", 0.2)  # the first among equals
+    assert Objective.BEST.pick(items, lambda i: i[1]) == ("c", 0.9)
