@@ -88,7 +88,8 @@ def _run_kind(summary, where: Path) -> str:
         return "search"  # SearchSummary.from_dict names what is wrong
     kind = summary.get("kind", "distill" if "mode" in summary and "audit" in summary else "search")
     if kind not in RUN_KINDS:
-        raise PtqauditError(f"{where}: field kind is {json.dumps(kind)[:40]}, expected {' or '.join(RUN_KINDS)}; "
+        what = json.dumps(kind[:40]) if isinstance(kind, str) else "not a string"
+        raise PtqauditError(f"{where}: field kind is {what}, expected {' or '.join(RUN_KINDS)}; "
                             "the file was changed since ptqaudit wrote it")
     return kind
 

@@ -334,9 +334,12 @@ def check_schema_version(value, where: str | Path, supported: int, hint: str = "
     """Refuse a results file written in a layout this ptqaudit does not read. A file without schema_version
     was written before the field existed: version 1."""
     version = value.get("schema_version", 1) if isinstance(value, dict) else 1
-    if type(version) is not int or version != supported:
-        raise PtqauditError(f"{where}: schema_version {json.dumps(version)[:40]} is not one this ptqaudit reads "
-                            f"(it reads {supported}); use the ptqaudit version that wrote the file{hint}")
+    if type(version) is not int:
+        raise PtqauditError(f"{where}: field schema_version is {_kind_of(version)}, expected an integer; the file was "
+                            f"changed since ptqaudit wrote it{hint}")
+    if version != supported:
+        raise PtqauditError(f"{where}: schema_version {version} is not one this ptqaudit reads (it reads {supported}); "
+                            f"use the ptqaudit version that wrote the file{hint}")
 
 
 def known_fields(cls, values: dict) -> dict:

@@ -327,6 +327,10 @@ def test_a_results_file_of_an_unknown_schema_version_is_exit_2(finished_run, tmp
     (run / file).write_text(json.dumps(document))
     code, _, err = _report(capsys, run, tmp_path)
     assert code == 2 and f"{run / file}: schema_version 2 is not one this ptqaudit reads (it reads 1)" in err, err
+    document["schema_version"] = "1"
+    (run / file).write_text(json.dumps(document))
+    code, _, err = _report(capsys, run, tmp_path)
+    assert code == 2 and f"{run / file}: field schema_version is a string, expected an integer" in err, err
 
 
 def test_a_summary_of_an_unknown_kind_is_exit_2(finished_run, tmp_path, capsys):
