@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import sys
@@ -94,10 +95,20 @@ def data_options(f):
         click.option("--std", callback=_comma_list(float, "0.49,0.48,0.45"), default=None, help="Per-channel standard deviation to divide by, after --mean."),
     ]
 
+    def parse(data, data_root, download, split, limit, mean, std) -> DataConfig:
+        return DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download)
+
+    return _option_group(f, options, parse, "data_config")
+
+
+def _option_group(f, options: list, parse, into: str):
+    """Add `options` to command f, which receives their values parsed into one object, parse(**values), as
+    its argument `into` (the parameters of parse name the options' values)."""
+    names = list(inspect.signature(parse).parameters)
+
     @functools.wraps(f)
-    def command(*args, data, data_root, download, split, limit, mean, std, **kwargs):
-        data_config = DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download)
-        return f(*args, data_config=data_config, **kwargs)
+    def command(*args, **kwargs):
+        return f(*args, **{into: parse(**{name: kwargs.pop(name) for name in names})}, **kwargs)
 
     for option in reversed(options):
         command = option(command)
@@ -305,47 +316,64 @@ def eval_command(model, data_config, policy_specs, batch_size, engine, device, t
         click.echo(f"\n{report.runtime}, device {report.device}; drop = FP32 accuracy - policy accuracy, in points")
 
 
+def search_options(f):
+    """The search's settings, parsed into the keyword arguments of SearchConfig (its defaults shown), as
+    `search_settings`."""
+    options = [
+        click.option("--bits", callback=_comma_list(int, "2,4,8"), default=",".join(map(str, SearchConfig.bits)), show_default=True,
+                     help="Bit-widths each layer's weights and activations may take."),
+        click.option("--budget-avg-bits", type=click.FloatRange(min=1, max=32), default=None,
+                     help="Budget in effective bits, sqrt(BitOPs / MACs) [default: 6]. The worst case is searched at or "
+                          "above it, the best case at or below it."),
+        click.option("--budget-bitops", type=click.IntRange(min=1), default=None, help="Budget as absolute BitOPs per input instead."),
+        click.option("--objective", type=click.Choice([*map(str, OBJECTIVES), "both"]), default=SearchConfig.objective, show_default=True,
+                     help="Search the worst case, the best (robust) case, or both: their spread is the audit's headline."),
+        click.option("--method", type=click.Choice(METHODS), default=SearchConfig.method, show_default=True,
+                     help="rl: policy-gradient agent; random; greedy (one step at a time); exhaustive (small spaces)."),
+        click.option("--max-evaluations", type=click.IntRange(min=1), default=SearchConfig.max_evaluations, show_default=True,
+                     help="Distinct policies the search may score with the simulator, per objective: a hard cap, RL's "
+                          "sensitivity probes included (exhaustive refuses a space that admits more)."),
+        click.option("--base-policy", default=SearchConfig.base_policy, show_default=True,
+                     help="Policy giving each layer's weight granularity; its fp32 layers stay fp32."),
+        click.option("--layers", multiple=True, help="Search only these layers (name or glob, repeatable); "
+                     "the others keep the base policy's setting."),
+        click.option("--batch-size", "-b", type=click.IntRange(min=1), default=SearchConfig.batch_size, show_default=True,
+                     help="Deployment batch size: the activation range is measured over the whole batch."),
+        click.option("--search-limit", type=click.IntRange(min=1), default=SearchConfig.search_limit, show_default=True,
+                     help="Images (a class-balanced subset of the evaluation data) the simulator scores policies on."),
+        click.option("--search-split", type=click.Choice(["test", "train"]), default=None,
+                     help="Score candidates on this split of the data instead of the evaluation data, so the ORT numbers "
+                          "reported come from images the search never saw [default: the evaluation data]."),
+        click.option("--verify-top", type=click.IntRange(min=1), default=SearchConfig.verify_top, show_default=True,
+                     help="Leading candidates per objective measured on ONNX Runtime over the whole evaluation data."),
+        click.option("--dynamic", is_flag=True, help="Also audit an input-conditioned policy: a router that sends each input "
+                     "(or each batch, when --batch-size > 1) to one of the verified candidates, run on ORT by routing."),
+        click.option("--seed", type=int, default=SearchConfig.seed, show_default=True, help="Fixes every random choice of the search."),
+    ]
+
+    def parse(bits, budget_avg_bits, budget_bitops, objective, method, max_evaluations, base_policy, layers, batch_size,
+              search_limit, search_split, verify_top, dynamic, seed) -> dict:
+        if budget_avg_bits is None and budget_bitops is None:
+            budget_avg_bits = SearchConfig.budget_avg_bits
+        return dict(bits=bits, budget_avg_bits=budget_avg_bits, budget_bitops=budget_bitops, objective=objective,
+                    method=method, max_evaluations=max_evaluations, base_policy=base_policy, layers=layers,
+                    batch_size=batch_size, search_limit=search_limit, search_split=search_split, verify_top=verify_top,
+                    dynamic=dynamic, seed=seed)
+
+    return _option_group(f, options, parse, "search_settings")
+
+
 @cli.command(name="search")
 @model_argument
 @data_options
-@click.option("--bits", callback=_comma_list(int, "2,4,8"), default=",".join(map(str, SearchConfig.bits)), show_default=True,
-              help="Bit-widths each layer's weights and activations may take.")
-@click.option("--budget-avg-bits", type=click.FloatRange(min=1, max=32), default=None,
-              help="Budget in effective bits, sqrt(BitOPs / MACs) [default: 6]. The worst case is searched at or "
-                   "above it, the best case at or below it.")
-@click.option("--budget-bitops", type=click.IntRange(min=1), default=None, help="Budget as absolute BitOPs per input instead.")
-@click.option("--objective", type=click.Choice([*map(str, OBJECTIVES), "both"]), default=SearchConfig.objective, show_default=True,
-              help="Search the worst case, the best (robust) case, or both: their spread is the audit's headline.")
-@click.option("--method", type=click.Choice(METHODS), default=SearchConfig.method, show_default=True,
-              help="rl: policy-gradient agent; random; greedy (one step at a time); exhaustive (small spaces).")
-@click.option("--max-evaluations", type=click.IntRange(min=1), default=SearchConfig.max_evaluations, show_default=True,
-              help="Distinct policies the search may score with the simulator, per objective: a hard cap, RL's "
-                   "sensitivity probes included (exhaustive refuses a space that admits more).")
-@click.option("--base-policy", default=SearchConfig.base_policy, show_default=True,
-              help="Policy giving each layer's weight granularity; its fp32 layers stay fp32.")
-@click.option("--layers", "layer_globs", multiple=True, help="Search only these layers (name or glob, repeatable); "
-              "the others keep the base policy's setting.")
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Deployment batch size: the activation range is measured over the whole batch.")
-@click.option("--search-limit", type=click.IntRange(min=1), default=SearchConfig.search_limit, show_default=True,
-              help="Images (a class-balanced subset of the evaluation data) the simulator scores policies on.")
-@click.option("--search-split", type=click.Choice(["test", "train"]), default=None,
-              help="Score candidates on this split of the data instead of the evaluation data, so the ORT numbers "
-                   "reported come from images the search never saw [default: the evaluation data].")
-@click.option("--verify-top", type=click.IntRange(min=1), default=SearchConfig.verify_top, show_default=True,
-              help="Leading candidates per objective measured on ONNX Runtime over the whole evaluation data.")
-@click.option("--dynamic", is_flag=True, help="Also audit an input-conditioned policy: a router that sends each input "
-              "(or each batch, when --batch-size > 1) to one of the verified candidates, run on ORT by routing.")
-@click.option("--seed", type=int, default=SearchConfig.seed, show_default=True, help="Fixes every random choice of the search.")
+@search_options
 @click.option("--output", "-o", default=None, help="Run folder [default: runs/search-<model>-<time>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output, replaying what its trace holds.")
 @progress_option
 @gate_options
 @json_option
 @debug_option
-def search_command(model, data_config, bits, budget_avg_bits, budget_bitops,
-                   objective, method, max_evaluations, base_policy, layer_globs, batch_size, search_limit,
-                   search_split, verify_top, dynamic, seed, output, resume, no_progress, max_drop, min_accuracy, as_json):
+def search_command(model, data_config, search_settings, output, resume, no_progress, max_drop, min_accuracy, as_json):
     """Find the worst and best bit-width policies for MODEL within a budget (static ones, and with
     --dynamic an input-conditioned one): the simulator scores candidates on a subset of the data, ONNX
     Runtime measures the leading ones on all of it. Writes the run folder (run.json, trace.jsonl,
@@ -356,10 +384,8 @@ def search_command(model, data_config, bits, budget_avg_bits, budget_bitops,
     \b
       ptqaudit search sample_models/digits_cnn.onnx --budget-avg-bits 6 -o runs/digits-audit --max-drop 2
     """
-    if budget_avg_bits is None and budget_bitops is None:
-        budget_avg_bits = SearchConfig.budget_avg_bits
     gate = Gate(max_drop, min_accuracy)
-    if gate.is_set and objective == Objective.BEST:
+    if gate.is_set and search_settings["objective"] == Objective.BEST:
         raise PtqauditError("--max-drop / --min-accuracy gate the worst case: search with --objective worst or both")
     if output is None:
         if resume:
@@ -367,15 +393,11 @@ def search_command(model, data_config, bits, budget_avg_bits, budget_bitops,
         output = _default_run_folder("search", model)
     dataset = load_dataset(data_config)
     loaded = load_model(model, dataset.x.shape[1:])  # the data gives the dims a model may leave symbolic
+    config = SearchConfig(model=model, data=data_config, output=output, **search_settings)
     search_data = None
-    if search_split is not None and search_split != data_config.split:
+    if config.search_split is not None and config.search_split != data_config.split:
         # only the examples the search scores are kept: a limit on the evaluation data does not apply
-        search_data = load_dataset(dataclasses.replace(data_config, split=search_split, limit=search_limit))
-    config = SearchConfig(model=model, data=data_config, output=output, bits=bits, budget_avg_bits=budget_avg_bits,
-                          budget_bitops=budget_bitops, objective=objective, method=method,
-                          max_evaluations=max_evaluations, base_policy=base_policy, layers=layer_globs,
-                          batch_size=batch_size, search_limit=search_limit, search_split=search_split,
-                          verify_top=verify_top, seed=seed, dynamic=dynamic)
+        search_data = load_dataset(dataclasses.replace(data_config, split=config.search_split, limit=config.search_limit))
     echo = functools.partial(progress.write, err=as_json)
     try:
         summary = run_search(config, loaded, dataset, resume=resume, progress=not no_progress, echo=echo,
