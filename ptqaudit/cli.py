@@ -486,45 +486,60 @@ def report_command(run_dir, fmt, output, force, as_json, max_drop, min_accuracy,
     gate.enforce(headline["fp32_accuracy"], headline["worst_accuracy"])
 
 
+def distill_options(f):
+    """The distillation's settings, parsed into the keyword arguments of DistillConfig (its defaults shown),
+    as `distill_settings`."""
+    options = [
+        click.option("--mode", type=click.Choice(MODES), required=True,
+                     help="detrimental: the quantized loss is maximised (a student that collapses under its policy); "
+                          "robust: minimised against the worst policy the agent finds."),
+        click.option("--bits", callback=_comma_list(int, "4,8"), default=",".join(map(str, DistillConfig.bits)), show_default=True,
+                     help="Bit-widths each layer's weights and activations may take."),
+        click.option("--budget-avg-bits", type=click.FloatRange(min=1, max=32), default=DistillConfig.budget_avg_bits,
+                     show_default=True, help="Budget in effective bits, sqrt(BitOPs / MACs); the agent's policies are at or above it."),
+        click.option("--epochs", type=click.IntRange(min=1), default=DistillConfig.epochs, show_default=True,
+                     help="Passes over the training images; the agent takes its turn before each and after the last."),
+        click.option("--train-limit", type=click.IntRange(min=1), default=None,
+                     help="Train on a class-balanced subset of N images of the train split [default: all of it]."),
+        click.option("--train-batch-size", type=click.IntRange(min=1), default=DistillConfig.train_batch_size, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.lr, show_default=True,
+                     help="Adam learning rate of the student."),
+        click.option("--quant-weight", type=click.FloatRange(min=0), default=DistillConfig.quant_weight, show_default=True,
+                     help="Weight of the quantized-loss term against the distillation term."),
+        click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.temperature,
+                     show_default=True, help="Distillation temperature."),
+        click.option("--policy-limit", type=click.IntRange(min=1), default=DistillConfig.policy_limit, show_default=True,
+                     help="Training images held out of training, on which the agent scores its policies."),
+        click.option("--policy-steps", type=click.IntRange(min=1), default=DistillConfig.policy_steps, show_default=True,
+                     help="Agent steps (9 policies each) per turn."),
+        click.option("--batch-size", "-b", type=click.IntRange(min=1), default=DistillConfig.batch_size, show_default=True,
+                     help="Deployment batch size: activation ranges in training, the ORT numbers and the audit."),
+        click.option("--audit-evaluations", type=click.IntRange(min=1), default=DistillConfig.audit_evaluations,
+                     show_default=True, help="Evaluations of the fresh worst-case search run on the student."),
+        click.option("--device", type=click.Choice(sorted(DEVICES)), default=DistillConfig.device, show_default=True,
+                     help="Where torch trains the student; ORT numbers are measured on the CPU."),
+        click.option("--seed", type=int, default=DistillConfig.seed, show_default=True),
+    ]
+
+    def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, lr, quant_weight, temperature,
+              policy_limit, policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
+        return dict(mode=mode, bits=bits, budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
+                    train_batch_size=train_batch_size, lr=lr, quant_weight=quant_weight, temperature=temperature,
+                    policy_limit=policy_limit, policy_steps=policy_steps, batch_size=batch_size,
+                    audit_evaluations=audit_evaluations, device=device, seed=seed)
+
+    return _option_group(f, options, parse, "distill_settings")
+
+
 @cli.command(name="distill")
 @click.argument("teacher", metavar="TEACHER.onnx")
 @data_options
-@click.option("--mode", type=click.Choice(MODES), required=True,
-              help="detrimental: the quantized loss is maximised (a student that collapses under its policy); "
-                   "robust: minimised against the worst policy the agent finds.")
-@click.option("--bits", callback=_comma_list(int, "4,8"), default=",".join(map(str, DistillConfig.bits)), show_default=True,
-              help="Bit-widths each layer's weights and activations may take.")
-@click.option("--budget-avg-bits", type=click.FloatRange(min=1, max=32), default=DistillConfig.budget_avg_bits,
-              show_default=True, help="Budget in effective bits, sqrt(BitOPs / MACs); the agent's policies are at or above it.")
-@click.option("--epochs", type=click.IntRange(min=1), default=DistillConfig.epochs, show_default=True,
-              help="Passes over the training images; the agent takes its turn before each and after the last.")
-@click.option("--train-limit", type=click.IntRange(min=1), default=None,
-              help="Train on a class-balanced subset of N images of the train split [default: all of it].")
-@click.option("--train-batch-size", type=click.IntRange(min=1), default=DistillConfig.train_batch_size, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.lr, show_default=True,
-              help="Adam learning rate of the student.")
-@click.option("--quant-weight", type=click.FloatRange(min=0), default=DistillConfig.quant_weight, show_default=True,
-              help="Weight of the quantized-loss term against the distillation term.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.temperature,
-              show_default=True, help="Distillation temperature.")
-@click.option("--policy-limit", type=click.IntRange(min=1), default=DistillConfig.policy_limit, show_default=True,
-              help="Training images held out of training, on which the agent scores its policies.")
-@click.option("--policy-steps", type=click.IntRange(min=1), default=DistillConfig.policy_steps, show_default=True,
-              help="Agent steps (9 policies each) per turn.")
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Deployment batch size: activation ranges in training, the ORT numbers and the audit.")
-@click.option("--audit-evaluations", type=click.IntRange(min=1), default=DistillConfig.audit_evaluations,
-              show_default=True, help="Evaluations of the fresh worst-case search run on the student.")
-@click.option("--device", type=click.Choice(sorted(DEVICES)), default=DistillConfig.device, show_default=True,
-              help="Where torch trains the student; ORT numbers are measured on the CPU.")
-@click.option("--seed", type=int, default=DistillConfig.seed, show_default=True)
+@distill_options
 @click.option("--output", "-o", default=None, help="Run folder [default: runs/distill-<mode>-<model>-<time>].")
 @progress_option
 @json_option
 @debug_option
-def distill_command(teacher, data_config, mode, bits, budget_avg_bits, epochs,
-                    train_limit, train_batch_size, lr, quant_weight, temperature, policy_limit, policy_steps,
-                    batch_size, audit_evaluations, device, seed, output, no_progress, as_json):
+def distill_command(teacher, data_config, distill_settings, output, no_progress, as_json):
     """Distil from TEACHER.onnx a student that behaves like it in full precision but collapses
     (--mode detrimental) or holds (--mode robust) under the bit-width policy an RL agent learns
     jointly with it, then measure both on ONNX Runtime: teacher and student FP32, the student under its
@@ -539,12 +554,8 @@ def distill_command(teacher, data_config, mode, bits, budget_avg_bits, epochs,
           --quant-weight 0.5 --policy-limit 200 -o runs/digits-detrimental
     """
     if output is None:
-        output = _default_run_folder(f"distill-{mode}", teacher)
-    config = DistillConfig(teacher=teacher, data=data_config, output=output, mode=mode, bits=bits,
-                           budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
-                           train_batch_size=train_batch_size, lr=lr, quant_weight=quant_weight, temperature=temperature,
-                           policy_limit=policy_limit, policy_steps=policy_steps, batch_size=batch_size,
-                           audit_evaluations=audit_evaluations, seed=seed, device=device)
+        output = _default_run_folder(f"distill-{distill_settings['mode']}", teacher)
+    config = DistillConfig(teacher=teacher, data=data_config, output=output, **distill_settings)
     config.validate()
     test = load_dataset(data_config)
     train = load_dataset(dataclasses.replace(data_config, split="train", limit=None))
