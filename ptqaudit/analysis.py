@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,17 +14,21 @@ import numpy as np
 from PIL import Image
 
 from .data import DataConfig, Dataset, load_dataset
+from .distill import DistillSummary
 from .errors import PtqauditError
 from .evaluate import make_session, predict
 from .onnx_graph import LoadedModel, load_model, with_outputs
 from .policy import LayerQuant, ResolvedPolicy, load_policy
-from .predictions import accuracy
+from .predictions import accuracy, drop_points
 from .progress import Progress
 from .quantize import quantize
-from .runs import (ANALYSIS, DISTILL_SUMMARY, SEARCH_RUN_FILE, SEARCH_SUMMARY, RunFolder, check_fields, input_identity,
-                   read_checked, read_json, write_json)
+from .runs import (ANALYSIS, SEARCH_RUN_FILE, RunFolder, check_fields, check_schema_version, input_identity, read_checked,
+                   read_json, write_json)
+from .search.run import SearchConfig, SearchSummary
+from .search.space import OBJECTIVES, Objective
 
 ANALYSIS_FILE = "analysis.json"
+ANALYSIS_VERSION = 1  # the layout of analysis.json; a reader refuses another
 CORRUPTIONS = ("brightness", "contrast", "gaussian_noise", "jpeg")
 # severity 1..5 parameters, after the CIFAR-10-C benchmark's (Hendrycks & Dietterich, 2019)
 SEVERITY_PARAMETERS = {
@@ -52,20 +57,40 @@ class SearchRun:
     """A search run folder as the report reads it (for a distill run: its audit/ search, plus its summary)."""
 
     path: Path
-    config: dict
-    summary: dict
+    config: SearchConfig
+    summary: SearchSummary
     model: LoadedModel
-    data: DataConfig
-    distill: dict | None = None  # the distill run's summary.json when the report is of a distill run
+    distill: DistillSummary | None = None  # when the report is of a distill run
+
+    @property
+    def data(self) -> DataConfig:
+        return self.config.data
 
     @property
     def batch_size(self) -> int:
-        return int(self.config["batch_size"])
+        return self.config.batch_size
 
-    def policy(self, objective: str) -> ResolvedPolicy | None:
-        if objective not in self.summary:
+    def policy(self, objective: Objective) -> ResolvedPolicy | None:
+        case = self.summary.case(objective)
+        if case is None:
             return None
-        return load_policy(str(self.path / self.summary[objective]["policy_file"])).resolve(self.model.layers)
+        return load_policy(str(self.path / case.policy_file)).resolve(self.model.layers)
+
+
+RUN_KINDS = ("search", "distill")
+
+
+def _run_kind(summary, where: Path) -> str:
+    """summary.json's kind of run. A file written before the field existed has none: a distill summary is
+    the one with a mode and an audit."""
+    if not isinstance(summary, dict):
+        return "search"  # SearchSummary.from_dict names what is wrong
+    kind = summary.get("kind", "distill" if "mode" in summary and "audit" in summary else "search")
+    if kind not in RUN_KINDS:
+        what = json.dumps(kind[:40]) if isinstance(kind, str) else "not a string"
+        raise PtqauditError(f"{where}: field kind is {what}, expected {' or '.join(RUN_KINDS)}; "
+                            "the file was changed since ptqaudit wrote it")
+    return kind
 
 
 def load_run(run_dir: str | Path, model_path: str | None = None) -> SearchRun:
@@ -76,23 +101,21 @@ def load_run(run_dir: str | Path, model_path: str | None = None) -> SearchRun:
                             "or `ptqaudit distill`")
     summary = read_json(root / "summary.json")
     distill = None
-    if isinstance(summary, dict) and "mode" in summary and "audit" in summary:  # a distill run: report on its audit
-        check_fields(summary, DISTILL_SUMMARY, root / "summary.json")
-        distill, root = summary, root / summary["audit"]["run"]
+    if _run_kind(summary, root / "summary.json") == "distill":  # report on its audit, a search of the student
+        distill = DistillSummary.from_dict(summary, root / "summary.json")
+        root = root / distill.audit["run"]
         if model_path is None:
-            model_path = str(Path(run_dir) / summary["student_file"])
+            model_path = str(Path(run_dir) / distill.student_file)
         summary = read_json(root / "summary.json")
-    check_fields(summary, SEARCH_SUMMARY, root / "summary.json")
-    config = read_checked(root / "run.json", SEARCH_RUN_FILE)["config"]
-    path = model_path or config["model"]
+    search = SearchSummary.from_dict(summary, root / "summary.json")
+    config = SearchConfig.from_dict(read_checked(root / "run.json", SEARCH_RUN_FILE)["config"])
+    path = model_path or config.model
     if not Path(path).is_file():
         raise PtqauditError(f"model {path} named by {root / 'run.json'} not found (relative paths are read from the "
                             "current folder): pass --model PATH")
-    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
-    data = DataConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config["data"].items() if k in data_fields})
     # a model that leaves input dims symbolic takes them from one example of the run's data
-    model = load_model(path, lambda: load_dataset(dataclasses.replace(data, limit=1)).x.shape[1:])
-    return SearchRun(root, config, summary, model, data, distill)
+    model = load_model(path, lambda: load_dataset(dataclasses.replace(config.data, limit=1)).x.shape[1:])
+    return SearchRun(root, config, search, model, distill)
 
 
 class _Meter:
@@ -131,7 +154,7 @@ class _Meter:
 
 
 def _low_bits(run: SearchRun) -> list[int]:
-    bits = sorted(run.config["bits"])
+    bits = sorted(run.config.bits)
     return [b for b in bits if b < bits[-1]]
 
 
@@ -146,16 +169,16 @@ def layer_sensitivity(meter: _Meter, run: SearchRun, base: ResolvedPolicy, refer
             mapping = dict(base.mapping)
             mapping[layer.name] = LayerQuant(bits, bits, setting.per_channel)
             acc = meter.accuracy(ResolvedPolicy(f"{layer.name}@{bits}", mapping))
-            rows.append({"layer": layer.name, "bits": bits, "accuracy": acc, "drop_points": 100 * (reference - acc)})
+            rows.append({"layer": layer.name, "bits": bits, "accuracy": acc, "drop_points": drop_points(reference, acc)})
     return rows
 
 
 def low_bit_frequency(run: SearchRun, count: int) -> dict:
     """How often each layer has an operand below the top width among the worst policies the search found
     (its verified candidates and its lowest-scoring traced worst-case policies)."""
-    top = max(run.config["bits"])
-    policies = [c["layers"] for c in run.summary.get("worst", {}).get("candidates", [])]
-    trace = [r for r in RunFolder(run.path).read_trace() if r.get("objective") == "worst" and "policy" in r]
+    top = max(run.config.bits)
+    policies = [c.layers for c in run.summary.worst.candidates] if run.summary.worst else []
+    trace = [r for r in RunFolder(run.path).read_trace() if r.get("objective") == Objective.WORST and "policy" in r]
     trace.sort(key=lambda r: r["sim_accuracy"])
     policies += [r["policy"] for r in trace[:count]]
     if not policies:
@@ -202,7 +225,7 @@ def per_input(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, relative_ran
         if members.any():
             fp_acc, low_acc = float(np.mean(fp32[members] == c)), float(np.mean(low[members] == c))
             classes.append({"class": name, "images": int(members.sum()), "fp32_accuracy": fp_acc,
-                            "worst_accuracy": low_acc, "drop_points": 100 * (fp_acc - low_acc)})
+                            "worst_accuracy": low_acc, "drop_points": drop_points(fp_acc, low_acc)})
     order = np.argsort(-range_score[flipped]) if flipped.any() else np.array([], dtype=int)
     flipped_index = np.flatnonzero(flipped)[order]
     return {
@@ -290,7 +313,7 @@ def corruptions(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, severities
             corrupted = Dataset(f"{raw.name}+{kind}{severity}", x.astype(np.float32), raw.y, raw.classes)
             fp_acc, low_acc = meter.accuracy(None, corrupted), meter.accuracy(worst, corrupted)
             rows.append({"corruption": kind, "severity": severity, "fp32_accuracy": fp_acc, "worst_accuracy": low_acc,
-                         "drop_points": 100 * (fp_acc - low_acc)})
+                         "drop_points": drop_points(fp_acc, low_acc)})
     return {"rows": rows}
 
 
@@ -298,20 +321,20 @@ def budget_curves(meter: _Meter, run: SearchRun, points: int) -> dict:
     """Accuracy versus budget from the policies the search scored: at each budget level the lowest-scoring
     worst-case policy costing at least it, and the highest-scoring best-case policy costing at most it,
     each re-measured on ORT (once: the meter remembers a policy it has measured)."""
-    trace = [r for r in RunFolder(run.path).read_trace() if "effective_bits" in r and r.get("objective") in ("worst", "best")]
+    trace = [r for r in RunFolder(run.path).read_trace() if "effective_bits" in r and r.get("objective") in OBJECTIVES]
     if not trace:
         return {"worst": [], "best": []}
     costs = [r["effective_bits"] for r in trace]
     levels = np.linspace(min(costs), max(costs), points)
-    curves = {"worst": [], "best": []}
-    for objective in ("worst", "best"):
+    curves = {objective: [] for objective in OBJECTIVES}
+    for objective in OBJECTIVES:
         records = [r for r in trace if r["objective"] == objective]
         for level in levels:
-            admitted = [r for r in records if (r["effective_bits"] >= level - 1e-9 if objective == "worst"
-                                               else r["effective_bits"] <= level + 1e-9)]
+            # a policy counts at a level within rounding of its own cost
+            admitted = [r for r in records if objective.admits(r["effective_bits"], level + objective.sign * 1e-9)]
             if not admitted:
                 continue
-            pick = (min if objective == "worst" else max)(admitted, key=lambda r: r["sim_accuracy"])
+            pick = objective.pick(admitted, lambda r: r["sim_accuracy"])
             curves[objective].append({"budget_effective_bits": float(level), "policy_effective_bits": pick["effective_bits"],
                                       "ort_accuracy": meter.accuracy(_policy_from_labels(run, pick["policy"])),
                                       "digest": pick["digest"]})
@@ -325,13 +348,13 @@ def _policy_from_labels(run: SearchRun, labels: dict) -> ResolvedPolicy:
 
 def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, echo=print) -> dict:
     """Every measurement of the analysis on a class-balanced subset of the run's evaluation data."""
-    worst = run.policy("worst")
+    worst = run.policy(Objective.WORST)
     if worst is None:
         raise PtqauditError(f"{run.path} has no worst case (searched with --objective best): the vulnerability "
                             "analysis follows the worst policy")
     started = time.perf_counter()
     dataset = load_dataset(dataclasses.replace(run.data, limit=settings.limit))
-    base = load_policy(run.config.get("base_policy", "w8a8")).resolve(run.model.layers)
+    base = load_policy(run.config.base_policy).resolve(run.model.layers)
     jpeg_runs = 4 if dataset.x.shape[1] in (1, 3) else 3
     total = (len(run.model.layers) * len(_low_bits(run)) + 4 + len(settings.batch_sizes) + 3
              + 2 * jpeg_runs * len(settings.severities) + 2 * settings.budget_points)
@@ -341,10 +364,10 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
     fp32 = meter.accuracy(None)
     relative_ranges = activation_ranges(run.model, dataset)
     result = {
-        "settings": dataclasses.asdict(settings), "inputs": input_identity(run.model.path, [dataset]),
+        "schema_version": ANALYSIS_VERSION, "kind": "analysis", "settings": dataclasses.asdict(settings), "inputs": input_identity(run.model.path, [dataset]),
         "dataset": dataset.name, "images": len(dataset),
         "batch_size": run.batch_size, "fp32_accuracy": fp32, "worst_accuracy": meter.accuracy(worst),
-        "base_policy": run.config.get("base_policy", "w8a8"),
+        "base_policy": run.config.base_policy,
         "layer_sensitivity": layer_sensitivity(meter, run, base, fp32),
         "low_bit_frequency": low_bit_frequency(run, settings.worst_policies),
         "per_input": per_input(meter, run, worst, relative_ranges),
@@ -367,6 +390,7 @@ def cached_analysis(run: SearchRun, settings: AnalysisSettings) -> dict | None:
     if not path.is_file():
         return None
     stored = read_json(path)
+    check_schema_version(stored, path, ANALYSIS_VERSION, " (--recompute measures the analysis again)")
     as_stored = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
     if not isinstance(stored, dict) or stored.get("settings") != as_stored:
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import sys
@@ -16,10 +17,9 @@ import click
 from . import __version__, progress
 from .analysis import AnalysisSettings, analyse, cached_analysis, load_run
 from .data import DataConfig, load_dataset
-from .distill import DEVICES as DISTILL_DEVICES
 from .distill import MODES, DistillConfig, run_distill
 from .errors import GateFailed, PtqauditError
-from .evaluate import DEVICES, ENGINES, EvalReport, evaluate
+from .evaluate import DEVICES, ENGINES, EVAL_COLUMNS, SIM_COLUMNS, EvalReport, evaluate, table_line
 from .onnx_graph import load_model
 from .policy import builtin_policy_names, load_policy
 from .quantize import quantize
@@ -27,6 +27,8 @@ from .report import FORMATS, Gate, build, plots, render, report_inputs
 from .runs import write_atomic
 from .search.methods import METHODS
 from .search.run import SearchConfig, run_search
+from .search.space import OBJECTIVES, Objective
+from .text import table
 
 EXIT_INTERNAL_ERROR = 3  # a bug in ptqaudit, kept apart from 1 (gate failed) and 2 (bad input)
 
@@ -78,22 +80,43 @@ def model_argument(f):
 
 
 def data_options(f):
-    """Options selecting the evaluation data, shared by every command that runs a model."""
+    """Options selecting the evaluation data, shared by every command that runs a model; the command
+    receives them parsed into one DataConfig, as `data_config`."""
     options = [
-        click.option("--data", default="digits", show_default=True,
+        click.option("--data", default=DataConfig.name, show_default=True,
                      help="digits (embedded 8x8 digits, no download), cifar10 (the standard cifar-10-batches-py "
                           "folder), a folder of class sub-folders of PNG/JPEG images, or an .npz with x and y."),
         click.option("--data-root", default=None, help="Where to look for the cifar10 folder first "
                      "(then $PTQAUDIT_DATA, then ~/.cache/ptqaudit)."),
         click.option("--download", is_flag=True, help="cifar10: fetch the official archive (checksum-verified) when missing."),
-        click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True),
+        click.option("--split", type=click.Choice(["test", "train"]), default=DataConfig.split, show_default=True),
         click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a deterministic, class-balanced subset of N examples."),
         click.option("--mean", callback=_comma_list(float, "0.49,0.48,0.45"), default=None, help="Per-channel mean to subtract after scaling pixels to [0,1], e.g. 0.49,0.48,0.45."),
         click.option("--std", callback=_comma_list(float, "0.49,0.48,0.45"), default=None, help="Per-channel standard deviation to divide by, after --mean."),
     ]
+
+    def parse(data, data_root, download, split, limit, mean, std) -> DataConfig:
+        return DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download)
+
+    return _option_group(f, options, parse, "data_config")
+
+
+def _option_group(f, options: list, parse, into: str):
+    """Add `options` to command f, which receives their values parsed into one object, parse(**values), as
+    its argument `into` (the parameters of parse name the options' values)."""
+    names = list(inspect.signature(parse).parameters)
+
+    @functools.wraps(f)
+    def command(*args, **kwargs):
+        return f(*args, **{into: parse(**{name: kwargs.pop(name) for name in names})}, **kwargs)
+
     for option in reversed(options):
-        f = option(f)
-    return f
+        command = option(command)
+    return command
+
+
+def _default_run_folder(kind: str, model: str) -> str:
+    return f"runs/{kind}-{Path(model).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _positive_int(text: str) -> int:
@@ -134,17 +157,6 @@ def cli():
     """
 
 
-def _table(headers: list[str], rows: list[list], right: set[int] = frozenset()) -> str:
-    cells = [headers] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = []
-    for n, row in enumerate(cells):
-        lines.append("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _print_json(value) -> None:
     click.echo(json.dumps(value, indent=2))
 
@@ -171,7 +183,7 @@ def layers(model, input_shape, as_json):
         return
     rows = [[l.index, l.name, l.op_type, "x".join(map(str, l.weight_shape)), "x".join(map(str, l.output_shape)),
              f"{l.macs:,}", f"{l.params:,}"] for l in loaded.layers]
-    click.echo(_table(["#", "layer", "op", "weight", "output", "MACs", "params"], rows, right={0, 5, 6}))
+    click.echo(table(["#", "layer", "op", "weight", "output", "MACs", "params"], rows, right={0, 5, 6}))
     click.echo(f"\n{len(loaded.layers)} quantizable layers, {loaded.total_macs:,} MACs per input")
 
 
@@ -212,7 +224,7 @@ def policies(model_path, input_shape, as_json):
         return
     headers = ["policy", "description"] + (["eff. bits", "layers"] if loaded else [])
     rows = [[e["name"], e["description"]] + ([f"{e['effective_bits']:.2f}", e["layers"]] if loaded else []) for e in entries]
-    click.echo(_table(headers, rows))
+    click.echo(table(headers, rows))
 
 
 @cli.command(name="quantize")
@@ -250,41 +262,6 @@ def quantize_command(model, policy, output, force, input_shape, as_json):
                    f"{info['layers']}, {info['effective_bits']:.2f} effective bits")
 
 
-EVAL_COLUMNS = [("policy", None), ("accuracy", 9), ("drop (pts)", 10), ("agree w/ fp32", 13), ("BitOPs/img", 10),
-                ("eff. bits", 9), ("images/s", 9)]
-SIM_COLUMNS = [("sim = ort", 9), ("sim img/s", 9)]  # with --engine both: top-1 agreement and simulator speed
-
-
-def _si(value: float) -> str:
-    """A large count in engineering notation: 2.60G, 41.0M."""
-    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if value >= factor:
-            return f"{value / factor:.3g}{suffix}"
-    return f"{value:.3g}"
-
-
-def _eval_line(cells: list[str], columns: list, policy_width: int) -> str:
-    """One row of the eval table at fixed widths, so rows can be printed as each policy finishes."""
-    out = [cells[0].ljust(policy_width)]
-    out += [c.rjust(w) for c, (_, w) in zip(cells[1:-1], columns[1:])]
-    return "  ".join(out + [cells[-1]]).rstrip()
-
-
-def _sim_cells(check) -> list[str]:
-    return [f"{100 * check.top1_agreement_with_ort:.2f}%", f"{check.images_per_second:,.0f}"] if check else ["", ""]
-
-
-def _report_rows(report: EvalReport) -> list[list[str]]:
-    both = report.engine == "both"
-    rows = [["fp32", f"{100 * report.fp32_accuracy:.2f}%", "", "", _si(report.fp32_bitops), "32.00",
-             f"{report.fp32_images_per_second:,.0f}"] + (_sim_cells(report.fp32_sim) if both else []) + ["-"]]
-    for r in report.results:
-        rows.append([r.policy, f"{100 * r.accuracy:.2f}%", f"{r.drop_points:+.2f}", f"{100 * r.agreement_with_fp32:.2f}%",
-                     _si(r.bitops), f"{r.effective_bits:.2f}", f"{r.images_per_second:,.0f}"]
-                    + (_sim_cells(r.sim) if both else []) + [r.method])
-    return rows
-
-
 @cli.command(name="eval")
 @model_argument
 @data_options
@@ -302,8 +279,7 @@ def _report_rows(report: EvalReport) -> list[list[str]]:
 @progress_option
 @json_option
 @debug_option
-def eval_command(model, data, data_root, download, split, limit, mean, std, policy_specs, batch_size, engine, device,
-                 threads, no_progress, as_json):
+def eval_command(model, data_config, policy_specs, batch_size, engine, device, threads, no_progress, as_json):
     """Measure MODEL's FP32 accuracy and, for each policy, the accuracy of its dynamically quantized
     graph on ONNX Runtime's integer kernels: drop in points, top-1 agreement with FP32, cost and speed.
 
@@ -313,7 +289,7 @@ def eval_command(model, data, data_root, download, split, limit, mean, std, poli
       ptqaudit eval sample_models/cifar10_cnn.onnx --data cifar10 --data-root DIR -b 250 -p w8a8 -p w4a8
     """
     chosen = [load_policy(spec) for spec in (policy_specs or builtin_policy_names())]
-    dataset = load_dataset(DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download))
+    dataset = load_dataset(data_config)
     loaded = load_model(model, dataset.x.shape[1:])  # the data gives the dims a model may leave symbolic
     width = max(len(p.name) for p in chosen + [load_policy("w8a8")])
     columns = EVAL_COLUMNS + (SIM_COLUMNS if engine == "both" else [])
@@ -321,17 +297,17 @@ def eval_command(model, data, data_root, download, split, limit, mean, std, poli
 
     def print_new_rows(report: EvalReport) -> None:
         nonlocal printed
-        rows = _report_rows(report)
+        rows = report.rows()
         for row in rows[printed:]:
-            click.echo(_eval_line(row, columns, width))
+            click.echo(table_line(row, columns, width))
         printed = len(rows)
 
     if not as_json:
         source = {"ort": "ONNX Runtime", "sim": "the simulator (not ORT)", "both": "ONNX Runtime, simulator checked"}[engine]
         click.echo(f"model {model} | data {dataset.name}, {len(dataset)} images | batch size {batch_size} | "
                    f"numbers from {source}\n")
-        click.echo(_eval_line([name for name, _ in columns] + ["built by"], columns, width))
-        click.echo(_eval_line(["-" * width] + ["-" * w for _, w in columns[1:]] + ["-" * 8], columns, width))
+        click.echo(table_line([name for name, _ in columns] + ["built by"], columns, width))
+        click.echo(table_line(["-" * width] + ["-" * w for _, w in columns[1:]] + ["-" * 8], columns, width))
     report = evaluate(loaded, dataset, chosen, batch_size=batch_size, engine=engine, device=device, threads=threads,
                       progress=not no_progress, on_update=None if as_json else print_new_rows)
     if as_json:
@@ -340,47 +316,64 @@ def eval_command(model, data, data_root, download, split, limit, mean, std, poli
         click.echo(f"\n{report.runtime}, device {report.device}; drop = FP32 accuracy - policy accuracy, in points")
 
 
+def search_options(f):
+    """The search's settings, parsed into the keyword arguments of SearchConfig (its defaults shown), as
+    `search_settings`."""
+    options = [
+        click.option("--bits", callback=_comma_list(int, "2,4,8"), default=",".join(map(str, SearchConfig.bits)), show_default=True,
+                     help="Bit-widths each layer's weights and activations may take."),
+        click.option("--budget-avg-bits", type=click.FloatRange(min=1, max=32), default=None,
+                     help="Budget in effective bits, sqrt(BitOPs / MACs) [default: 6]. The worst case is searched at or "
+                          "above it, the best case at or below it."),
+        click.option("--budget-bitops", type=click.IntRange(min=1), default=None, help="Budget as absolute BitOPs per input instead."),
+        click.option("--objective", type=click.Choice([*map(str, OBJECTIVES), "both"]), default=SearchConfig.objective, show_default=True,
+                     help="Search the worst case, the best (robust) case, or both: their spread is the audit's headline."),
+        click.option("--method", type=click.Choice(METHODS), default=SearchConfig.method, show_default=True,
+                     help="rl: policy-gradient agent; random; greedy (one step at a time); exhaustive (small spaces)."),
+        click.option("--max-evaluations", type=click.IntRange(min=1), default=SearchConfig.max_evaluations, show_default=True,
+                     help="Distinct policies the search may score with the simulator, per objective: a hard cap, RL's "
+                          "sensitivity probes included (exhaustive refuses a space that admits more)."),
+        click.option("--base-policy", default=SearchConfig.base_policy, show_default=True,
+                     help="Policy giving each layer's weight granularity; its fp32 layers stay fp32."),
+        click.option("--layers", multiple=True, help="Search only these layers (name or glob, repeatable); "
+                     "the others keep the base policy's setting."),
+        click.option("--batch-size", "-b", type=click.IntRange(min=1), default=SearchConfig.batch_size, show_default=True,
+                     help="Deployment batch size: the activation range is measured over the whole batch."),
+        click.option("--search-limit", type=click.IntRange(min=1), default=SearchConfig.search_limit, show_default=True,
+                     help="Images (a class-balanced subset of the evaluation data) the simulator scores policies on."),
+        click.option("--search-split", type=click.Choice(["test", "train"]), default=None,
+                     help="Score candidates on this split of the data instead of the evaluation data, so the ORT numbers "
+                          "reported come from images the search never saw [default: the evaluation data]."),
+        click.option("--verify-top", type=click.IntRange(min=1), default=SearchConfig.verify_top, show_default=True,
+                     help="Leading candidates per objective measured on ONNX Runtime over the whole evaluation data."),
+        click.option("--dynamic", is_flag=True, help="Also audit an input-conditioned policy: a router that sends each input "
+                     "(or each batch, when --batch-size > 1) to one of the verified candidates, run on ORT by routing."),
+        click.option("--seed", type=int, default=SearchConfig.seed, show_default=True, help="Fixes every random choice of the search."),
+    ]
+
+    def parse(bits, budget_avg_bits, budget_bitops, objective, method, max_evaluations, base_policy, layers, batch_size,
+              search_limit, search_split, verify_top, dynamic, seed) -> dict:
+        if budget_avg_bits is None and budget_bitops is None:
+            budget_avg_bits = SearchConfig.budget_avg_bits
+        return dict(bits=bits, budget_avg_bits=budget_avg_bits, budget_bitops=budget_bitops, objective=objective,
+                    method=method, max_evaluations=max_evaluations, base_policy=base_policy, layers=layers,
+                    batch_size=batch_size, search_limit=search_limit, search_split=search_split, verify_top=verify_top,
+                    dynamic=dynamic, seed=seed)
+
+    return _option_group(f, options, parse, "search_settings")
+
+
 @cli.command(name="search")
 @model_argument
 @data_options
-@click.option("--bits", callback=_comma_list(int, "2,4,8"), default="2,3,4,5,6,8", show_default=True,
-              help="Bit-widths each layer's weights and activations may take.")
-@click.option("--budget-avg-bits", type=click.FloatRange(min=1, max=32), default=None,
-              help="Budget in effective bits, sqrt(BitOPs / MACs) [default: 6]. The worst case is searched at or "
-                   "above it, the best case at or below it.")
-@click.option("--budget-bitops", type=click.IntRange(min=1), default=None, help="Budget as absolute BitOPs per input instead.")
-@click.option("--objective", type=click.Choice(["worst", "best", "both"]), default="both", show_default=True,
-              help="Search the worst case, the best (robust) case, or both: their spread is the audit's headline.")
-@click.option("--method", type=click.Choice(METHODS), default="rl", show_default=True,
-              help="rl: policy-gradient agent; random; greedy (one step at a time); exhaustive (small spaces).")
-@click.option("--max-evaluations", type=click.IntRange(min=1), default=400, show_default=True,
-              help="Distinct policies the search may score with the simulator, per objective: a hard cap, RL's "
-                   "sensitivity probes included (exhaustive refuses a space that admits more).")
-@click.option("--base-policy", default="w8a8", show_default=True,
-              help="Policy giving each layer's weight granularity; its fp32 layers stay fp32.")
-@click.option("--layers", "layer_globs", multiple=True, help="Search only these layers (name or glob, repeatable); "
-              "the others keep the base policy's setting.")
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Deployment batch size: the activation range is measured over the whole batch.")
-@click.option("--search-limit", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Images (a class-balanced subset of the evaluation data) the simulator scores policies on.")
-@click.option("--search-split", type=click.Choice(["test", "train"]), default=None,
-              help="Score candidates on this split of the data instead of the evaluation data, so the ORT numbers "
-                   "reported come from images the search never saw [default: the evaluation data].")
-@click.option("--verify-top", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Leading candidates per objective measured on ONNX Runtime over the whole evaluation data.")
-@click.option("--dynamic", is_flag=True, help="Also audit an input-conditioned policy: a router that sends each input "
-              "(or each batch, when --batch-size > 1) to one of the verified candidates, run on ORT by routing.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Fixes every random choice of the search.")
+@search_options
 @click.option("--output", "-o", default=None, help="Run folder [default: runs/search-<model>-<time>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output, replaying what its trace holds.")
 @progress_option
 @gate_options
 @json_option
 @debug_option
-def search_command(model, data, data_root, download, split, limit, mean, std, bits, budget_avg_bits, budget_bitops,
-                   objective, method, max_evaluations, base_policy, layer_globs, batch_size, search_limit,
-                   search_split, verify_top, dynamic, seed, output, resume, no_progress, max_drop, min_accuracy, as_json):
+def search_command(model, data_config, search_settings, output, resume, no_progress, max_drop, min_accuracy, as_json):
     """Find the worst and best bit-width policies for MODEL within a budget (static ones, and with
     --dynamic an input-conditioned one): the simulator scores candidates on a subset of the data, ONNX
     Runtime measures the leading ones on all of it. Writes the run folder (run.json, trace.jsonl,
@@ -391,27 +384,20 @@ def search_command(model, data, data_root, download, split, limit, mean, std, bi
     \b
       ptqaudit search sample_models/digits_cnn.onnx --budget-avg-bits 6 -o runs/digits-audit --max-drop 2
     """
-    if budget_avg_bits is None and budget_bitops is None:
-        budget_avg_bits = 6.0
     gate = Gate(max_drop, min_accuracy)
-    if gate.is_set and objective == "best":
+    if gate.is_set and search_settings["objective"] == Objective.BEST:
         raise PtqauditError("--max-drop / --min-accuracy gate the worst case: search with --objective worst or both")
     if output is None:
         if resume:
             raise PtqauditError("--resume needs --output, the run folder to continue")
-        output = f"runs/search-{Path(model).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    data_config = DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download)
+        output = _default_run_folder("search", model)
     dataset = load_dataset(data_config)
     loaded = load_model(model, dataset.x.shape[1:])  # the data gives the dims a model may leave symbolic
+    config = SearchConfig(model=model, data=data_config, output=output, **search_settings)
     search_data = None
-    if search_split is not None and search_split != split:
+    if config.search_split is not None and config.search_split != data_config.split:
         # only the examples the search scores are kept: a limit on the evaluation data does not apply
-        search_data = load_dataset(dataclasses.replace(data_config, split=search_split, limit=search_limit))
-    config = SearchConfig(model=model, data=data_config, output=output, bits=bits, budget_avg_bits=budget_avg_bits,
-                          budget_bitops=budget_bitops, objective=objective, method=method,
-                          max_evaluations=max_evaluations, base_policy=base_policy, layers=layer_globs,
-                          batch_size=batch_size, search_limit=search_limit, search_split=search_split,
-                          verify_top=verify_top, seed=seed, dynamic=dynamic)
+        search_data = load_dataset(dataclasses.replace(data_config, split=config.search_split, limit=config.search_limit))
     echo = functools.partial(progress.write, err=as_json)
     try:
         summary = run_search(config, loaded, dataset, resume=resume, progress=not no_progress, echo=echo,
@@ -420,38 +406,15 @@ def search_command(model, data, data_root, download, split, limit, mean, std, bi
         click.echo(f"ptqaudit: interrupted; {output} keeps every finished evaluation: continue with "
                    f"`ptqaudit search ... -o {output} --resume`", err=True)
         sys.exit(130)
-    # without a gate there may be no worst case to read (--objective best)
-    failure = gate.failure(summary["fp32_accuracy"], summary["worst"]["ort_accuracy"]) if gate.is_set else None
     if as_json:
-        _print_json(summary)
-        _raise_gate(failure)
-        return
-    click.echo("")
-    rows = [["fp32", f"{100 * summary['fp32_accuracy']:.2f}%", "", "", "", ""]]
-    for name in ("worst", "best"):
-        if name in summary:
-            case = summary[name]
-            top = case["candidates"][0]
-            rows.append([f"{name} case", f"{100 * case['ort_accuracy']:.2f}%", f"{case['drop_points']:+.2f}",
-                         f"{top['effective_bits']:.2f}", f"{100 * top['sim_top1_agreement_with_ort']:.2f}%",
-                         f"{case['evaluations']}"])
-            if "dynamic" in case:
-                dyn = case["dynamic"]
-                rows.append([f"{name} dynamic", f"{100 * dyn['ort_accuracy']:.2f}%", f"{dyn['drop_points']:+.2f}",
-                             "", "", f"{len(dyn['menu'])} policies"])
-    click.echo(_table(["", "ORT accuracy", "drop (pts)", "eff. bits", "sim = ort", "evaluated"], rows, right={1, 2, 3, 4, 5}))
-    if "spread_points" in summary:
-        click.echo(f"\nspread between best and worst case: {summary['spread_points']:.2f} points")
-    click.echo(f"policies and details in {output}/ (worst.yaml, best.yaml, summary.json)")
-    if gate.is_set and failure is None:
-        click.echo("gate passed: " + "; ".join(c["name"] for c in gate.checks(summary["fp32_accuracy"],
-                                                                                summary["worst"]["ort_accuracy"])))
-    _raise_gate(failure)
-
-
-def _raise_gate(failure: str | None) -> None:
-    if failure is not None:
-        raise GateFailed(failure)
+        _print_json(summary.to_dict())
+    else:
+        click.echo("\n" + summary.table())
+        click.echo(f"policies and details in {output}/ (worst.yaml, best.yaml, summary.json)")
+    if gate.is_set:  # without a gate there may be no worst case to read (--objective best)
+        checks = gate.enforce(summary.fp32_accuracy, summary.worst.ort_accuracy)
+        if not as_json:
+            click.echo("gate passed: " + "; ".join(c["name"] for c in checks))
 
 
 @cli.command(name="report")
@@ -520,48 +483,63 @@ def report_command(run_dir, fmt, output, force, as_json, max_drop, min_accuracy,
         write_atomic(target, text)
         click.echo(f"{fmt} report written to {target}", err=True)
     headline = document["headline"]
-    _raise_gate(gate.failure(headline["fp32_accuracy"], headline["worst_accuracy"]))
+    gate.enforce(headline["fp32_accuracy"], headline["worst_accuracy"])
+
+
+def distill_options(f):
+    """The distillation's settings, parsed into the keyword arguments of DistillConfig (its defaults shown),
+    as `distill_settings`."""
+    options = [
+        click.option("--mode", type=click.Choice(MODES), required=True,
+                     help="detrimental: the quantized loss is maximised (a student that collapses under its policy); "
+                          "robust: minimised against the worst policy the agent finds."),
+        click.option("--bits", callback=_comma_list(int, "4,8"), default=",".join(map(str, DistillConfig.bits)), show_default=True,
+                     help="Bit-widths each layer's weights and activations may take."),
+        click.option("--budget-avg-bits", type=click.FloatRange(min=1, max=32), default=DistillConfig.budget_avg_bits,
+                     show_default=True, help="Budget in effective bits, sqrt(BitOPs / MACs); the agent's policies are at or above it."),
+        click.option("--epochs", type=click.IntRange(min=1), default=DistillConfig.epochs, show_default=True,
+                     help="Passes over the training images; the agent takes its turn before each and after the last."),
+        click.option("--train-limit", type=click.IntRange(min=1), default=None,
+                     help="Train on a class-balanced subset of N images of the train split [default: all of it]."),
+        click.option("--train-batch-size", type=click.IntRange(min=1), default=DistillConfig.train_batch_size, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.lr, show_default=True,
+                     help="Adam learning rate of the student."),
+        click.option("--quant-weight", type=click.FloatRange(min=0), default=DistillConfig.quant_weight, show_default=True,
+                     help="Weight of the quantized-loss term against the distillation term."),
+        click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.temperature,
+                     show_default=True, help="Distillation temperature."),
+        click.option("--policy-limit", type=click.IntRange(min=1), default=DistillConfig.policy_limit, show_default=True,
+                     help="Training images held out of training, on which the agent scores its policies."),
+        click.option("--policy-steps", type=click.IntRange(min=1), default=DistillConfig.policy_steps, show_default=True,
+                     help="Agent steps (9 policies each) per turn."),
+        click.option("--batch-size", "-b", type=click.IntRange(min=1), default=DistillConfig.batch_size, show_default=True,
+                     help="Deployment batch size: activation ranges in training, the ORT numbers and the audit."),
+        click.option("--audit-evaluations", type=click.IntRange(min=1), default=DistillConfig.audit_evaluations,
+                     show_default=True, help="Evaluations of the fresh worst-case search run on the student."),
+        click.option("--device", type=click.Choice(sorted(DEVICES)), default=DistillConfig.device, show_default=True,
+                     help="Where torch trains the student; ORT numbers are measured on the CPU."),
+        click.option("--seed", type=int, default=DistillConfig.seed, show_default=True),
+    ]
+
+    def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, lr, quant_weight, temperature,
+              policy_limit, policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
+        return dict(mode=mode, bits=bits, budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
+                    train_batch_size=train_batch_size, lr=lr, quant_weight=quant_weight, temperature=temperature,
+                    policy_limit=policy_limit, policy_steps=policy_steps, batch_size=batch_size,
+                    audit_evaluations=audit_evaluations, device=device, seed=seed)
+
+    return _option_group(f, options, parse, "distill_settings")
 
 
 @cli.command(name="distill")
 @click.argument("teacher", metavar="TEACHER.onnx")
 @data_options
-@click.option("--mode", type=click.Choice(MODES), required=True,
-              help="detrimental: the quantized loss is maximised (a student that collapses under its policy); "
-                   "robust: minimised against the worst policy the agent finds.")
-@click.option("--bits", callback=_comma_list(int, "4,8"), default="4,8", show_default=True,
-              help="Bit-widths each layer's weights and activations may take.")
-@click.option("--budget-avg-bits", type=click.FloatRange(min=1, max=32), default=6.0, show_default=True,
-              help="Budget in effective bits, sqrt(BitOPs / MACs); the agent's policies are at or above it.")
-@click.option("--epochs", type=click.IntRange(min=1), default=DistillConfig.epochs, show_default=True,
-              help="Passes over the training images; the agent takes its turn before each and after the last.")
-@click.option("--train-limit", type=click.IntRange(min=1), default=None,
-              help="Train on a class-balanced subset of N images of the train split [default: all of it].")
-@click.option("--train-batch-size", type=click.IntRange(min=1), default=DistillConfig.train_batch_size, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.lr, show_default=True,
-              help="Adam learning rate of the student.")
-@click.option("--quant-weight", type=click.FloatRange(min=0), default=DistillConfig.quant_weight, show_default=True,
-              help="Weight of the quantized-loss term against the distillation term.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.temperature,
-              show_default=True, help="Distillation temperature.")
-@click.option("--policy-limit", type=click.IntRange(min=1), default=DistillConfig.policy_limit, show_default=True,
-              help="Training images held out of training, on which the agent scores its policies.")
-@click.option("--policy-steps", type=click.IntRange(min=1), default=DistillConfig.policy_steps, show_default=True,
-              help="Agent steps (9 policies each) per turn.")
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Deployment batch size: activation ranges in training, the ORT numbers and the audit.")
-@click.option("--audit-evaluations", type=click.IntRange(min=1), default=DistillConfig.audit_evaluations,
-              show_default=True, help="Evaluations of the fresh worst-case search run on the student.")
-@click.option("--device", type=click.Choice(DISTILL_DEVICES), default="cpu", show_default=True,
-              help="Where torch trains the student; ORT numbers are measured on the CPU.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@distill_options
 @click.option("--output", "-o", default=None, help="Run folder [default: runs/distill-<mode>-<model>-<time>].")
 @progress_option
 @json_option
 @debug_option
-def distill_command(teacher, data, data_root, download, split, limit, mean, std, mode, bits, budget_avg_bits, epochs,
-                    train_limit, train_batch_size, lr, quant_weight, temperature, policy_limit, policy_steps,
-                    batch_size, audit_evaluations, device, seed, output, no_progress, as_json):
+def distill_command(teacher, data_config, distill_settings, output, no_progress, as_json):
     """Distil from TEACHER.onnx a student that behaves like it in full precision but collapses
     (--mode detrimental) or holds (--mode robust) under the bit-width policy an RL agent learns
     jointly with it, then measure both on ONNX Runtime: teacher and student FP32, the student under its
@@ -576,13 +554,8 @@ def distill_command(teacher, data, data_root, download, split, limit, mean, std,
           --quant-weight 0.5 --policy-limit 200 -o runs/digits-detrimental
     """
     if output is None:
-        output = f"runs/distill-{mode}-{Path(teacher).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    data_config = DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download)
-    config = DistillConfig(teacher=teacher, data=data_config, output=output, mode=mode, bits=bits,
-                           budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
-                           train_batch_size=train_batch_size, lr=lr, quant_weight=quant_weight, temperature=temperature,
-                           policy_limit=policy_limit, policy_steps=policy_steps, batch_size=batch_size,
-                           audit_evaluations=audit_evaluations, seed=seed, device=device)
+        output = _default_run_folder(f"distill-{distill_settings['mode']}", teacher)
+    config = DistillConfig(teacher=teacher, data=data_config, output=output, **distill_settings)
     config.validate()
     test = load_dataset(data_config)
     train = load_dataset(dataclasses.replace(data_config, split="train", limit=None))
@@ -590,24 +563,9 @@ def distill_command(teacher, data, data_root, download, split, limit, mean, std,
     echo = functools.partial(progress.write, err=as_json)
     summary = run_distill(config, loaded, train, test, progress=not no_progress, echo=echo)
     if as_json:
-        _print_json(summary)
+        _print_json(summary.to_dict())
         return
-    click.echo(f"\n{mode} student of {teacher} | trained on {summary['train_images']} images of {summary['train_dataset']}, "
-               f"{epochs} epochs | data {summary['dataset']}, {summary['images']} images | batch size {batch_size} | "
-               f"policy {summary['policy_effective_bits']:.2f} effective bits (budget {budget_avg_bits})\n")
-    fp32 = summary["student_fp32_accuracy"]
-    rows = [["teacher fp32", summary["teacher_fp32_accuracy"], None],
-            ["teacher under the student's policy", summary["teacher_policy_accuracy"],
-             summary["teacher_fp32_accuracy"] - summary["teacher_policy_accuracy"]],
-            ["student fp32", fp32, None],
-            ["student under its policy", summary["student_policy_accuracy"], fp32 - summary["student_policy_accuracy"]],
-            ["student w8a8", summary["student_w8a8_accuracy"], fp32 - summary["student_w8a8_accuracy"]],
-            ["student, fresh search's worst case", summary["audit"]["worst_accuracy"],
-             fp32 - summary["audit"]["worst_accuracy"]]]
-    click.echo(_table(["", "ORT accuracy", "drop (pts)"],
-                      [[name, f"{100 * acc:.2f}%", "" if drop is None else f"{100 * drop:+.2f}"] for name, acc, drop in rows],
-                      right={1, 2}))
-    click.echo(f"\nsimulator = ORT on the student's policy: {100 * summary['sim_top1_agreement_with_ort']:.2f}% top-1")
+    click.echo("\n" + summary.table())
     click.echo(f"student, policy and details in {output}/ (student.onnx, policy.yaml, summary.json, audit/)")
 
 

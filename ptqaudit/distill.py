@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +17,23 @@ from onnx import numpy_helper
 
 from .data import DataConfig, Dataset
 from .errors import PtqauditError
-from .evaluate import check_model_fits_data, make_session, predict
+from .evaluate import DEVICES, check_model_fits_data, make_session, predict
 from .onnx_graph import LoadedModel, load_model
-from .policy import MAX_BITS, MIN_BITS, ResolvedPolicy, load_policy, policy_file_dict
-from .predictions import accuracy
+from .policy import ResolvedPolicy, load_policy, policy_file_dict
+from .predictions import accuracy, drop_points
 from .progress import track
 from .quantize import quantize
-from .runs import RunFolder, input_identity, write_atomic, write_json
+from .runs import (DISTILL_SUMMARY, RunFolder, check_fields, check_schema_version, dataclass_from_dict, input_identity,
+                   known_fields, write_atomic, write_json)
 from .search.evaluator import Leaderboard, SimEvaluator
 from .search.methods import PolicyAgent, sensitivity
-from .search.run import SearchConfig, run_search
-from .search.space import Budget, SearchSpace, layer_features
+from .search.run import SUMMARY_VERSION, SearchConfig, run_search
+from .search.space import Budget, Objective, SearchSpace, check_bits, layer_features
 from .sim.engine import EngineAgreement, sim_predict, simulation_plan
 from .sim.model import SimModel
+from .text import table
 
 MODES = ("detrimental", "robust")
-DEVICES = ("cpu", "cuda")
 
 
 @dataclass
@@ -63,8 +64,7 @@ class DistillConfig:
             raise PtqauditError(f"--mode must be detrimental or robust, got {self.mode!r}")
         if self.data.split == "train":
             raise PtqauditError("distill trains on the train split; evaluate on --split test")
-        if not self.bits or any(not MIN_BITS <= b <= MAX_BITS for b in self.bits):
-            raise PtqauditError(f"--bits must list widths from {MIN_BITS} to {MAX_BITS}, got {list(self.bits)}")
+        check_bits(self.bits)
         for name in ("epochs", "train_batch_size", "policy_limit", "policy_steps", "batch_size", "audit_evaluations"):
             if getattr(self, name) < 1:
                 raise PtqauditError(f"--{name.replace('_', '-')} must be at least 1")
@@ -79,6 +79,77 @@ class DistillConfig:
         values = asdict(self)
         values["bits"] = list(self.bits)
         return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DistillConfig":
+        """The config to_dict wrote (run.json's "config")."""
+        return dataclass_from_dict(cls, values, data=DataConfig)
+
+
+@dataclass(kw_only=True)
+class DistillSummary:
+    """A distillation's results, as its summary.json holds them (its keys are these fields). Accuracies are
+    ORT's on the evaluation data; drops are from the student's fp32 accuracy."""
+
+    schema_version: int = SUMMARY_VERSION
+    kind: str = "distill"
+    mode: str
+    teacher: str
+    dataset: str = ""
+    images: int = 0
+    train_dataset: str = ""
+    train_images: int = 0
+    epochs: int = 0
+    batch_size: int = 1
+    bits: list[int] = field(default_factory=list)
+    budget_avg_bits: float = 0.0
+    student_file: str
+    policy_file: str = "policy.yaml"
+    policy_digest: str = ""
+    policy: str = ""  # the policy's settings, e.g. "W4A8 x2, W8A8 x2"
+    policy_effective_bits: float
+    teacher_fp32_accuracy: float
+    teacher_policy_accuracy: float
+    student_fp32_accuracy: float
+    student_policy_accuracy: float
+    student_w8a8_accuracy: float
+    fp32_gap_points: float = 0.0
+    policy_drop_points: float
+    w8a8_drop_points: float = 0.0
+    audit: dict  # the fresh worst-case search of the student: run (its folder), worst_accuracy, drop_points, ...
+    sim_top1_agreement_with_ort: float = 0.0
+    history: list[dict] = field(default_factory=list)  # one record per epoch
+    train_seconds: float = 0.0
+    total_seconds: float = 0.0
+    numbers: str = ""
+
+    def table(self) -> str:
+        """The terminal summary: what was trained, then teacher and student on ORT with their drops."""
+        teacher, student = self.teacher_fp32_accuracy, self.student_fp32_accuracy
+        rows = [["teacher fp32", teacher, None],  # (name, accuracy, the fp32 accuracy its drop is from)
+                ["teacher under the student's policy", self.teacher_policy_accuracy, teacher],
+                ["student fp32", student, None],
+                ["student under its policy", self.student_policy_accuracy, student],
+                ["student w8a8", self.student_w8a8_accuracy, student],
+                ["student, fresh search's worst case", self.audit["worst_accuracy"], student]]
+        return "\n".join([
+            f"{self.mode} student of {self.teacher} | trained on {self.train_images} images of {self.train_dataset}, "
+            f"{self.epochs} epochs | data {self.dataset}, {self.images} images | batch size {self.batch_size} | "
+            f"policy {self.policy_effective_bits:.2f} effective bits (budget {self.budget_avg_bits})", "",
+            table(["", "ORT accuracy", "drop (pts)"],
+                  [[name, f"{100 * acc:.2f}%", "" if fp32 is None else f"{drop_points(fp32, acc):+.2f}"]
+                   for name, acc, fp32 in rows], right={1, 2}), "",
+            f"simulator = ORT on the student's policy: {100 * self.sim_top1_agreement_with_ort:.2f}% top-1"])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values, where: str | Path) -> "DistillSummary":
+        """A summary.json read back: its version and fields checked (PtqauditError naming `where` and the field)."""
+        check_schema_version(values, where, SUMMARY_VERSION)
+        check_fields(values, DISTILL_SUMMARY, where)
+        return cls(**known_fields(cls, values))
 
 
 def export_student(teacher: LoadedModel, sim: SimModel) -> onnx.ModelProto:
@@ -127,7 +198,7 @@ class _PolicyRound:
     def __call__(self, sim: SimModel, steps: int) -> tuple[ResolvedPolicy, float]:
         sim.eval()
         evaluator = SimEvaluator(sim, self.probe, self.batch_size, self.space, lambda records: None, {})
-        board = Leaderboard("worst", self.keep)
+        board = Leaderboard(Objective.WORST, self.keep)
         for _ in range(steps):
             self.agent.step(evaluator, board, method="distill")
         for candidate in board.ranked:
@@ -142,7 +213,7 @@ def _candidate_policies(policy: ResolvedPolicy, policy_round: _PolicyRound, spac
     a policy that led an earlier round, and a uniformly random one (projected onto the budget)."""
     pool = list(policy_round.pool.values())
     return [policy, space.policy(policy_round.agent.sample(1)[0]), space.policy(pool[rng.integers(len(pool))]),
-            space.policy(space.project(rng.integers(0, len(space.bits), size=(len(space.searched), 2)), "worst"))]
+            space.policy(space.project(rng.integers(0, len(space.bits), size=(len(space.searched), 2)), Objective.WORST))]
 
 
 def _training_policy(step: int, candidates: list[ResolvedPolicy], sim: SimModel, x: torch.Tensor,
@@ -172,7 +243,7 @@ def _split_probe(train: Dataset, probe_size: int, train_limit: int | None, seed:
 
 
 def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: Dataset, progress: bool = True,
-                echo=print) -> dict:
+                echo=print) -> DistillSummary:
     """Train, export and verify the student; writes the run folder and returns the summary."""
     config.validate()
     check_model_fits_data(teacher, test, config.batch_size)
@@ -184,7 +255,7 @@ def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, tes
     base = load_policy("w8a8").resolve(teacher.layers)
     budget = Budget.from_average_bits(config.budget_avg_bits, teacher.total_macs)
     space = SearchSpace(teacher.layers, base, config.bits, [layer.name for layer in teacher.layers], budget)
-    space.check_budget("worst")
+    space.check_budget(Objective.WORST)
     folder = RunFolder(config.output)
     if (folder.path / "run.json").exists():
         raise PtqauditError(f"{folder.path} already holds a run; use another -o folder")
@@ -193,7 +264,7 @@ def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, tes
 
 
 def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: Dataset, folder: RunFolder,
-             space: SearchSpace, progress: bool, echo) -> dict:
+             space: SearchSpace, progress: bool, echo) -> DistillSummary:
     """Train, export and verify: run_distill's work, done while it holds the run folder."""
     started = time.perf_counter()
 
@@ -207,8 +278,8 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     features = layer_features(space.searched, [sim.quant_layer(layer.name).weight.detach().cpu().numpy()
                                                for layer in space.searched])
     sim.eval()
-    drop = sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}), "worst")
-    agent = PolicyAgent(space, features, drop, "worst")
+    drop = sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}), Objective.WORST)
+    agent = PolicyAgent(space, features, drop, Objective.WORST)
     policy_round = _PolicyRound(agent, space, probe, config.batch_size)
     optimizer = torch.optim.Adam(sim.parameters(), lr=config.lr)
     ranges = simulation_plan(config.batch_size)[0]
@@ -251,8 +322,8 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
              f"worst policy found {100 * probe_accuracy:.2f}%")
     train_seconds = time.perf_counter() - started
     sim.eval()
-    return _verify(config, teacher, sim, policy, test, folder.path, train, history, train_seconds, started,
-                   progress, echo)
+    run = _Run(config, teacher, train, test, folder, started, progress, echo)
+    return _verify(run, sim, policy, history, train_seconds)
 
 
 def _sim_accuracy(sim: SimModel, dataset: Dataset, policy, batch_size: int) -> float:
@@ -260,10 +331,25 @@ def _sim_accuracy(sim: SimModel, dataset: Dataset, policy, batch_size: int) -> f
     return accuracy(sim_predict(sim, dataset, policy, batch_size, progress=False).labels, dataset.y)
 
 
-def _verify(config, teacher, sim, policy, test, out: Path, train, history, train_seconds, started, progress,
-            echo) -> dict:
+@dataclass
+class _Run:
+    """What the steps of one distillation share."""
+
+    config: DistillConfig
+    teacher: LoadedModel
+    train: Dataset  # the images trained on (the agent's held-out ones excluded)
+    test: Dataset  # the evaluation data
+    folder: RunFolder
+    started: float  # time.perf_counter() at the start
+    progress: bool
+    echo: object
+
+
+def _verify(run: _Run, sim: SimModel, policy: ResolvedPolicy, history: list[dict], train_seconds: float) -> DistillSummary:
     """The student and its policy to files; every number from ORT on the evaluation data, plus a fresh
     worst-case search of the student that is not told its policy."""
+    config, teacher, train, test, out = run.config, run.teacher, run.train, run.test, run.folder.path
+    progress, echo = run.progress, run.echo
     student_path = out / "student.onnx"
     write_atomic(student_path, export_student(teacher, sim).SerializeToString())
     write_atomic(out / "policy.yaml", yaml.safe_dump(policy_file_dict(policy, (
@@ -294,26 +380,26 @@ def _verify(config, teacher, sim, policy, test, out: Path, train, history, train
         budget_avg_bits=config.budget_avg_bits, objective="worst", method="rl",
         max_evaluations=config.audit_evaluations, batch_size=config.batch_size, seed=config.seed,
     ), student, test, progress=progress, echo=echo)
-    summary = {
-        "mode": config.mode, "teacher": config.teacher, "dataset": test.name, "images": len(test),
-        "train_dataset": train.name, "train_images": len(train), "epochs": config.epochs,
-        "batch_size": config.batch_size, "bits": list(config.bits), "budget_avg_bits": config.budget_avg_bits,
-        "student_file": "student.onnx", "policy_file": "policy.yaml", "policy_digest": policy.digest,
-        "policy": policy.summary(), "policy_effective_bits": policy.effective_bits(student.layers),
-        "teacher_fp32_accuracy": acc["teacher_fp32"],
-        "teacher_policy_accuracy": acc["teacher_policy"],
-        "student_fp32_accuracy": acc["student_fp32"],
-        "student_policy_accuracy": acc["student_policy"],
-        "student_w8a8_accuracy": acc["student_w8a8"],
-        "fp32_gap_points": 100 * (acc["teacher_fp32"] - acc["student_fp32"]),
-        "policy_drop_points": 100 * (acc["student_fp32"] - acc["student_policy"]),
-        "w8a8_drop_points": 100 * (acc["student_fp32"] - acc["student_w8a8"]),
-        "audit": {"run": "audit", "worst_accuracy": audit["worst"]["ort_accuracy"],
-                  "drop_points": 100 * (acc["student_fp32"] - audit["worst"]["ort_accuracy"]),
-                  "policy_file": "audit/worst.yaml", "evaluations": audit["worst"]["evaluations"]},
-        "sim_top1_agreement_with_ort": agreement.top1_agreement,
-        "history": history, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
-        "numbers": "accuracies are ONNX Runtime's on the evaluation data; drops are from the student's fp32 accuracy",
-    }
-    write_json(out / "summary.json", summary)
+    summary = DistillSummary(
+        mode=config.mode, teacher=config.teacher, dataset=test.name, images=len(test),
+        train_dataset=train.name, train_images=len(train), epochs=config.epochs,
+        batch_size=config.batch_size, bits=list(config.bits), budget_avg_bits=config.budget_avg_bits,
+        student_file="student.onnx", policy_file="policy.yaml", policy_digest=policy.digest,
+        policy=policy.summary(), policy_effective_bits=policy.effective_bits(student.layers),
+        teacher_fp32_accuracy=acc["teacher_fp32"],
+        teacher_policy_accuracy=acc["teacher_policy"],
+        student_fp32_accuracy=acc["student_fp32"],
+        student_policy_accuracy=acc["student_policy"],
+        student_w8a8_accuracy=acc["student_w8a8"],
+        fp32_gap_points=drop_points(acc["teacher_fp32"], acc["student_fp32"]),
+        policy_drop_points=drop_points(acc["student_fp32"], acc["student_policy"]),
+        w8a8_drop_points=drop_points(acc["student_fp32"], acc["student_w8a8"]),
+        audit={"run": "audit", "worst_accuracy": audit.worst.ort_accuracy,
+               "drop_points": drop_points(acc["student_fp32"], audit.worst.ort_accuracy),
+               "policy_file": "audit/worst.yaml", "evaluations": audit.worst.evaluations},
+        sim_top1_agreement_with_ort=agreement.top1_agreement,
+        history=history, train_seconds=train_seconds, total_seconds=time.perf_counter() - run.started,
+        numbers="accuracies are ONNX Runtime's on the evaluation data; drops are from the student's fp32 accuracy",
+    )
+    write_json(out / "summary.json", summary.to_dict())
     return summary

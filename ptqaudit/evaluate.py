@@ -14,7 +14,7 @@ from .data import Dataset, check_input_shape
 from .errors import PtqauditError
 from .onnx_graph import LoadedModel, ort_errors, ort_failure
 from .policy import FP32_BITS, Policy, ResolvedPolicy, bitops_of
-from .predictions import Predictions, accuracy
+from .predictions import Predictions, accuracy, drop_points
 from .progress import track
 from .quantize import quantize
 from .sim.engine import EngineAgreement, sim_predict
@@ -128,6 +128,41 @@ class EvalReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def rows(self) -> list[list[str]]:
+        """The eval table's rows so far (fp32, then each policy), as the terminal shows them (see table_line)."""
+        both = self.engine == "both"
+        rows = [["fp32", f"{100 * self.fp32_accuracy:.2f}%", "", "", _si(self.fp32_bitops), "32.00",
+                 f"{self.fp32_images_per_second:,.0f}"] + (_sim_cells(self.fp32_sim) if both else []) + ["-"]]
+        for r in self.results:
+            rows.append([r.policy, f"{100 * r.accuracy:.2f}%", f"{r.drop_points:+.2f}", f"{100 * r.agreement_with_fp32:.2f}%",
+                         _si(r.bitops), f"{r.effective_bits:.2f}", f"{r.images_per_second:,.0f}"]
+                        + (_sim_cells(r.sim) if both else []) + [r.method])
+        return rows
+
+
+EVAL_COLUMNS = [("policy", None), ("accuracy", 9), ("drop (pts)", 10), ("agree w/ fp32", 13), ("BitOPs/img", 10),
+                ("eff. bits", 9), ("images/s", 9)]
+SIM_COLUMNS = [("sim = ort", 9), ("sim img/s", 9)]  # with --engine both: top-1 agreement and simulator speed
+
+
+def table_line(cells: list[str], columns: list, policy_width: int) -> str:
+    """One row of the eval table at fixed widths, so rows can be printed as each policy finishes."""
+    out = [cells[0].ljust(policy_width)]
+    out += [c.rjust(w) for c, (_, w) in zip(cells[1:-1], columns[1:])]
+    return "  ".join(out + [cells[-1]]).rstrip()
+
+
+def _si(value: float) -> str:
+    """A large count in engineering notation: 2.60G, 41.0M."""
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _sim_cells(check: SimCheck | None) -> list[str]:
+    return [f"{100 * check.top1_agreement_with_ort:.2f}%", f"{check.images_per_second:,.0f}"] if check else ["", ""]
+
 
 def runtime_description() -> str:
     return f"onnxruntime {ort.__version__} on {platform.machine()}"
@@ -183,7 +218,7 @@ def evaluate(
         report.results.append(PolicyResult(
             policy=policy.name, description=policy.description, method=method,
             layers=applied.summary(), digest=applied.digest, accuracy=policy_accuracy,
-            drop_points=100.0 * (fp32_accuracy - policy_accuracy),
+            drop_points=drop_points(fp32_accuracy, policy_accuracy),
             agreement_with_fp32=accuracy(predictions.labels, fp32.labels),
             bitops=applied.bitops(model.layers), effective_bits=applied.effective_bits(model.layers),
             images_per_second=predictions.images_per_second(), sim=check,

@@ -23,3 +23,8 @@ class Predictions:
 def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of equal entries: accuracy against labels, or top-1 agreement between two runs."""
     return float(np.mean(predicted == labels))
+
+
+def drop_points(reference, accuracy):
+    """The drop from `reference` to `accuracy` (fractions), in percentage points; works elementwise on arrays."""
+    return 100 * (reference - accuracy)

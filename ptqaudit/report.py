@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .analysis import SearchRun
-from .errors import PtqauditError
+from .errors import GateFailed, PtqauditError
+from .predictions import drop_points
 
 FORMATS = ("md", "html", "json", "junit")
 
@@ -32,7 +33,7 @@ class Gate:
 
     def checks(self, fp32: float, worst: float) -> list[dict]:
         """One entry per threshold: its name, the figure, and whether it holds."""
-        drop = 100 * (fp32 - worst)
+        drop = drop_points(fp32, worst)
         checks = []
         if self.max_drop is not None:
             checks.append({"name": f"worst-case drop <= {self.max_drop:g} points", "figure": "worst-case drop",
@@ -52,6 +53,13 @@ class Gate:
         failed = [c["message"] for c in self.checks(fp32, worst) if not c["passed"]]
         return "gate failed: " + "; ".join(failed) if failed else None
 
+    def enforce(self, fp32: float, worst: float) -> list[dict]:
+        """The gate as commands apply it: GateFailed (exit 1) naming every failing figure, else the checks."""
+        failure = self.failure(fp32, worst)
+        if failure is not None:
+            raise GateFailed(failure)
+        return self.checks(fp32, worst)
+
 
 RUN_RECORDS = ("run.json", "summary.json", "trace.jsonl", "analysis.json")
 RUN_FILE_SUFFIXES = (".yaml", ".yml", ".pt", ".onnx")  # policies, routers, a distilled student
@@ -69,21 +77,20 @@ def report_inputs(run_dir: str | Path, run: SearchRun) -> list[Path]:
 def headline(run: SearchRun, gate: Gate) -> dict:
     """The figures an engineer decides on, all from ORT over the run's whole evaluation data."""
     summary = run.summary
-    if "worst" not in summary:
+    if summary.worst is None:
         raise PtqauditError(f"{run.path} has no worst case (searched with --objective best): the report and the gate "
                             "need it; search with --objective worst or both")
-    candidates = [c for objective in ("worst", "best") if objective in summary for c in summary[objective]["candidates"]]
-    fp32, worst = summary["fp32_accuracy"], summary["worst"]["ort_accuracy"]
+    fp32, worst = summary.fp32_accuracy, summary.worst.ort_accuracy
     checks = gate.checks(fp32, worst)
     return {
-        "model": str(run.model.path), "dataset": summary["dataset"], "images": summary["images"],
-        "batch_size": summary["batch_size"], "budget_effective_bits": summary["budget"]["effective_bits"],
-        "bits": summary["bits"], "method": summary["method"],
-        "fp32_accuracy": fp32, "worst_accuracy": worst, "worst_drop_points": 100 * (fp32 - worst),
-        "best_accuracy": summary["best"]["ort_accuracy"] if "best" in summary else None,
-        "spread_points": summary.get("spread_points"),
-        "engine_agreement": min(c["sim_top1_agreement_with_ort"] for c in candidates),
-        "worst_policy": summary["worst"]["policy"], "worst_policy_file": str(run.path / summary["worst"]["policy_file"]),
+        "model": str(run.model.path), "dataset": summary.dataset, "images": summary.images,
+        "batch_size": summary.batch_size, "budget_effective_bits": summary.budget["effective_bits"],
+        "bits": summary.bits, "method": summary.method,
+        "fp32_accuracy": fp32, "worst_accuracy": worst, "worst_drop_points": drop_points(fp32, worst),
+        "best_accuracy": summary.best.ort_accuracy if summary.best else None,
+        "spread_points": summary.spread_points,
+        "engine_agreement": min(c.sim_top1_agreement_with_ort for case in summary.cases for c in case.candidates),
+        "worst_policy": summary.worst.policy, "worst_policy_file": str(run.path / summary.worst.policy_file),
         "gate": {"max_drop": gate.max_drop, "min_accuracy": gate.min_accuracy, "checks": checks,
                  "verdict": "not gated" if not checks else "pass" if all(c["passed"] for c in checks) else "fail"},
     }
@@ -93,8 +100,7 @@ def build(run: SearchRun, gate: Gate, analysis: dict | None) -> dict:
     """The whole report as data: what the JSON format prints and the other formats render."""
     document = {"headline": headline(run, gate), "analysis": analysis, "run": str(run.path)}
     if run.distill is not None:
-        d = run.distill
-        document["distill"] = {key: d[key] for key in (
+        document["distill"] = {key: getattr(run.distill, key) for key in (
             "mode", "teacher", "teacher_fp32_accuracy", "teacher_policy_accuracy", "student_fp32_accuracy",
             "student_policy_accuracy", "student_w8a8_accuracy", "policy_drop_points", "policy_effective_bits")}
     return document

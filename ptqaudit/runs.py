@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -330,6 +330,40 @@ def check_fields(value, schema, where: str | Path, hint: str = "") -> None:
         raise PtqauditError(f"{where}: {subject} {what}; the file was changed since ptqaudit wrote it{hint}")
 
 
+def check_schema_version(value, where: str | Path, supported: int, hint: str = "") -> None:
+    """Refuse a results file written in a layout this ptqaudit does not read. A file without schema_version
+    was written before the field existed: version 1."""
+    version = value.get("schema_version", 1) if isinstance(value, dict) else 1
+    if type(version) is not int:
+        raise PtqauditError(f"{where}: field schema_version is {_kind_of(version)}, expected an integer; the file was "
+                            f"changed since ptqaudit wrote it{hint}")
+    if version != supported:
+        raise PtqauditError(f"{where}: schema_version {version} is not one this ptqaudit reads (it reads {supported}); "
+                            f"use the ptqaudit version that wrote the file{hint}")
+
+
+def known_fields(cls, values: dict) -> dict:
+    """The entries of `values` that name fields of dataclass `cls` (a file may hold more, for other readers)."""
+    names = {f.name for f in fields(cls)}
+    return {key: value for key, value in values.items() if key in names}
+
+
+def dataclass_from_dict(cls, values: dict, **nested):
+    """An instance of dataclass `cls` from what asdict wrote: keys it has no field for are left out, lists
+    become tuples again, fields named in `nested` (name=class) are built the same way; missing ones take
+    their defaults."""
+    values = {key: tuple(v) if isinstance(v, list) else v for key, v in known_fields(cls, values).items()}
+    for name, kind in nested.items():
+        if name in values:
+            values[name] = dataclass_from_dict(kind, values[name])
+    return cls(**values)
+
+
+def without_none(values: dict, keys) -> dict:
+    """values less the `keys` that hold None: optional results are absent from a file rather than null."""
+    return {key: value for key, value in values.items() if not (key in keys and value is None)}
+
+
 def read_checked(path: Path, schema, hint: str = ""):
     """read_json, then check_fields."""
     value = read_json(path)
@@ -341,12 +375,14 @@ NAMES = MapOf(str)  # layer name -> setting label
 DATA_SETTINGS = {"name": str, "root": (str, None), "split": str, "limit": (int, None), "mean": (ListOf(float), None),
                  "std": (ListOf(float), None), "download": bool}
 RUN_FILE = {"config": {}, "inputs": {"model_sha256": str, "data_sha256": str}}  # what --resume compares
-SEARCH_RUN_FILE = {"config": {"model": str, "data": DATA_SETTINGS, "batch_size": int, "bits": ListOf(int, 1),
-                              "base_policy?": str}}
+SEARCH_RUN_FILE = {"config": {"model": str, "data": DATA_SETTINGS, "output": str, "batch_size": int,
+                              "bits": ListOf(int, 1), "base_policy?": str}}
 TRACE_RECORD = {"step": int, "objective": str, "method": str, "digest": str, "sim_accuracy": float, "bitops": int,
                 "effective_bits": float, "policy": NAMES}
-_CASE = {"ort_accuracy": float, "policy_file": str, "policy": NAMES,
-         "candidates": ListOf({"sim_top1_agreement_with_ort": float, "layers": NAMES}, 1)}
+_CANDIDATE = {"rank": int, "digest": str, "ort_accuracy": float, "sim_accuracy_search_subset": float,
+              "sim_top1_agreement_with_ort": float, "bitops": int, "effective_bits": float, "layers": NAMES}
+_CASE = {"ort_accuracy": float, "drop_points": float, "policy_file": str, "evaluations": int, "policy": NAMES,
+         "candidates": ListOf(_CANDIDATE, 1), "dynamic?": {}}
 SEARCH_SUMMARY = {"dataset": str, "images": int, "batch_size": int, "budget": {"effective_bits": float},
                   "bits": ListOf(int), "method": str, "fp32_accuracy": float, "worst?": _CASE, "best?": _CASE,
                   "spread_points?": float}

@@ -20,7 +20,7 @@ from ptqaudit.policy import load_policy
 from ptqaudit.quantize import quantize
 from ptqaudit.search.evaluator import Leaderboard, SimEvaluator
 from ptqaudit.search.methods import rl_search
-from ptqaudit.search.space import Budget, SearchSpace, layer_features
+from ptqaudit.search.space import Budget, Objective, SearchSpace, layer_features
 from ptqaudit.sim.model import SimModel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,12 +85,12 @@ def test_rl_search_keeps_admitted_probes_when_evaluations_run_out(tmp_path, digi
                         [layer.name for layer in digits.layers], Budget.from_average_bits(6.0, digits.total_macs))
     sim = SimModel(digits).eval()
     evaluator = SimEvaluator(sim, digits_data[1].subset(100), 1, space, lambda records: None, {})
-    board = Leaderboard("worst", 3)
+    board = Leaderboard(Objective.WORST, 3)
     features = layer_features(space.searched, [sim.quant_layer(x.name).weight.detach().numpy() for x in space.searched])
-    rl_search(space=space, evaluator=evaluator, board=board, objective="worst", max_evaluations=2, seed=0,
+    rl_search(space=space, evaluator=evaluator, board=board, objective=Objective.WORST, max_evaluations=2, seed=0,
               features=features, progress=lambda *a: None)
     assert board.entries
-    assert all(space.budget.admits(c.bitops, "worst") for c in board.ranked)
+    assert all(space.budget.admits(c.bitops, Objective.WORST) for c in board.ranked)
 
 
 def test_simulator_moves_its_folded_constants_with_it(digits, digits_data):
@@ -118,7 +118,7 @@ def test_short_distillation_on_the_digits_model(tmp_path, digits, digits_data, m
     settings = {"epochs": 20, "lr": 2e-3, "quant_weight": 0.5} if mode == "detrimental" else {"epochs": 6}
     config = DistillConfig(teacher=DIGITS_MODEL, data=DataConfig("digits"), output=str(out), mode=mode,
                            policy_limit=200, policy_steps=3, audit_evaluations=45, **settings)
-    summary = run_distill(config, digits, train, test, progress=False, echo=lambda line: None)
+    summary = run_distill(config, digits, train, test, progress=False, echo=lambda line: None).to_dict()
 
     assert summary["student_fp32_accuracy"] == pytest.approx(_ort_accuracy(out / "student.onnx", test))
     assert summary["student_policy_accuracy"] == pytest.approx(

@@ -54,7 +54,7 @@ def test_period_from_the_environment_and_short_stages_end_quietly(capsys, clock,
         for _ in range(3):
             bar.update()
     assert capsys.readouterr().err.splitlines() == [f"verify: {n}/3 batch ({round(100 * n / 3)}%), elapsed 0s"
-                                                    + (f", ETA 0s" if n < 3 else "") for n in (1, 2, 3)]
+                                                    + (", ETA 0s" if n < 3 else "") for n in (1, 2, 3)]
     monkeypatch.setenv(progress.PERIOD_ENV, "30")
     with progress.Progress(3, "quick", "batch") as bar:  # under SHORT_STAGE_S and no line yet: nothing
         bar.update(3)

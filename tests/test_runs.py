@@ -19,8 +19,10 @@ from conftest import build_tiny_digits_model
 from ptqaudit.analysis import AnalysisSettings, analyse, cached_analysis, load_run
 from ptqaudit.cli import main
 from ptqaudit.data import DataConfig, load_dataset
+from ptqaudit.distill import DistillConfig
 from ptqaudit.errors import PtqauditError
 from ptqaudit.runs import LOCK_FILE, RunFolder
+from ptqaudit.search.run import SearchConfig
 
 SEARCH = ["--limit", "100", "--search-limit", "60", "--max-evaluations", "10", "--method", "random",
           "--verify-top", "1", "--no-progress"]
@@ -295,3 +297,55 @@ def test_a_hand_edited_distill_summary_is_exit_2(finished_run, tmp_path, capsys)
     (tmp_path / "distilled" / "summary.json").write_text(json.dumps({"mode": "detrimental", "audit": {"run": "audit"}}))
     code, _, err = _cli(capsys, "report", tmp_path / "distilled", "--no-analysis")
     assert code == 2 and f"{tmp_path / 'distilled' / 'summary.json'}: field teacher is missing" in err, err
+
+
+# --- results files carry their layout's version; files from before it load as version 1 -------------
+
+OLD_RUN = Path(__file__).parent / "fixtures" / "search-run-v1"  # written by `ptqaudit search` before schema_version
+
+
+def test_a_run_folder_written_before_schema_versions_loads_as_version_1(tmp_path, capsys):
+    run, model = Path(shutil.copytree(OLD_RUN, tmp_path / "run")), _save_model(tmp_path / "tiny.onnx")
+    stored = json.loads((run / "summary.json").read_text())
+    assert "schema_version" not in stored and "kind" not in stored
+    loaded = load_run(run, str(model))
+    assert loaded.summary.to_dict() == {"schema_version": 1, "kind": "search", **stored}
+    assert loaded.config.to_dict() == json.loads((run / "run.json").read_text())["config"]
+    code, out, err = _cli(capsys, "report", run, "--model", model, "--no-analysis", "--json")
+    assert code == 0, err
+    headline = json.loads(out)["headline"]
+    assert (headline["fp32_accuracy"], headline["worst_accuracy"], headline["best_accuracy"]) == (
+        stored["fp32_accuracy"], stored["worst"]["ort_accuracy"], stored["best"]["ort_accuracy"])
+
+
+@pytest.mark.parametrize("file", ["summary.json", "analysis.json"])
+def test_a_results_file_of_an_unknown_schema_version_is_exit_2(finished_run, tmp_path, capsys, file):
+    run = Path(shutil.copytree(finished_run[0], tmp_path / "run"))
+    document = json.loads((run / file).read_text())
+    assert document["schema_version"] == 1 and document["kind"] == file.removesuffix(".json").replace("summary", "search")
+    document["schema_version"] = 2
+    (run / file).write_text(json.dumps(document))
+    code, _, err = _report(capsys, run, tmp_path)
+    assert code == 2 and f"{run / file}: schema_version 2 is not one this ptqaudit reads (it reads 1)" in err, err
+    document["schema_version"] = "1"
+    (run / file).write_text(json.dumps(document))
+    code, _, err = _report(capsys, run, tmp_path)
+    assert code == 2 and f"{run / file}: field schema_version is a string, expected an integer" in err, err
+
+
+def test_a_summary_of_an_unknown_kind_is_exit_2(finished_run, tmp_path, capsys):
+    run = Path(shutil.copytree(finished_run[0], tmp_path / "run"))
+    document = json.loads((run / "summary.json").read_text())
+    document["kind"] = "training"
+    (run / "summary.json").write_text(json.dumps(document))
+    code, _, err = _cli(capsys, "report", run, "--no-analysis")
+    assert code == 2 and f'{run / "summary.json"}: field kind is "training", expected search or distill' in err, err
+
+
+def test_configs_round_trip_through_their_stored_form():
+    data = DataConfig(name="digits", limit=7, mean=(0.5,), std=(0.25,))
+    search = SearchConfig(model="m.onnx", data=data, output="out", bits=(2, 4), budget_avg_bits=None, budget_bitops=1000,
+                          objective="worst", layers=("/conv*",), search_split="train", dynamic=True)
+    assert SearchConfig.from_dict(json.loads(json.dumps(search.to_dict()))) == search
+    distill = DistillConfig(teacher="t.onnx", data=data, output="out", mode="robust", bits=(4, 8), epochs=2, device="cuda")
+    assert DistillConfig.from_dict(json.loads(json.dumps(distill.to_dict()))) == distill

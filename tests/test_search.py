@@ -17,7 +17,7 @@ from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import LayerQuant, ResolvedPolicy, load_policy
 from ptqaudit.quantize import quantize
 from ptqaudit.search.run import SearchConfig, run_search
-from ptqaudit.search.space import Budget, SearchSpace
+from ptqaudit.search.space import Budget, Objective, SearchSpace
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = str(REPO / "sample_models" / "digits_cnn.onnx")
@@ -35,7 +35,7 @@ def _space(model, bits=(2, 3, 4, 5, 6, 8), avg_bits=6.0, layers=None):
     return SearchSpace(model.layers, base, bits, names, Budget.from_average_bits(avg_bits, model.total_macs))
 
 
-@pytest.mark.parametrize("objective", ["worst", "best"])
+@pytest.mark.parametrize("objective", list(Objective))
 def test_projection_always_lands_inside_the_budget(digits, objective):
     space = _space(digits)
     rng = np.random.default_rng(0)
@@ -71,7 +71,7 @@ def _search(tmp_path, model, method, objective, **settings):
     config = SearchConfig(model=DIGITS_MODEL, data=DataConfig(name="digits", limit=len(dataset)),
                           output=str(tmp_path / f"{method}-{objective}"), method=method, objective=objective,
                           **settings)
-    return run_search(config, model, dataset, progress=False, echo=lambda m: None), dataset
+    return run_search(config, model, dataset, progress=False, echo=lambda m: None).to_dict(), dataset
 
 
 @pytest.mark.parametrize("objective", ["worst", "best"])
@@ -214,7 +214,7 @@ def test_sensitivity_prior_leans_the_right_way():
     from ptqaudit.search.methods import sensitivity_prior
 
     drop = np.array([[10.0, 0.0], [2.0, 5.0]])  # [layers, (weight, activation)] points lost at the lowest width
-    for objective, lowest_preferred in (("worst", True), ("best", False)):
+    for objective, lowest_preferred in ((Objective.WORST, True), (Objective.BEST, False)):
         prior = sensitivity_prior(drop, 4, objective)
         probabilities = np.exp(prior) / np.exp(prior).sum(axis=-1, keepdims=True)
         assert np.allclose(probabilities[0, 1], 0.25)  # insensitive operand: uniform
@@ -303,7 +303,7 @@ def test_max_evaluations_is_a_hard_cap(tmp_path, tiny_digits_model, method, cap)
         config = SearchConfig(model=str(tiny_digits_model), data=data, output=str(out), method=method,
                               objective=objective, max_evaluations=cap, bits=bits, budget_avg_bits=5.0, verify_top=1)
         try:
-            summary = run_search(config, model, dataset, progress=False, echo=lambda m: None)
+            summary = run_search(config, model, dataset, progress=False, echo=lambda m: None).to_dict()
         except PtqauditError as exc:  # too few evaluations to find a policy in the budget, or to be exhaustive
             assert "--max-evaluations" in str(exc), exc
             summary = None
@@ -319,7 +319,7 @@ def test_exhaustive_search_refuses_a_space_larger_than_the_cap(tmp_path, tiny_di
     """Rather than a partial enumeration passed off as exhaustive; the message says how many policies."""
     model = load_model(tiny_digits_model)
     space = _space(model, bits=(2, 4, 8), avg_bits=5.0)
-    admitted = sum(space.budget.admits(space.bitops(np.array(flat).reshape(2, 2)), "worst")
+    admitted = sum(space.budget.admits(space.bitops(np.array(flat).reshape(2, 2)), Objective.WORST)
                    for flat in itertools.product(range(3), repeat=4))
     data = DataConfig(name="digits", limit=40)
     config = SearchConfig(model=str(tiny_digits_model), data=data, output=str(tmp_path / "run"), method="exhaustive",
@@ -327,7 +327,7 @@ def test_exhaustive_search_refuses_a_space_larger_than_the_cap(tmp_path, tiny_di
     with pytest.raises(PtqauditError, match=f"would score {admitted} policies .* more than --max-evaluations {admitted - 1}"):
         run_search(config, model, load_dataset(data), progress=False, echo=lambda m: None)
     config.max_evaluations, config.output = admitted, str(tmp_path / "run2")
-    summary = run_search(config, model, load_dataset(data), progress=False, echo=lambda m: None)
+    summary = run_search(config, model, load_dataset(data), progress=False, echo=lambda m: None).to_dict()
     assert summary["worst"]["evaluations"] == admitted == _scored_policies(tmp_path / "run2", "worst")[1]
 
 
@@ -346,8 +346,8 @@ def test_rl_step_cut_by_the_cap_learns_only_from_what_was_scored(tiny_digits_mod
     evaluator = SimEvaluator(SimModel(model).eval(), load_dataset(DataConfig(name="digits", limit=40)), 1, space,
                              records.extend, {})
     torch.manual_seed(0)
-    agent = PolicyAgent(space, np.zeros((2, 3), dtype=np.float32), np.zeros((2, 2)), "worst")
-    board = Leaderboard("worst", 20)
+    agent = PolicyAgent(space, np.zeros((2, 3), dtype=np.float32), np.zeros((2, 2)), Objective.WORST)
+    board = Leaderboard(Objective.WORST, 20)
 
     def parameters():
         return torch.cat([p.detach().flatten().clone() for p in agent.network.parameters()])
@@ -363,3 +363,18 @@ def test_rl_step_cut_by_the_cap_learns_only_from_what_was_scored(tiny_digits_mod
     assert evaluator.evaluations == 5 and len(records) <= 6
     after = parameters()
     assert torch.isfinite(after).all() and not torch.equal(after, before)
+
+
+def test_objective_admits_and_ranks_as_its_definition_says():
+    """Worst: a floor, lower accuracy sought; best: a ceiling, higher accuracy sought."""
+    rng = np.random.default_rng(3)
+    for cost, budget, a, b in rng.integers(0, 5, size=(200, 4)):
+        assert Objective.WORST.admits(cost, budget) == (cost >= budget)
+        assert Objective.BEST.admits(cost, budget) == (cost <= budget)
+        assert Objective.WORST.better(a, b) == (a < b) and Objective.BEST.better(a, b) == (a > b)
+    values = rng.random((4, 6))
+    assert np.array_equal(Objective.WORST.extreme(values, axis=0), values.min(axis=0))
+    assert np.array_equal(Objective.BEST.extreme(values, axis=0), values.max(axis=0))
+    items = [("a", 0.5), ("b", 0.2), ("c", 0.9), ("d", 0.2), ("e", 0.9)]
+    assert Objective.WORST.pick(items, lambda i: i[1]) == ("b", 0.2)  # the first among equals
+    assert Objective.BEST.pick(items, lambda i: i[1]) == ("c", 0.9)

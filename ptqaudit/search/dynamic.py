@@ -19,6 +19,7 @@ from ..progress import track
 from ..quantize import quantize
 from ..sim.engine import sim_predict_many
 from ..sim.model import SimModel
+from .space import Objective
 
 
 def input_features(x: np.ndarray) -> np.ndarray:
@@ -52,11 +53,11 @@ class Router(nn.Module):
         return np.repeat(choice, len(x)) if per_batch else choice
 
 
-def train_router(features: np.ndarray, correct: np.ndarray, objective: str, seed: int, steps: int = 300) -> Router:
+def train_router(features: np.ndarray, correct: np.ndarray, objective: Objective, seed: int, steps: int = 300) -> Router:
     """Fit the router to send each input to the menu entries that get it wrong (worst) or right (best):
     the target is uniform over those entries (over all of them when none or all do)."""
     torch.manual_seed(seed)
-    wanted = (correct == 0) if objective == "worst" else (correct == 1)  # [menu, inputs]
+    wanted = correct == int(objective is Objective.BEST)  # [menu, inputs]: wrong (worst) or right (best)
     wanted = np.where(wanted.any(axis=0, keepdims=True) & ~wanted.all(axis=0, keepdims=True), wanted, True)
     target = torch.from_numpy((wanted / wanted.sum(axis=0, keepdims=True)).T.astype(np.float32))
     router = Router(features, correct.shape[0])
@@ -80,7 +81,7 @@ class DynamicResult:
 
 
 def dynamic_policy(model: LoadedModel, sim: SimModel, search_set: Dataset, dataset: Dataset, menu: list[ResolvedPolicy],
-                   objective: str, batch_size: int, seed: int, progress: bool) -> tuple[Router, DynamicResult]:
+                   objective: Objective, batch_size: int, seed: int, progress: bool) -> tuple[Router, DynamicResult]:
     """Train a router over `menu` on the simulator, then measure it on ORT by routing."""
     runs = sim_predict_many(sim, search_set, menu, batch_size, progress=False)
     correct = np.stack([run.labels == search_set.y for run in runs]).astype(np.int64)  # [menu, inputs]
@@ -90,11 +91,11 @@ def dynamic_policy(model: LoadedModel, sim: SimModel, search_set: Dataset, datas
     if per_batch:  # one choice per batch: its oracle is the best single entry per batch
         routed = np.concatenate([router.choose(x, True) for x, _ in search_set.batches(batch_size)])
         chunks = [correct[:, i : i + batch_size].sum(axis=1) for i in range(0, correct.shape[1], batch_size)]
-        oracle_hits = sum(c.min() if objective == "worst" else c.max() for c in chunks)
+        oracle_hits = sum(objective.extreme(c) for c in chunks)
         oracle_accuracy = oracle_hits / correct.shape[1]
     else:
         routed = router.choose(search_set.x, False)
-        oracle_accuracy = float((correct.min(axis=0) if objective == "worst" else correct.max(axis=0)).mean())
+        oracle_accuracy = float(objective.extreme(correct, axis=0).mean())
     router_accuracy = float(correct[routed, np.arange(correct.shape[1])].mean())
 
     sessions: dict[int, ort.InferenceSession] = {}

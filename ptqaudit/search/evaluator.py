@@ -10,7 +10,7 @@ from ..data import Dataset
 from ..predictions import accuracy
 from ..sim.engine import sim_predict_many
 from ..sim.model import SimModel
-from .space import SearchSpace
+from .space import Objective, SearchSpace
 
 
 @dataclass(order=True)
@@ -49,7 +49,7 @@ class SimEvaluator:
     def exhausted(self) -> bool:
         return self.limit is not None and self.evaluations >= self.limit
 
-    def accuracies(self, choices: list[np.ndarray], objective: str, method: str) -> list[float]:
+    def accuracies(self, choices: list[np.ndarray], objective: Objective, method: str) -> list[float]:
         """The accuracy of each of `choices` in order, as far as the cap allows: the list ends before the
         first policy new to this search once the cap is reached, so it may be shorter than `choices`
         (empty when the cap was already reached). A policy already counted is not counted again."""
@@ -69,7 +69,7 @@ class SimEvaluator:
             for (digest, policy), run in zip(todo.items(), runs):
                 self.memo[digest] = accuracy(run.labels, self.dataset.y)
                 self.step += 1
-                records.append({"step": self.step, "objective": objective, "method": method, "digest": digest,
+                records.append({"step": self.step, "objective": str(objective), "method": method, "digest": digest,
                                 "sim_accuracy": self.memo[digest], "bitops": policy.bitops(self.space.layers),
                                 "effective_bits": policy.effective_bits(self.space.layers),
                                 "policy": {name: (q.label if q else "fp32") for name, q in policy.mapping.items()}})
@@ -80,12 +80,12 @@ class SimEvaluator:
 class Leaderboard:
     """The k best distinct policies found for one objective (lowest accuracy for worst, highest for best)."""
 
-    def __init__(self, objective: str, size: int):
+    def __init__(self, objective: Objective, size: int):
         self.objective, self.size = objective, size
         self.entries: dict[str, Candidate] = {}
 
     def key(self, sim_accuracy: float) -> float:
-        return sim_accuracy if self.objective == "worst" else -sim_accuracy
+        return self.objective.key(sim_accuracy)
 
     def offer(self, space: SearchSpace, choices: list[np.ndarray], accuracies: list[float]) -> None:
         for choice, acc in zip(choices, accuracies):

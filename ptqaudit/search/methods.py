@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import PtqauditError
+from ..predictions import drop_points
 from .evaluator import Leaderboard, SimEvaluator
-from .space import ACTIVATION, WEIGHT, SearchSpace
+from .space import ACTIVATION, WEIGHT, Objective, SearchSpace
 
 METHODS = ("rl", "random", "greedy", "exhaustive")
 GROUP = 16  # policies scored per simulator pass (they share its input and common prefixes)
@@ -35,7 +36,7 @@ class PolicyNetwork(nn.Module):
         return torch.distributions.Categorical(logits=logits)
 
 
-def sensitivity(space: SearchSpace, evaluator: SimEvaluator, objective: str, board: Leaderboard | None = None) -> np.ndarray:
+def sensitivity(space: SearchSpace, evaluator: SimEvaluator, objective: Objective, board: Leaderboard | None = None) -> np.ndarray:
     """Accuracy lost, in points, when one operand of one layer alone drops from the top width to the
     lowest (everything else at the top width): 2 evaluations per searched layer, [layers, 2]. Probes the
     budget admits are offered to `board`: they are candidates like any other. Where the evaluator's cap
@@ -50,20 +51,19 @@ def sensitivity(space: SearchSpace, evaluator: SimEvaluator, objective: str, boa
     scored = evaluator.accuracies([top] + probes, objective, "sensitivity")
     if len(scored) > 1:
         reference, *dropped = scored
-        drop[: len(dropped)] = np.maximum(100 * (reference - np.array(dropped)), 0)
+        drop[: len(dropped)] = np.maximum(drop_points(reference, np.array(dropped)), 0)
         if board is not None:
             admitted = [i for i in range(len(dropped)) if space.budget.admits(space.bitops(probes[i]), objective)]
             board.offer(space, [probes[i] for i in admitted], [dropped[i] for i in admitted])
     return drop.reshape(len(space.searched), 2)
 
 
-def sensitivity_prior(drop: np.ndarray, choices: int, objective: str, strength: float = 3.0) -> np.ndarray:
+def sensitivity_prior(drop: np.ndarray, choices: int, objective: Objective, strength: float = 3.0) -> np.ndarray:
     """Initial logits [layers, 2, choices]: where an operand is sensitive, the worst case leans to its low
     widths and the best case to its high ones; insensitive operands start uniform."""
     scaled = drop / max(drop.max(), 1e-9)
     ramp = np.linspace(0.0, 1.0, choices)  # 0 at the lowest width, 1 at the highest
-    direction = -1.0 if objective == "worst" else 1.0
-    return (direction * strength * scaled[:, :, None] * ramp[None, None, :]).astype(np.float32)
+    return (objective.sign * strength * scaled[:, :, None] * ramp[None, None, :]).astype(np.float32)
 
 
 class PolicyAgent:
@@ -73,14 +73,13 @@ class PolicyAgent:
     reward = -accuracy (worst) or accuracy (best), standardized within the step. The policy's current
     mode is scored too (exploitation), outside the gradient."""
 
-    def __init__(self, space: SearchSpace, features: np.ndarray, drop: np.ndarray, objective: str,
+    def __init__(self, space: SearchSpace, features: np.ndarray, drop: np.ndarray, objective: Objective,
                  lr: float = 0.1, entropy_weight: float = 0.01, group: int = 8):
         self.space, self.objective, self.group, self.entropy_weight = space, objective, group, entropy_weight
         prior = sensitivity_prior(drop, len(space.bits), objective)
         state = np.concatenate([features, drop / max(drop.max(), 1e-9)], axis=1).astype(np.float32)
         self.network = PolicyNetwork(torch.from_numpy(state), torch.from_numpy(prior))
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=lr)
-        self.sign = -1.0 if objective == "worst" else 1.0
 
     def sample(self, count: int) -> list[np.ndarray]:
         """Policies drawn from the agent's current distribution, projected onto the budget (no learning)."""
@@ -101,7 +100,7 @@ class PolicyAgent:
         board.offer(self.space, choices[: len(accuracies)], accuracies)
         scored = min(len(accuracies), self.group)
         if scored >= 2:
-            rewards = torch.tensor([self.sign * 100 * a for a in accuracies[:scored]])
+            rewards = torch.tensor([self.objective.sign * 100 * a for a in accuracies[:scored]])
             advantage = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
             loss = -(advantage * log_prob[:scored]).mean() - self.entropy_weight * distribution.entropy().sum()
             self.optimizer.zero_grad()
@@ -147,7 +146,7 @@ def greedy_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboar
             if choice[layer, operand] > 0:
                 moved = choice.copy()
                 moved[layer, operand] -= 1
-                if objective == "best" or space.budget.admits(space.bitops(moved), objective):
+                if objective is Objective.BEST or space.budget.admits(space.bitops(moved), objective):
                     moves.append(moved)
         if not moves:
             break
@@ -158,7 +157,7 @@ def greedy_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboar
         board.offer(space, [m for m, ok in zip(moves, admitted) if ok], [a for a, ok in zip(accuracies, admitted) if ok])
         choice = moves[int(np.argmin(scores))]
         progress(evaluator.evaluations, board.best_accuracy)
-        if objective == "best" and space.budget.admits(space.bitops(choice), objective):
+        if objective is Objective.BEST and space.budget.admits(space.bitops(choice), objective):
             break
 
 
@@ -186,7 +185,7 @@ def exhaustive_search(space: SearchSpace, evaluator: SimEvaluator, board: Leader
         progress(evaluator.evaluations, board.best_accuracy)
 
 
-def _admitted(space: SearchSpace, objective: str):
+def _admitted(space: SearchSpace, objective: Objective):
     """Every choice the budget admits, in an order that lets consecutive ones share their prefix."""
     shape = (len(space.searched), 2)
     for flat in itertools.product(range(len(space.bits)), repeat=2 * len(space.searched)):

@@ -7,6 +7,7 @@ import fnmatch
 import io
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import yaml
@@ -15,17 +16,19 @@ from ..data import DataConfig, Dataset
 from ..errors import PtqauditError
 from ..evaluate import check_model_fits_data, make_session, predict
 from ..onnx_graph import LoadedModel
-from ..policy import MAX_BITS, MIN_BITS, load_policy, policy_file_dict
-from ..predictions import accuracy
+from ..policy import load_policy, policy_file_dict
+from ..predictions import accuracy, drop_points
 from ..progress import Progress
 from ..quantize import quantize
-from ..runs import RunFolder, input_identity, write_atomic, write_json
+from ..runs import (SEARCH_SUMMARY, RunFolder, check_fields, check_schema_version, dataclass_from_dict, input_identity,
+                    known_fields, without_none, write_atomic, write_json)
 from ..sim.engine import EngineAgreement, sim_predict
 from ..sim.model import SimModel
+from ..text import table
 from .dynamic import dynamic_policy
 from .evaluator import Leaderboard, SimEvaluator
 from .methods import METHODS, SEARCHES
-from .space import OBJECTIVES, Budget, SearchSpace, layer_features
+from .space import OBJECTIVES, Budget, Objective, SearchSpace, check_bits, layer_features
 
 
 @dataclass
@@ -51,8 +54,7 @@ class SearchConfig:
     dynamic: bool = False  # also train a router choosing among the verified candidates per input
 
     def validate(self) -> None:
-        if not self.bits or any(not MIN_BITS <= b <= MAX_BITS for b in self.bits):
-            raise PtqauditError(f"--bits must list widths from {MIN_BITS} to {MAX_BITS}, got {list(self.bits)}")
+        check_bits(self.bits)
         if self.objective not in OBJECTIVES + ("both",):
             raise PtqauditError(f"--objective must be worst, best or both, got {self.objective!r}")
         if self.method not in METHODS:
@@ -70,6 +72,11 @@ class SearchConfig:
         values["bits"], values["layers"] = list(self.bits), list(self.layers)
         return values
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "SearchConfig":
+        """The config to_dict wrote (run.json's "config", checked by runs.SEARCH_RUN_FILE)."""
+        return dataclass_from_dict(cls, values, data=DataConfig)
+
 
 @dataclass
 class Verified:
@@ -85,6 +92,99 @@ class Verified:
     layers: dict = field(default_factory=dict)
 
 
+SUMMARY_VERSION = 1  # the layout of summary.json; a reader refuses another
+
+
+@dataclass(kw_only=True)
+class SearchCase:
+    """One objective's result: the leading candidate, measured on ORT, and every verified candidate."""
+
+    ort_accuracy: float
+    drop_points: float
+    policy_file: str
+    evaluations: int
+    policy: dict[str, str]  # layer name -> setting label
+    candidates: list[Verified]
+    dynamic: dict | None = None  # the router's numbers (--dynamic)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SearchCase":
+        values = known_fields(cls, values)
+        return cls(**{**values, "candidates": [Verified(**known_fields(Verified, c)) for c in values["candidates"]]})
+
+
+@dataclass(kw_only=True)
+class SearchSummary:
+    """A search's results, as summary.json holds them (its keys are these fields)."""
+
+    schema_version: int = SUMMARY_VERSION
+    kind: str = "search"
+    model: str = ""
+    dataset: str
+    images: int
+    search_dataset: str = ""
+    search_images: int = 0
+    batch_size: int
+    seed: int = 0
+    method: str
+    budget: dict  # bitops, effective_bits, and what each case is held to
+    bits: list[int]
+    searched_layers: list[str] = field(default_factory=list)
+    base_policy: str = SearchConfig.base_policy
+    fp32_accuracy: float
+    search_seconds: float = 0.0
+    numbers: str = ""
+    worst: SearchCase | None = None
+    best: SearchCase | None = None
+    spread_points: float | None = None  # best minus worst, in points, when both were searched
+    total_seconds: float = 0.0
+
+    def case(self, objective: Objective) -> SearchCase | None:
+        return getattr(self, str(objective))
+
+    @property
+    def cases(self) -> list[SearchCase]:
+        return [case for case in (self.worst, self.best) if case is not None]
+
+    def table(self) -> str:
+        """The terminal summary: fp32, each case (and its router) on ORT, and the spread between them."""
+        rows = [["fp32", f"{100 * self.fp32_accuracy:.2f}%", "", "", "", ""]]
+        for objective in OBJECTIVES:
+            case = self.case(objective)
+            if case is None:
+                continue
+            top = case.candidates[0]
+            rows.append([f"{objective} case", f"{100 * case.ort_accuracy:.2f}%", f"{case.drop_points:+.2f}",
+                         f"{top.effective_bits:.2f}", f"{100 * top.sim_top1_agreement_with_ort:.2f}%",
+                         f"{case.evaluations}"])
+            if case.dynamic is not None:
+                dyn = case.dynamic
+                rows.append([f"{objective} dynamic", f"{100 * dyn['ort_accuracy']:.2f}%", f"{dyn['drop_points']:+.2f}",
+                             "", "", f"{len(dyn['menu'])} policies"])
+        text = table(["", "ORT accuracy", "drop (pts)", "eff. bits", "sim = ort", "evaluated"], rows, right={1, 2, 3, 4, 5})
+        if self.spread_points is not None:
+            text += f"\n\nspread between best and worst case: {self.spread_points:.2f} points"
+        return text
+
+    def to_dict(self) -> dict:
+        values = without_none(asdict(self), ("worst", "best", "spread_points"))
+        for objective in OBJECTIVES:
+            if objective in values:
+                values[objective] = without_none(values[objective], ("dynamic",))
+        return values
+
+    @classmethod
+    def from_dict(cls, values, where: str | Path) -> "SearchSummary":
+        """A summary.json read back: its version and fields checked (PtqauditError naming `where` and the field)."""
+        check_schema_version(values, where, SUMMARY_VERSION)
+        check_fields(values, SEARCH_SUMMARY, where)
+        values = known_fields(cls, values)
+        for objective in OBJECTIVES:
+            if objective in values:
+                values[objective] = SearchCase.from_dict(values[objective])
+        return cls(**values)
+
+
 def _searched_layers(model: LoadedModel, globs: tuple[str, ...]) -> list[str]:
     if not globs:
         return [layer.name for layer in model.layers]
@@ -95,7 +195,7 @@ def _searched_layers(model: LoadedModel, globs: tuple[str, ...]) -> list[str]:
 
 
 def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resume: bool = False,
-               progress: bool = True, echo=print, search_data: Dataset | None = None) -> dict:
+               progress: bool = True, echo=print, search_data: Dataset | None = None) -> SearchSummary:
     """Search, verify on ORT, write the run folder; returns the summary (also in summary.json).
     search_data: where candidates are scored (the --search-split), else a subset of `dataset`."""
     config.validate()
@@ -104,7 +204,7 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
     budget = (Budget(config.budget_bitops) if config.budget_bitops is not None
               else Budget.from_average_bits(config.budget_avg_bits, model.total_macs))
     space = SearchSpace(model.layers, base, config.bits, _searched_layers(model, config.layers), budget)
-    objectives = OBJECTIVES if config.objective == "both" else (config.objective,)
+    objectives = OBJECTIVES if config.objective == "both" else (Objective(config.objective),)
     for objective in objectives:
         space.check_budget(objective)
 
@@ -115,8 +215,8 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
 
 
 def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_data: Dataset | None,
-            folder: RunFolder, space: SearchSpace, budget: Budget, objectives: tuple[str, ...], resume: bool,
-            progress: bool, echo) -> dict:
+            folder: RunFolder, space: SearchSpace, budget: Budget, objectives: tuple[Objective, ...], resume: bool,
+            progress: bool, echo) -> SearchSummary:
     """Search, verify and write the results: run_search's work, done while it holds the run folder."""
     memo = {r["digest"]: r["sim_accuracy"] for r in folder.read_trace()} if resume else {}
     if memo:
@@ -162,47 +262,60 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
     echo(f"measuring fp32 on ORT ({len(dataset)} images)")
     fp32 = predict(make_session(model.proto), dataset, config.batch_size, "fp32 (ORT)", progress)
     fp32_accuracy = accuracy(fp32.labels, dataset.y)
-    summary = {
-        "model": config.model, "dataset": dataset.name, "images": len(dataset), "search_dataset": search_set.name,
-        "search_images": len(search_set),
-        "batch_size": config.batch_size, "seed": config.seed, "method": config.method,
-        "budget": {"bitops": budget.bitops, "effective_bits": budget.effective_bits(model.total_macs),
-                   "worst": "policies at or above it", "best": "policies at or below it"},
-        "bits": list(space.bits), "searched_layers": [layer.name for layer in space.searched],
-        "base_policy": config.base_policy, "fp32_accuracy": fp32_accuracy, "search_seconds": search_seconds,
-        "numbers": "accuracies are ONNX Runtime's on the whole evaluation set; sim_* are the simulator's",
-    }
+    summary = SearchSummary(
+        model=config.model, dataset=dataset.name, images=len(dataset), search_dataset=search_set.name,
+        search_images=len(search_set), batch_size=config.batch_size, seed=config.seed, method=config.method,
+        budget={"bitops": budget.bitops, "effective_bits": budget.effective_bits(model.total_macs),
+                "worst": "policies at or above it", "best": "policies at or below it"},
+        bits=list(space.bits), searched_layers=[layer.name for layer in space.searched],
+        base_policy=config.base_policy, fp32_accuracy=fp32_accuracy, search_seconds=search_seconds,
+        numbers="accuracies are ONNX Runtime's on the whole evaluation set; sim_* are the simulator's",
+    )
+    context = _Context(config, model, dataset, search_set, space, sim, folder, progress)
     for objective, (board, evaluations) in boards.items():
         count = len(board.entries)
         echo(f"verifying {count} {objective}-case candidate{'s' * (count != 1)} on ORT ({len(dataset)} images each)")
-        verified = _verify(model, dataset, config, space, sim, board, objective, progress)
+        verified = _verify(context, board, objective)
         chosen = verified[0]
         policy = space.policy(board.entries[chosen.digest].choice, f"{objective}-case")
         description = (f"{objective} case found by {config.method} search of {model.path.name} within "
                        f"{budget.effective_bits(model.total_macs):.2f} effective bits: {100 * chosen.ort_accuracy:.2f}% on ORT")
         write_atomic(folder.path / f"{objective}.yaml", yaml.safe_dump(policy_file_dict(policy, description), sort_keys=False))
-        summary[objective] = {
-            "ort_accuracy": chosen.ort_accuracy, "drop_points": 100 * (fp32_accuracy - chosen.ort_accuracy),
-            "policy_file": f"{objective}.yaml", "evaluations": evaluations, "policy": chosen.layers,
-            "candidates": [asdict(v) for v in verified],
-        }
+        case = SearchCase(ort_accuracy=chosen.ort_accuracy, drop_points=drop_points(fp32_accuracy, chosen.ort_accuracy),
+                          policy_file=f"{objective}.yaml", evaluations=evaluations, policy=chosen.layers,
+                          candidates=verified)
         if config.dynamic:
             echo(f"training the {objective}-case router on the simulator, then routing {len(dataset)} images on ORT")
-            summary[objective]["dynamic"] = _dynamic(model, sim, search_set, dataset, config, space, board, verified,
-                                                     objective, folder, fp32_accuracy, progress)
-    if "worst" in boards and "best" in boards:
-        summary["spread_points"] = 100 * (summary["best"]["ort_accuracy"] - summary["worst"]["ort_accuracy"])
-    summary["total_seconds"] = time.perf_counter() - started
-    write_json(folder.path / "summary.json", summary)
+            case.dynamic = _dynamic(context, board, verified, objective, fp32_accuracy)
+        setattr(summary, objective.value, case)
+    if summary.worst is not None and summary.best is not None:
+        summary.spread_points = drop_points(summary.best.ort_accuracy, summary.worst.ort_accuracy)
+    summary.total_seconds = time.perf_counter() - started
+    write_json(folder.path / "summary.json", summary.to_dict())
     return summary
 
 
-def _dynamic(model, sim, search_set, dataset, config, space, board, verified, objective, folder, fp32_accuracy,
-             progress) -> dict:
+@dataclass
+class _Context:
+    """What the verification and routing steps of one search share."""
+
+    config: SearchConfig
+    model: LoadedModel
+    dataset: Dataset  # the evaluation data, measured on ORT
+    search_set: Dataset  # the images the simulator scores policies on
+    space: SearchSpace
+    sim: SimModel
+    folder: RunFolder
+    progress: bool
+
+
+def _dynamic(context: _Context, board: Leaderboard, verified: list[Verified], objective: Objective,
+             fp32_accuracy: float) -> dict:
     """The router over the verified candidates, its files (menu policies, weights) and numbers."""
-    menu = [space.policy(board.entries[v.digest].choice, f"{objective}-menu-{v.rank}") for v in verified]
-    router, result = dynamic_policy(model, sim, search_set, dataset, menu, objective, config.batch_size, config.seed,
-                                    progress)
+    config, folder = context.config, context.folder
+    menu = [context.space.policy(board.entries[v.digest].choice, f"{objective}-menu-{v.rank}") for v in verified]
+    router, result = dynamic_policy(context.model, context.sim, context.search_set, context.dataset, menu, objective,
+                                    config.batch_size, config.seed, context.progress)
     for v, policy in zip(verified, menu):
         write_atomic(folder.path / f"{objective}-menu-{v.rank}.yaml", yaml.safe_dump(policy_file_dict(
             policy, f"{objective}-case menu entry {v.rank} of the dynamic policy"), sort_keys=False))
@@ -210,18 +323,19 @@ def _dynamic(model, sim, search_set, dataset, config, space, board, verified, ob
     torch.save({"state_dict": router.state_dict(), "menu": [f"{objective}-menu-{v.rank}.yaml" for v in verified],
                 "per_batch": config.batch_size > 1}, buffer)
     write_atomic(folder.path / f"{objective}-router.pt", buffer.getvalue())
-    return {**asdict(result), "drop_points": 100 * (fp32_accuracy - result.ort_accuracy),
+    return {**asdict(result), "drop_points": drop_points(fp32_accuracy, result.ort_accuracy),
             "router_file": f"{objective}-router.pt", "routing": "per batch" if config.batch_size > 1 else "per input"}
 
 
-def _verify(model, dataset, config, space, sim, board: Leaderboard, objective: str, progress) -> list[Verified]:
+def _verify(context: _Context, board: Leaderboard, objective: Objective) -> list[Verified]:
     """ORT accuracy of each leading candidate on the whole evaluation set, ranked by it."""
+    model, dataset, batch_size = context.model, context.dataset, context.config.batch_size
     results = []
     for candidate in board.ranked:
-        policy = space.policy(candidate.choice, f"{objective}-candidate")
-        ort_run = predict(make_session(quantize(model, policy).proto), dataset, config.batch_size,
-                          f"verify {objective} on ORT", progress)
-        sim_run = sim_predict(sim, dataset, policy, config.batch_size, progress=False)
+        policy = context.space.policy(candidate.choice, f"{objective}-candidate")
+        ort_run = predict(make_session(quantize(model, policy).proto), dataset, batch_size,
+                          f"verify {objective} on ORT", context.progress)
+        sim_run = sim_predict(context.sim, dataset, policy, batch_size, progress=False)
         results.append(Verified(
             rank=0, digest=candidate.digest, ort_accuracy=accuracy(ort_run.labels, dataset.y),
             sim_accuracy_search_subset=candidate.sim_accuracy,
@@ -229,7 +343,7 @@ def _verify(model, dataset, config, space, sim, board: Leaderboard, objective: s
             bitops=candidate.bitops, effective_bits=policy.effective_bits(model.layers),
             layers={name: (q.label if q else "fp32") for name, q in policy.mapping.items()},
         ))
-    results.sort(key=lambda v: v.ort_accuracy if objective == "worst" else -v.ort_accuracy)
+    results.sort(key=lambda v: objective.key(v.ort_accuracy))
     for rank, result in enumerate(results, 1):
         result.rank = rank
     return results

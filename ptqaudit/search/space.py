@@ -4,15 +4,59 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
 from ..errors import PtqauditError
 from ..onnx_graph import Layer
-from ..policy import LayerQuant, ResolvedPolicy, bitops_of, effective_bits_of, operand_bits
+from ..policy import MAX_BITS, MIN_BITS, LayerQuant, ResolvedPolicy, bitops_of, effective_bits_of, operand_bits
 
-OBJECTIVES = ("worst", "best")
+
+
+class Objective(StrEnum):
+    """The case a search looks for. The worst case: the lowest accuracy among policies costing at least the
+    budget (a floor). The best case: the highest accuracy among policies costing at most it (a ceiling).
+    Its value ("worst", "best") is the name in options, files and messages."""
+
+    WORST = "worst"
+    BEST = "best"
+
+    @property
+    def sign(self) -> int:
+        """-1 when lower accuracy is the goal (worst), +1 when higher is (best); also the direction that
+        brings a policy's cost within the budget is -sign (worst: up to the floor, best: down to the ceiling)."""
+        return -1 if self is Objective.WORST else 1
+
+    def admits(self, cost: float, budget: float) -> bool:
+        """Whether a policy costing `cost` is within the budget: at or above the floor, or at or below the ceiling."""
+        return self.sign * (cost - budget) <= 0
+
+    def key(self, accuracy):
+        """A sort key, lower for what this objective seeks (works elementwise on arrays)."""
+        return -self.sign * accuracy
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether accuracy a is further toward this objective than b."""
+        return self.key(a) < self.key(b)
+
+    def pick(self, items, accuracy):
+        """The item whose accuracy(item) this objective seeks most (the first among equals)."""
+        return min(items, key=lambda item: self.key(accuracy(item)))
+
+    def extreme(self, values: np.ndarray, axis: int | None = None):
+        """The lowest (worst) or highest (best) of `values` along `axis`."""
+        return (np.min if self is Objective.WORST else np.max)(values, axis=axis)
+
+
+OBJECTIVES = tuple(Objective)
 WEIGHT, ACTIVATION = 0, 1  # operand axis of a choice array
+
+
+def check_bits(bits: tuple[int, ...]) -> None:
+    """The --bits a layer's operands may choose from: at least one, each a width policies accept."""
+    if not bits or any(not MIN_BITS <= b <= MAX_BITS for b in bits):
+        raise PtqauditError(f"--bits must list widths from {MIN_BITS} to {MAX_BITS}, got {list(bits)}")
 
 
 @dataclass(frozen=True)
@@ -30,8 +74,8 @@ class Budget:
     def effective_bits(self, total_macs: int) -> float:
         return effective_bits_of(self.bitops, total_macs)
 
-    def admits(self, bitops: int, objective: str) -> bool:
-        return bitops >= self.bitops if objective == "worst" else bitops <= self.bitops
+    def admits(self, bitops: int, objective: Objective) -> bool:
+        return objective.admits(bitops, self.bitops)
 
 
 class SearchSpace:
@@ -65,18 +109,14 @@ class SearchSpace:
         chosen = self._bits[choice]
         return int(self._pinned_bitops + np.sum(bitops_of(self._macs, chosen[:, WEIGHT], chosen[:, ACTIVATION])))
 
-    def check_budget(self, objective: str) -> None:
+    def check_budget(self, objective: Objective) -> None:
         low, high = self.bitops_range
         total = sum(layer.macs for layer in self.layers)
-        if objective == "worst" and high < self.budget.bitops:
+        reachable, side = (high, "above") if objective is Objective.WORST else (low, "below")  # nearest the budget's side
+        if not objective.admits(reachable, self.budget.bitops):
             raise PtqauditError(
-                f"budget of {self.budget.effective_bits(total):.2f} effective bits is above what --bits "
-                f"{','.join(map(str, self.bits))} can reach ({effective_bits_of(high, total):.2f}): no policy qualifies"
-            )
-        if objective == "best" and low > self.budget.bitops:
-            raise PtqauditError(
-                f"budget of {self.budget.effective_bits(total):.2f} effective bits is below what --bits "
-                f"{','.join(map(str, self.bits))} can reach ({effective_bits_of(low, total):.2f}): no policy qualifies"
+                f"budget of {self.budget.effective_bits(total):.2f} effective bits is {side} what --bits "
+                f"{','.join(map(str, self.bits))} can reach ({effective_bits_of(reachable, total):.2f}): no policy qualifies"
             )
 
     def policy(self, choice: np.ndarray, name: str = "candidate") -> ResolvedPolicy:
@@ -85,12 +125,12 @@ class SearchSpace:
             mapping[layer.name] = LayerQuant(self.bits[w], self.bits[a], self.base.mapping[layer.name].per_channel)
         return ResolvedPolicy(name, mapping)
 
-    def project(self, choice: np.ndarray, objective: str) -> np.ndarray:
+    def project(self, choice: np.ndarray, objective: Objective) -> np.ndarray:
         """The nearest policy the budget admits, HAQ-style: while the cost is below the floor (worst) raise,
         or above the ceiling (best) lower, the one operand whose step changes the cost most, so the
         agent's choice is changed in as few places as possible."""
         choice = choice.copy()
-        step = 1 if objective == "worst" else -1
+        step = -objective.sign
         while not self.budget.admits(self.bitops(choice), objective):
             change = np.zeros(choice.shape)  # |BitOPs change| of moving each operand one step (-1: cannot move)
             for operand in (WEIGHT, ACTIVATION):
