@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from .data import Dataset, check_input_shape
 from .errors import PtqauditError
+from .kernels import detect_kernel_family
 from .onnx_graph import LoadedModel, ort_errors, ort_failure
 from .policy import FP32_BITS, Policy, ResolvedPolicy, bitops_of
 from .predictions import Predictions, accuracy, drop_points
@@ -118,6 +119,7 @@ class EvalReport:
     batch_size: int
     engine: str  # "ort" (numbers from ONNX Runtime), "sim" (from the simulator), "both" (ORT, sim checked)
     runtime: str
+    kernel_family: str  # the integer arithmetic of this CPU's ORT kernels (ptqaudit.kernels)
     device: str
     fp32_accuracy: float
     fp32_images_per_second: float
@@ -165,7 +167,7 @@ def _sim_cells(check: SimCheck | None) -> list[str]:
 
 
 def runtime_description() -> str:
-    return f"onnxruntime {ort.__version__} on {platform.machine()}"
+    return f"onnxruntime {ort.__version__} on {platform.machine()} (integer kernels: {detect_kernel_family()})"
 
 
 def evaluate(
@@ -207,7 +209,7 @@ def evaluate(
     fp32_accuracy = accuracy(fp32.labels, dataset.y)
     report = EvalReport(
         model=str(model.path), dataset=dataset.name, images=len(dataset), batch_size=batch_size, engine=engine,
-        runtime=runtime_description(), device=device, fp32_accuracy=fp32_accuracy,
+        runtime=runtime_description(), kernel_family=detect_kernel_family(), device=device, fp32_accuracy=fp32_accuracy,
         fp32_images_per_second=fp32.images_per_second(), fp32_bitops=bitops_of(model.total_macs, FP32_BITS, FP32_BITS), fp32_sim=fp32_check,
     )
     if on_update:

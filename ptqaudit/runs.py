@@ -77,6 +77,7 @@ def environment() -> dict:
     import torch
 
     from . import __version__
+    from .kernels import cpu_description, detect_kernel_family
 
     return {
         "ptqaudit": __version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -84,6 +85,7 @@ def environment() -> dict:
         "platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu": cpu_description(), "kernel_family": detect_kernel_family(),
     }
 
 

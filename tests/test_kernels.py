@@ -1,14 +1,16 @@
-"""Kernel-family detection against an independent probe of ONNX Runtime (tests/conftest.py), and the bound
-that decides where the saturating arithmetic is needed."""
+"""Kernel-family detection against an independent probe of ONNX Runtime (tests/conftest.py), the bound
+that decides where the saturating arithmetic is needed, and the family stated in results."""
 
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import torch
 
 from ptqaudit.kernels import KERNEL_FAMILIES, cpu_description, detect_kernel_family, largest_pair_sum
+from test_cli import run_cli
 
 
 def test_detected_family_is_the_one_ort_computes(ort_kernel_family):
@@ -38,3 +40,16 @@ def test_pair_sum_bound_holds_by_enumeration():
 
 def test_cpu_description_names_the_hardware():
     assert cpu_description().strip()
+
+
+def test_eval_and_run_folders_state_the_kernel_family(ort_kernel_family, tiny_digits_model, tmp_path, capsys):
+    """What ORT computes depends on the CPU, so every result says which arithmetic it came from."""
+    code, out, _ = run_cli(capsys, "eval", tiny_digits_model, "-p", "w8a8", "--limit", "20", "--no-progress", "--json")
+    assert code == 0 and json.loads(out)["kernel_family"] == ort_kernel_family
+    code, out, _ = run_cli(capsys, "eval", tiny_digits_model, "-p", "w8a8", "--limit", "20", "--no-progress")
+    assert code == 0 and f"(integer kernels: {ort_kernel_family})" in out
+    run = tmp_path / "run"
+    code, _, _ = run_cli(capsys, "search", tiny_digits_model, "--objective", "worst", "--method", "random",
+                         "--max-evaluations", "4", "--limit", "20", "--verify-top", "1", "--no-progress", "-o", run)
+    assert code == 0
+    assert json.loads((run / "run.json").read_text())["environment"]["kernel_family"] == ort_kernel_family
