@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 import pytest
 from conftest import build_tiny_digits_model
+from test_cli import run_cli
 from onnx import helper, numpy_helper
 
 from ptqaudit import data
-from ptqaudit.cli import main
 from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.errors import PtqauditError
 
@@ -31,13 +31,6 @@ def isolated_environment(tmp_path, monkeypatch):
     """Keep tests away from the user's cache and $PTQAUDIT_DATA."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.delenv("PTQAUDIT_DATA", raising=False)
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 # --- CIFAR-10 batches: pickles ----------------------------------------------------------------------------
@@ -127,8 +120,8 @@ def test_a_batch_that_would_run_code_is_refused_without_running_it(tmp_path, cap
     hostile = pickle.dumps({"data": MkdirPayload(marker), "labels": [0]}, protocol=protocol)
     (folder / file_name).write_bytes(hostile)
 
-    code, _, err = run_cli(["eval", DIGITS_MODEL, "--data", "cifar10", "--data-root", str(tmp_path), "--no-progress"],
-                           capsys)
+    code, _, err = run_cli(capsys, "eval", DIGITS_MODEL, "--data", "cifar10", "--data-root", str(tmp_path),
+                           "--no-progress")
     assert code == 2
     assert f"refusing CIFAR-10 file {folder / file_name}: it asks for the global" in err and "mkdir" in err
     assert len(err.strip().splitlines()) == 1
@@ -141,9 +134,9 @@ def test_report_on_a_run_whose_data_would_run_code_is_refused(tmp_path, capsys):
     """A run folder received from elsewhere names its data in run.json; the report reads that data
     through the same loader."""
     run = tmp_path / "run"
-    code, _, _ = run_cli(["search", DIGITS_MODEL, "--objective", "worst", "--method", "random", "--max-evaluations", "4",
-                          "--limit", "40", "--search-limit", "20", "--verify-top", "1", "--no-progress", "-o", str(run)],
-                         capsys)
+    code, _, _ = run_cli(capsys, "search", DIGITS_MODEL, "--objective", "worst", "--method", "random",
+                         "--max-evaluations", "4", "--limit", "40", "--search-limit", "20", "--verify-top", "1",
+                         "--no-progress", "-o", str(run))
     assert code == 0
     folder = tmp_path / "received" / "cifar-10-batches-py"
     write_cifar_folder(folder)
@@ -153,7 +146,7 @@ def test_report_on_a_run_whose_data_would_run_code_is_refused(tmp_path, capsys):
     run_json["config"]["data"].update(name="cifar10", root=str(folder.parent), limit=None)
     (run / "run.json").write_text(json.dumps(run_json))
 
-    code, _, err = run_cli(["report", str(run), "-o", str(tmp_path / "report.md"), "--no-progress"], capsys)
+    code, _, err = run_cli(capsys, "report", str(run), "-o", str(tmp_path / "report.md"), "--no-progress")
     assert code == 2
     assert f"refusing CIFAR-10 file {folder / 'test_batch'}" in err
     assert not marker.exists()
@@ -222,7 +215,7 @@ def test_npz_header_claiming_more_than_its_member_holds_is_refused(tmp_path, cap
     path = tmp_path / "bomb.npz"
     write_npz_with_lying_header(path, (10**11, 1, 8, 8))
     assert path.stat().st_size < 1000
-    code, _, err = run_cli(["eval", DIGITS_MODEL, "--data", str(path), "--no-progress"], capsys)
+    code, _, err = run_cli(capsys, "eval", DIGITS_MODEL, "--data", str(path), "--no-progress")
     assert code == 2
     assert f"{path}: x declares shape (100000000000, 1, 8, 8) of uint8 (6,400,000,000,000 bytes)" in err
 
@@ -294,7 +287,7 @@ def test_normalisation_that_overflows_float32_is_refused(tmp_path, mean, std, me
 
 
 def test_a_tiny_std_on_the_command_line_is_exit_2(capsys):
-    code, _, err = run_cli(["eval", DIGITS_MODEL, "--std", "1e-45", "--limit", "10", "--no-progress"], capsys)
+    code, _, err = run_cli(capsys, "eval", DIGITS_MODEL, "--std", "1e-45", "--limit", "10", "--no-progress")
     assert code == 2
     assert err.strip() == ("ptqaudit: error: dataset digits/test is not finite in float32 after --std 1e-45: a --std "
                            "near 0 or a huge --mean overflows float32 (largest 3.4e+38); give the data's real "
@@ -316,28 +309,28 @@ def symbolic_digits_model(tmp_path: Path) -> Path:
 
 def test_layers_of_a_model_with_symbolic_height_and_width(tmp_path, capsys):
     path = symbolic_digits_model(tmp_path)
-    code, _, err = run_cli(["layers", str(path)], capsys)
+    code, _, err = run_cli(capsys, "layers", str(path))
     assert code == 2
     assert "[batch, 1, H, W] with symbolic H, W" in err and "--input-shape 1,H,W" in err
-    code, out, _ = run_cli(["layers", str(path), "--input-shape", "1,8,8", "--json"], capsys)
+    code, out, _ = run_cli(capsys, "layers", str(path), "--input-shape", "1,8,8", "--json")
     assert code == 0
     macs = {layer["name"]: layer["macs"] for layer in json.loads(out)["layers"]}
     assert macs == {"conv": 4 * 8 * 8 * 1 * 3 * 3, "fc": 256 * 10}
-    code, _, err = run_cli(["layers", str(path), "--input-shape", "3,8,8"], capsys)
+    code, _, err = run_cli(capsys, "layers", str(path), "--input-shape", "3,8,8")
     assert code == 2 and "expects input [batch, 1, H, W] but the data (or --input-shape) gives [N, 3, 8, 8]" in err
 
 
 def test_eval_search_and_report_take_symbolic_dims_from_the_data(tmp_path, capsys):
     path = symbolic_digits_model(tmp_path)
-    code, out, _ = run_cli(["eval", str(path), "-p", "w8a8", "--limit", "20", "--no-progress", "--json"], capsys)
+    code, out, _ = run_cli(capsys, "eval", str(path), "-p", "w8a8", "--limit", "20", "--no-progress", "--json")
     assert code == 0
     assert json.loads(out)["fp32_bitops"] == 32 * 32 * (4 * 8 * 8 * 9 + 256 * 10)
     run = tmp_path / "run"
-    code, _, _ = run_cli(["search", str(path), "--objective", "worst", "--method", "random", "--max-evaluations", "4",
-                          "--limit", "40", "--search-limit", "20", "--verify-top", "1", "--no-progress", "-o", str(run)],
-                         capsys)
+    code, _, _ = run_cli(capsys, "search", str(path), "--objective", "worst", "--method", "random",
+                         "--max-evaluations", "4", "--limit", "40", "--search-limit", "20", "--verify-top", "1",
+                         "--no-progress", "-o", str(run))
     assert code == 0
-    code, _, _ = run_cli(["report", str(run), "--no-analysis", "-o", str(tmp_path / "report.md")], capsys)
+    code, _, _ = run_cli(capsys, "report", str(run), "--no-analysis", "-o", str(tmp_path / "report.md"))
     assert code == 0
 
 
@@ -370,11 +363,11 @@ def memory_bomb_model(tmp_path: Path, floats_per_input: int) -> Path:
 def test_a_model_asking_for_more_memory_than_exists_is_exit_2(tmp_path, capsys):
     """10^15 floats (4 PB) is beyond any machine and any address space, so ORT's allocation fails at
     once whatever the system's overcommit setting; the same model with 10 floats runs."""
-    code, _, _ = run_cli(["eval", str(memory_bomb_model(tmp_path, 10)), "-p", "w8a8", "--limit", "5", "--no-progress"],
-                         capsys)
+    code, _, _ = run_cli(capsys, "eval", str(memory_bomb_model(tmp_path, 10)), "-p", "w8a8", "--limit", "5",
+                         "--no-progress")
     assert code == 0
     path = memory_bomb_model(tmp_path, 10**15)
-    code, _, err = run_cli(["eval", str(path), "-p", "w8a8", "--limit", "5", "--no-progress"], capsys)
+    code, _, err = run_cli(capsys, "eval", str(path), "-p", "w8a8", "--limit", "5", "--no-progress")
     assert code == 2
     assert err.strip() == (f"ptqaudit: error: onnxruntime cannot run {path} (fp32): its ConstantOfShape node 'fill' "
                            f"asks for {4 * 10**15:,} bytes, more memory than is available")
@@ -385,7 +378,7 @@ def test_a_model_asking_for_more_memory_than_exists_is_exit_2(tmp_path, capsys):
 def test_a_model_asking_for_more_memory_than_exists_is_exit_2_in_the_simulator(tmp_path, capsys, command):
     """The simulator runs such a model before ORT does (search) or instead of it (eval --engine sim)."""
     path = memory_bomb_model(tmp_path, 10**15)
-    code, _, err = run_cli([command[0], str(path), *command[1:], "--limit", "5", "--no-progress",
-                            *(["-o", str(tmp_path / "run")] if command[0] == "search" else ["-p", "w8a8"])], capsys)
+    code, _, err = run_cli(capsys, command[0], str(path), *command[1:], "--limit", "5", "--no-progress",
+                            *(["-o", str(tmp_path / "run")] if command[0] == "search" else ["-p", "w8a8"]))
     assert code == 2
     assert "ConstantOfShape node producing 'filled' asks for more memory than this machine has" in err
