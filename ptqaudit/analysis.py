@@ -23,12 +23,12 @@ from .predictions import accuracy, drop_points
 from .progress import Progress
 from .quantize import quantize
 from .runs import (ANALYSIS, SEARCH_RUN_FILE, RunFolder, check_fields, check_schema_version, input_identity, read_checked,
-                   read_json, write_json)
+                   read_json, typed_from_dict, without_none, write_json)
 from .search.run import SearchConfig, SearchSummary
 from .search.space import OBJECTIVES, Objective
 
 ANALYSIS_FILE = "analysis.json"
-ANALYSIS_VERSION = 1  # the layout of analysis.json; a reader refuses another
+ANALYSIS_VERSION = 2  # the layout of analysis.json; a cache of another layout is measured again
 CORRUPTIONS = ("brightness", "contrast", "gaussian_noise", "jpeg")
 # severity 1..5 parameters, after the CIFAR-10-C benchmark's (Hendrycks & Dietterich, 2019)
 SEVERITY_PARAMETERS = {
@@ -50,6 +50,134 @@ class AnalysisSettings:
     severities: tuple[int, ...] = (1, 3, 5)
     budget_points: int = 5
     worst_policies: int = 20  # the run's lowest-scoring worst-case policies, for the low-bit frequency
+
+
+@dataclass
+class SensitivityRow:
+    """One layer alone at `bits` (weights and activations), the others at the base policy."""
+
+    layer: str
+    bits: int
+    accuracy: float
+    drop_points: float
+
+
+@dataclass
+class LowBitFrequency:
+    policies: int  # how many worst policies were counted
+    layers: dict[str, float]  # layer name -> share of them giving it an operand below the top width
+
+
+@dataclass
+class ClassRow:
+    class_name: str
+    images: int
+    fp32_accuracy: float
+    worst_accuracy: float
+    drop_points: float
+
+
+@dataclass
+class FlippedInput:
+    index: int
+    class_name: str
+    fp32_label: str
+    worst_label: str
+    range_score: float
+
+
+RANGE_SCORE = "an input's largest activation range at a quantized layer's input, over that layer's median"
+
+
+@dataclass
+class PerInput:
+    """Inputs the worst policy flips (right in fp32, wrong under it) and the drop per class."""
+
+    images: int
+    flipped: int
+    flipped_fraction: float
+    flipped_inputs: list[FlippedInput]  # at most 50, highest range score first
+    mean_range_score_flipped: float | None
+    mean_range_score_kept: float | None
+    per_class: list[ClassRow]
+    range_score: str = RANGE_SCORE
+
+
+@dataclass
+class BatchSizeRow:
+    batch_size: int
+    worst_accuracy: float
+
+
+@dataclass
+class BatchComposition:
+    """The other inputs' worst-case accuracy alone, in ordinary batches, and beside the highest-range input."""
+
+    batch_size: int
+    outlier_index: int
+    outlier_class: str
+    outlier_range_score: float
+    alone_accuracy: float
+    ordinary_batches_accuracy: float
+    with_outlier_accuracy: float
+
+
+@dataclass
+class CorruptionRow:
+    corruption: str
+    severity: int
+    fp32_accuracy: float
+    worst_accuracy: float
+    drop_points: float
+
+
+@dataclass
+class BudgetPoint:
+    """At one budget level, the policy picked among those the search scored, re-measured on ORT."""
+
+    budget_effective_bits: float
+    policy_effective_bits: float
+    ort_accuracy: float
+    digest: str
+
+
+ANALYSIS_NUMBERS = "every accuracy is ONNX Runtime's on this subset of the evaluation data"
+
+
+@dataclass(kw_only=True)
+class Analysis:
+    """The vulnerability analysis of a run, as analysis.json holds it (its keys are these fields)."""
+
+    schema_version: int = ANALYSIS_VERSION
+    kind: str = "analysis"
+    settings: AnalysisSettings
+    inputs: dict[str, str]  # the model's and data's sha256: a cached analysis is of these
+    dataset: str
+    images: int
+    batch_size: int
+    fp32_accuracy: float
+    worst_accuracy: float
+    base_policy: str
+    layer_sensitivity: list[SensitivityRow]
+    low_bit_frequency: LowBitFrequency
+    per_input: PerInput
+    batch_sizes: list[BatchSizeRow]
+    batch_composition: BatchComposition
+    corruptions: list[CorruptionRow]
+    corruptions_skipped: str | None = None  # why no corruption was measured
+    budget_curves: dict[str, list[BudgetPoint]]  # objective -> points, lowest budget first
+    numbers: str = ANALYSIS_NUMBERS
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return without_none(dataclasses.asdict(self), ("corruptions_skipped",))
+
+    @classmethod
+    def from_dict(cls, values, where: str | Path, hint: str = "") -> "Analysis":
+        """An analysis.json read back: its version and fields checked (PtqauditError naming `where` and the field)."""
+        check_schema_version(values, where, ANALYSIS_VERSION, hint)
+        check_fields(values, ANALYSIS, where, hint)
+        return typed_from_dict(cls, values)
 
 
 @dataclass
@@ -103,7 +231,7 @@ def load_run(run_dir: str | Path, model_path: str | None = None) -> SearchRun:
     distill = None
     if _run_kind(summary, root / "summary.json") == "distill":  # report on its audit, a search of the student
         distill = DistillSummary.from_dict(summary, root / "summary.json")
-        root = root / distill.audit["run"]
+        root = root / distill.audit.run
         if model_path is None:
             model_path = str(Path(run_dir) / distill.student_file)
         summary = read_json(root / "summary.json")
@@ -158,7 +286,7 @@ def _low_bits(run: SearchRun) -> list[int]:
     return [b for b in bits if b < bits[-1]]
 
 
-def layer_sensitivity(meter: _Meter, run: SearchRun, base: ResolvedPolicy, reference: float) -> list[dict]:
+def layer_sensitivity(meter: _Meter, run: SearchRun, base: ResolvedPolicy, reference: float) -> list[SensitivityRow]:
     """Each layer alone at each low width (weights and activations), the others at the base policy."""
     rows = []
     for layer in run.model.layers:
@@ -169,11 +297,11 @@ def layer_sensitivity(meter: _Meter, run: SearchRun, base: ResolvedPolicy, refer
             mapping = dict(base.mapping)
             mapping[layer.name] = LayerQuant(bits, bits, setting.per_channel)
             acc = meter.accuracy(ResolvedPolicy(f"{layer.name}@{bits}", mapping))
-            rows.append({"layer": layer.name, "bits": bits, "accuracy": acc, "drop_points": drop_points(reference, acc)})
+            rows.append(SensitivityRow(layer.name, bits, acc, drop_points(reference, acc)))
     return rows
 
 
-def low_bit_frequency(run: SearchRun, count: int) -> dict:
+def low_bit_frequency(run: SearchRun, count: int) -> LowBitFrequency:
     """How often each layer has an operand below the top width among the worst policies the search found
     (its verified candidates and its lowest-scoring traced worst-case policies)."""
     top = max(run.config.bits)
@@ -182,7 +310,7 @@ def low_bit_frequency(run: SearchRun, count: int) -> dict:
     trace.sort(key=lambda r: r["sim_accuracy"])
     policies += [r["policy"] for r in trace[:count]]
     if not policies:
-        return {"policies": 0, "layers": {}}
+        return LowBitFrequency(0, {})
     frequency = {}
     for layer in run.model.layers:
         low = 0
@@ -190,7 +318,7 @@ def low_bit_frequency(run: SearchRun, count: int) -> dict:
             setting = LayerQuant.from_label(policy.get(layer.name, "fp32"))
             low += setting is not None and min(setting.weight_bits, setting.activation_bits) < top
         frequency[layer.name] = low / len(policies)
-    return {"policies": len(policies), "layers": frequency}
+    return LowBitFrequency(len(policies), frequency)
 
 
 def activation_ranges(model: LoadedModel, dataset: Dataset) -> np.ndarray:
@@ -212,7 +340,7 @@ def activation_ranges(model: LoadedModel, dataset: Dataset) -> np.ndarray:
     return per_layer / np.maximum(np.median(per_layer, axis=0, keepdims=True), 1e-12)
 
 
-def per_input(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, relative_ranges: np.ndarray) -> dict:
+def per_input(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, relative_ranges: np.ndarray) -> PerInput:
     """Inputs the worst policy flips (right in fp32, wrong under it), per-class drops, and how the
     flipped inputs' activation ranges compare with the others'."""
     data = meter.dataset
@@ -224,27 +352,23 @@ def per_input(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, relative_ran
         members = data.y == c
         if members.any():
             fp_acc, low_acc = float(np.mean(fp32[members] == c)), float(np.mean(low[members] == c))
-            classes.append({"class": name, "images": int(members.sum()), "fp32_accuracy": fp_acc,
-                            "worst_accuracy": low_acc, "drop_points": drop_points(fp_acc, low_acc)})
+            classes.append(ClassRow(name, int(members.sum()), fp_acc, low_acc, drop_points(fp_acc, low_acc)))
     order = np.argsort(-range_score[flipped]) if flipped.any() else np.array([], dtype=int)
     flipped_index = np.flatnonzero(flipped)[order]
-    return {
-        "images": len(data), "flipped": int(flipped.sum()), "flipped_fraction": float(flipped.mean()),
-        "flipped_inputs": [{"index": int(i), "class": data.classes[data.y[i]], "fp32_label": data.classes[fp32[i]],
-                            "worst_label": data.classes[low[i]], "range_score": float(range_score[i])}
-                           for i in flipped_index[:50]],
-        "mean_range_score_flipped": float(range_score[flipped].mean()) if flipped.any() else None,
-        "mean_range_score_kept": float(range_score[~flipped].mean()) if (~flipped).any() else None,
-        "per_class": classes,
-        "range_score": "an input's largest activation range at a quantized layer's input, over that layer's median",
-    }
+    return PerInput(
+        images=len(data), flipped=int(flipped.sum()), flipped_fraction=float(flipped.mean()),
+        flipped_inputs=[FlippedInput(int(i), data.classes[data.y[i]], data.classes[fp32[i]], data.classes[low[i]],
+                                     float(range_score[i])) for i in flipped_index[:50]],
+        mean_range_score_flipped=float(range_score[flipped].mean()) if flipped.any() else None,
+        mean_range_score_kept=float(range_score[~flipped].mean()) if (~flipped).any() else None,
+        per_class=classes)
 
 
-def batch_sizes(meter: _Meter, worst: ResolvedPolicy, sizes: tuple[int, ...]) -> list[dict]:
-    return [{"batch_size": b, "worst_accuracy": meter.accuracy(worst, batch_size=b)} for b in sizes]
+def batch_sizes(meter: _Meter, worst: ResolvedPolicy, sizes: tuple[int, ...]) -> list[BatchSizeRow]:
+    return [BatchSizeRow(b, meter.accuracy(worst, batch_size=b)) for b in sizes]
 
 
-def batch_composition(meter: _Meter, worst: ResolvedPolicy, relative_ranges: np.ndarray, size: int) -> dict:
+def batch_composition(meter: _Meter, worst: ResolvedPolicy, relative_ranges: np.ndarray, size: int) -> BatchComposition:
     """Per-tensor dynamic ranges are shared by a batch: the accuracy of the other inputs when the
     highest-range input joins each batch, against the same inputs in ordinary batches and alone."""
     data = meter.dataset
@@ -263,11 +387,10 @@ def batch_composition(meter: _Meter, worst: ResolvedPolicy, relative_ranges: np.
     meter.bar.update(1)
     alone = meter.labels(worst, batch_size=1)[others]
     y = data.y[others]
-    return {"batch_size": size, "outlier_index": outlier, "outlier_class": data.classes[data.y[outlier]],
-            "outlier_range_score": float(relative_ranges[outlier].max()),
-            "alone_accuracy": float(np.mean(alone == y)),
-            "ordinary_batches_accuracy": float(np.mean(np.concatenate(ordinary) == y)),
-            "with_outlier_accuracy": float(np.mean(np.concatenate(with_outlier) == y))}
+    return BatchComposition(size, outlier, data.classes[data.y[outlier]], float(relative_ranges[outlier].max()),
+                            alone_accuracy=float(np.mean(alone == y)),
+                            ordinary_batches_accuracy=float(np.mean(np.concatenate(ordinary) == y)),
+                            with_outlier_accuracy=float(np.mean(np.concatenate(with_outlier) == y)))
 
 
 def corrupt(x: np.ndarray, kind: str, severity: int, seed: int = 0) -> np.ndarray:
@@ -296,11 +419,15 @@ def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return decoded[None] if pixels.shape[0] == 1 else decoded.transpose(2, 0, 1)
 
 
-def corruptions(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, severities: tuple[int, ...]) -> dict:
-    """FP32 and worst-case accuracy under each corruption, on the raw [0, 1] images (normalised after)."""
+CORRUPTIONS_NEED = "the data's pixels are not scaled to [0, 1], so the corruptions do not apply"
+
+
+def corruptions(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, severities: tuple[int, ...]) -> list[CorruptionRow] | None:
+    """FP32 and worst-case accuracy under each corruption, on the raw [0, 1] images (normalised after);
+    None when the data's pixels are not in [0, 1]."""
     raw = load_dataset(dataclasses.replace(run.data, mean=None, std=None, limit=meter.limit))
     if raw.x.min() < 0 or raw.x.max() > 1:
-        return {"skipped": "the data's pixels are not scaled to [0, 1], so the corruptions do not apply"}
+        return None
     channels = raw.x.shape[1]
     mean = np.broadcast_to(np.asarray(run.data.mean or [0.0], np.float32), (channels,)).reshape(1, -1, 1, 1)
     std = np.broadcast_to(np.asarray(run.data.std or [1.0], np.float32), (channels,)).reshape(1, -1, 1, 1)
@@ -312,21 +439,20 @@ def corruptions(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, severities
             x = (corrupt(raw.x, kind, severity) - mean) / std
             corrupted = Dataset(f"{raw.name}+{kind}{severity}", x.astype(np.float32), raw.y, raw.classes)
             fp_acc, low_acc = meter.accuracy(None, corrupted), meter.accuracy(worst, corrupted)
-            rows.append({"corruption": kind, "severity": severity, "fp32_accuracy": fp_acc, "worst_accuracy": low_acc,
-                         "drop_points": drop_points(fp_acc, low_acc)})
-    return {"rows": rows}
+            rows.append(CorruptionRow(kind, severity, fp_acc, low_acc, drop_points(fp_acc, low_acc)))
+    return rows
 
 
-def budget_curves(meter: _Meter, run: SearchRun, points: int) -> dict:
+def budget_curves(meter: _Meter, run: SearchRun, points: int) -> dict[str, list[BudgetPoint]]:
     """Accuracy versus budget from the policies the search scored: at each budget level the lowest-scoring
     worst-case policy costing at least it, and the highest-scoring best-case policy costing at most it,
     each re-measured on ORT (once: the meter remembers a policy it has measured)."""
     trace = [r for r in RunFolder(run.path).read_trace() if "effective_bits" in r and r.get("objective") in OBJECTIVES]
     if not trace:
-        return {"worst": [], "best": []}
+        return {str(objective): [] for objective in OBJECTIVES}
     costs = [r["effective_bits"] for r in trace]
     levels = np.linspace(min(costs), max(costs), points)
-    curves = {objective: [] for objective in OBJECTIVES}
+    curves = {str(objective): [] for objective in OBJECTIVES}
     for objective in OBJECTIVES:
         records = [r for r in trace if r["objective"] == objective]
         for level in levels:
@@ -335,9 +461,9 @@ def budget_curves(meter: _Meter, run: SearchRun, points: int) -> dict:
             if not admitted:
                 continue
             pick = objective.pick(admitted, lambda r: r["sim_accuracy"])
-            curves[objective].append({"budget_effective_bits": float(level), "policy_effective_bits": pick["effective_bits"],
-                                      "ort_accuracy": meter.accuracy(_policy_from_labels(run, pick["policy"])),
-                                      "digest": pick["digest"]})
+            curves[str(objective)].append(BudgetPoint(float(level), pick["effective_bits"],
+                                                      meter.accuracy(_policy_from_labels(run, pick["policy"])),
+                                                      pick["digest"]))
     return curves
 
 
@@ -346,7 +472,7 @@ def _policy_from_labels(run: SearchRun, labels: dict) -> ResolvedPolicy:
                                      for layer in run.model.layers})
 
 
-def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, echo=print) -> dict:
+def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, echo=print) -> Analysis:
     """Every measurement of the analysis on a class-balanced subset of the run's evaluation data."""
     worst = run.policy(Objective.WORST)
     if worst is None:
@@ -363,39 +489,38 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
          f"(batch size {run.batch_size}); cached in {run.path / ANALYSIS_FILE}")
     fp32 = meter.accuracy(None)
     relative_ranges = activation_ranges(run.model, dataset)
-    result = {
-        "schema_version": ANALYSIS_VERSION, "kind": "analysis", "settings": dataclasses.asdict(settings), "inputs": input_identity(run.model.path, [dataset]),
-        "dataset": dataset.name, "images": len(dataset),
-        "batch_size": run.batch_size, "fp32_accuracy": fp32, "worst_accuracy": meter.accuracy(worst),
-        "base_policy": run.config.base_policy,
-        "layer_sensitivity": layer_sensitivity(meter, run, base, fp32),
-        "low_bit_frequency": low_bit_frequency(run, settings.worst_policies),
-        "per_input": per_input(meter, run, worst, relative_ranges),
-        "batch_sizes": batch_sizes(meter, worst, settings.batch_sizes),
-        "batch_composition": batch_composition(meter, worst, relative_ranges, settings.composition_batch),
-        "corruptions": corruptions(meter, run, worst, settings.severities),
-        "budget_curves": budget_curves(meter, run, settings.budget_points),
-        "numbers": "every accuracy is ONNX Runtime's on this subset of the evaluation data",
-    }
+    corruption_rows = corruptions(meter, run, worst, settings.severities)
+    result = Analysis(
+        settings=settings, inputs=input_identity(run.model.path, [dataset]), dataset=dataset.name,
+        images=len(dataset), batch_size=run.batch_size, fp32_accuracy=fp32, worst_accuracy=meter.accuracy(worst),
+        base_policy=run.config.base_policy,
+        layer_sensitivity=layer_sensitivity(meter, run, base, fp32),
+        low_bit_frequency=low_bit_frequency(run, settings.worst_policies),
+        per_input=per_input(meter, run, worst, relative_ranges),
+        batch_sizes=batch_sizes(meter, worst, settings.batch_sizes),
+        batch_composition=batch_composition(meter, worst, relative_ranges, settings.composition_batch),
+        corruptions=corruption_rows or [], corruptions_skipped=None if corruption_rows is not None else CORRUPTIONS_NEED,
+        budget_curves=budget_curves(meter, run, settings.budget_points))
     meter.bar.close()
-    result["seconds"] = time.perf_counter() - started
-    write_json(run.path / ANALYSIS_FILE, result)
+    result.seconds = time.perf_counter() - started
+    write_json(run.path / ANALYSIS_FILE, result.to_dict())
     return result
 
 
-def cached_analysis(run: SearchRun, settings: AnalysisSettings) -> dict | None:
+def cached_analysis(run: SearchRun, settings: AnalysisSettings) -> Analysis | None:
     """The stored analysis when it was made with these settings on the same model and data (by content:
-    another --model file, or data that changed, are measured again), else None."""
+    another --model file, or data that changed, are measured again), else None. One of another layout
+    (an older ptqaudit's) is measured again too: it is a cache."""
     path = run.path / ANALYSIS_FILE
     if not path.is_file():
         return None
     stored = read_json(path)
-    check_schema_version(stored, path, ANALYSIS_VERSION, " (--recompute measures the analysis again)")
+    if not isinstance(stored, dict) or stored.get("schema_version", 1) != ANALYSIS_VERSION:
+        return None
     as_stored = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
-    if not isinstance(stored, dict) or stored.get("settings") != as_stored:
+    if stored.get("settings") != as_stored:
         return None
     inputs = input_identity(run.model.path, [load_dataset(dataclasses.replace(run.data, limit=settings.limit))])
     if stored.get("inputs") != inputs:
         return None
-    check_fields(stored, ANALYSIS, path, " (--recompute measures the analysis again)")
-    return stored
+    return Analysis.from_dict(stored, path, " (--recompute measures the analysis again)")

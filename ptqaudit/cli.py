@@ -26,7 +26,7 @@ from .quantize import quantize
 from .report import FORMATS, Gate, build, plots, render, report_inputs
 from .runs import write_atomic
 from .search.methods import METHODS
-from .search.run import SearchConfig, run_search
+from .search.run import SearchConfig, load_search_inputs, run_search
 from .search.space import OBJECTIVES, Objective
 from .text import table
 
@@ -391,13 +391,8 @@ def search_command(model, data_config, search_settings, output, resume, no_progr
         if resume:
             raise PtqauditError("--resume needs --output, the run folder to continue")
         output = _default_run_folder("search", model)
-    dataset = load_dataset(data_config)
-    loaded = load_model(model, dataset.x.shape[1:])  # the data gives the dims a model may leave symbolic
     config = SearchConfig(model=model, data=data_config, output=output, **search_settings)
-    search_data = None
-    if config.search_split is not None and config.search_split != data_config.split:
-        # only the examples the search scores are kept: a limit on the evaluation data does not apply
-        search_data = load_dataset(dataclasses.replace(data_config, split=config.search_split, limit=config.search_limit))
+    loaded, dataset, search_data = load_search_inputs(config)
     echo = functools.partial(progress.write, err=as_json)
     try:
         summary = run_search(config, loaded, dataset, resume=resume, progress=not no_progress, echo=echo,
@@ -414,7 +409,7 @@ def search_command(model, data_config, search_settings, output, resume, no_progr
     if gate.is_set:  # without a gate there may be no worst case to read (--objective best)
         checks = gate.enforce(summary.fp32_accuracy, summary.worst.ort_accuracy)
         if not as_json:
-            click.echo("gate passed: " + "; ".join(c["name"] for c in checks))
+            click.echo("gate passed: " + "; ".join(c.name for c in checks))
 
 
 @cli.command(name="report")
@@ -471,19 +466,18 @@ def report_command(run_dir, fmt, output, force, as_json, max_drop, min_accuracy,
         analysis = None if recompute else cached_analysis(run, settings)
         if analysis is None:
             analysis = analyse(run, settings, progress=not no_progress, echo=functools.partial(progress.write, err=True))
-    document = build(run, gate, analysis)
-    figures = plots(document)
+    report = build(run, gate, analysis)
+    figures = plots(report)
     plot_dir = run.path / "plots"
     for name, png in figures.items():
         write_atomic(plot_dir / f"{name}.png", png)
-    text = render(document, fmt, figures, plot_dir, target)
+    text = render(report, fmt, figures, plot_dir, target)
     if target is None:
         click.echo(text, nl=False)
     else:
         write_atomic(target, text)
         click.echo(f"{fmt} report written to {target}", err=True)
-    headline = document["headline"]
-    gate.enforce(headline["fp32_accuracy"], headline["worst_accuracy"])
+    gate.enforce(report.headline.fp32_accuracy, report.headline.worst_accuracy)
 
 
 def distill_options(f):

@@ -24,7 +24,7 @@ from .predictions import accuracy, drop_points
 from .progress import track
 from .quantize import quantize
 from .runs import (DISTILL_SUMMARY, RunFolder, check_fields, check_schema_version, dataclass_from_dict, input_identity,
-                   known_fields, write_atomic, write_json)
+                   typed_from_dict, write_atomic, write_json)
 from .search.evaluator import Leaderboard, SimEvaluator
 from .search.methods import PolicyAgent, sensitivity
 from .search.run import SUMMARY_VERSION, SearchConfig, run_search
@@ -86,6 +86,17 @@ class DistillConfig:
         return dataclass_from_dict(cls, values, data=DataConfig)
 
 
+@dataclass
+class DistillAudit:
+    """The fresh worst-case search of the student (told nothing of its policy), in the folder `run`."""
+
+    run: str
+    worst_accuracy: float
+    drop_points: float  # from the student's fp32 accuracy
+    policy_file: str
+    evaluations: int
+
+
 @dataclass(kw_only=True)
 class DistillSummary:
     """A distillation's results, as its summary.json holds them (its keys are these fields). Accuracies are
@@ -116,7 +127,7 @@ class DistillSummary:
     fp32_gap_points: float = 0.0
     policy_drop_points: float
     w8a8_drop_points: float = 0.0
-    audit: dict  # the fresh worst-case search of the student: run (its folder), worst_accuracy, drop_points, ...
+    audit: DistillAudit
     sim_top1_agreement_with_ort: float = 0.0
     history: list[dict] = field(default_factory=list)  # one record per epoch
     train_seconds: float = 0.0
@@ -131,7 +142,7 @@ class DistillSummary:
                 ["student fp32", student, None],
                 ["student under its policy", self.student_policy_accuracy, student],
                 ["student w8a8", self.student_w8a8_accuracy, student],
-                ["student, fresh search's worst case", self.audit["worst_accuracy"], student]]
+                ["student, fresh search's worst case", self.audit.worst_accuracy, student]]
         return "\n".join([
             f"{self.mode} student of {self.teacher} | trained on {self.train_images} images of {self.train_dataset}, "
             f"{self.epochs} epochs | data {self.dataset}, {self.images} images | batch size {self.batch_size} | "
@@ -149,7 +160,7 @@ class DistillSummary:
         """A summary.json read back: its version and fields checked (PtqauditError naming `where` and the field)."""
         check_schema_version(values, where, SUMMARY_VERSION)
         check_fields(values, DISTILL_SUMMARY, where)
-        return cls(**known_fields(cls, values))
+        return typed_from_dict(cls, values)
 
 
 def export_student(teacher: LoadedModel, sim: SimModel) -> onnx.ModelProto:
@@ -394,9 +405,8 @@ def _verify(run: _Run, sim: SimModel, policy: ResolvedPolicy, history: list[dict
         fp32_gap_points=drop_points(acc["teacher_fp32"], acc["student_fp32"]),
         policy_drop_points=drop_points(acc["student_fp32"], acc["student_policy"]),
         w8a8_drop_points=drop_points(acc["student_fp32"], acc["student_w8a8"]),
-        audit={"run": "audit", "worst_accuracy": audit.worst.ort_accuracy,
-               "drop_points": drop_points(acc["student_fp32"], audit.worst.ort_accuracy),
-               "policy_file": "audit/worst.yaml", "evaluations": audit.worst.evaluations},
+        audit=DistillAudit("audit", audit.worst.ort_accuracy, drop_points(acc["student_fp32"], audit.worst.ort_accuracy),
+                           "audit/worst.yaml", audit.worst.evaluations),
         sim_top1_agreement_with_ort=agreement.top1_agreement,
         history=history, train_seconds=train_seconds, total_seconds=time.perf_counter() - run.started,
         numbers="accuracies are ONNX Runtime's on the evaluation data; drops are from the student's fp32 accuracy",

@@ -10,14 +10,35 @@ import json
 import os
 import textwrap
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .analysis import SearchRun
+from .analysis import Analysis, BudgetPoint, SearchRun
+from .distill import DistillSummary
 from .errors import GateFailed, PtqauditError
 from .predictions import drop_points
 
 FORMATS = ("md", "html", "json", "junit")
+
+
+@dataclass
+class Check:
+    """One threshold of the gate against its figure."""
+
+    name: str
+    figure: str
+    value: float
+    threshold: float
+    passed: bool
+    message: str  # what a failure says
+
+
+@dataclass
+class GateResult:
+    max_drop: float | None
+    min_accuracy: float | None
+    checks: list[Check]
+    verdict: str  # pass, fail, or not gated (no threshold set)
 
 
 @dataclass(frozen=True)
@@ -31,29 +52,32 @@ class Gate:
     def is_set(self) -> bool:
         return self.max_drop is not None or self.min_accuracy is not None
 
-    def checks(self, fp32: float, worst: float) -> list[dict]:
-        """One entry per threshold: its name, the figure, and whether it holds."""
+    def checks(self, fp32: float, worst: float) -> list[Check]:
+        """One check per threshold set."""
         drop = drop_points(fp32, worst)
         checks = []
         if self.max_drop is not None:
-            checks.append({"name": f"worst-case drop <= {self.max_drop:g} points", "figure": "worst-case drop",
-                           "value": drop, "threshold": self.max_drop, "passed": drop <= self.max_drop,
-                           "message": f"worst-case drop {drop:.2f} points exceeds --max-drop {self.max_drop:g} "
-                                      f"(fp32 {100 * fp32:.2f}%, worst case {100 * worst:.2f}%)"})
+            checks.append(Check(f"worst-case drop <= {self.max_drop:g} points", "worst-case drop", drop, self.max_drop,
+                                drop <= self.max_drop,
+                                f"worst-case drop {drop:.2f} points exceeds --max-drop {self.max_drop:g} "
+                                f"(fp32 {100 * fp32:.2f}%, worst case {100 * worst:.2f}%)"))
         if self.min_accuracy is not None:
-            checks.append({"name": f"worst-case accuracy >= {self.min_accuracy:g}%", "figure": "worst-case accuracy",
-                           "value": 100 * worst, "threshold": self.min_accuracy,
-                           "passed": 100 * worst >= self.min_accuracy,
-                           "message": f"worst-case accuracy {100 * worst:.2f}% is below --min-accuracy "
-                                      f"{self.min_accuracy:g}%"})
+            checks.append(Check(f"worst-case accuracy >= {self.min_accuracy:g}%", "worst-case accuracy", 100 * worst,
+                                self.min_accuracy, 100 * worst >= self.min_accuracy,
+                                f"worst-case accuracy {100 * worst:.2f}% is below --min-accuracy {self.min_accuracy:g}%"))
         return checks
+
+    def result(self, fp32: float, worst: float) -> GateResult:
+        checks = self.checks(fp32, worst)
+        verdict = "not gated" if not checks else "pass" if all(c.passed for c in checks) else "fail"
+        return GateResult(self.max_drop, self.min_accuracy, checks, verdict)
 
     def failure(self, fp32: float, worst: float) -> str | None:
         """The one line naming every failing figure, or None when the worst case passes."""
-        failed = [c["message"] for c in self.checks(fp32, worst) if not c["passed"]]
+        failed = [c.message for c in self.checks(fp32, worst) if not c.passed]
         return "gate failed: " + "; ".join(failed) if failed else None
 
-    def enforce(self, fp32: float, worst: float) -> list[dict]:
+    def enforce(self, fp32: float, worst: float) -> list[Check]:
         """The gate as commands apply it: GateFailed (exit 1) naming every failing figure, else the checks."""
         failure = self.failure(fp32, worst)
         if failure is not None:
@@ -74,43 +98,74 @@ def report_inputs(run_dir: str | Path, run: SearchRun) -> list[Path]:
     return files
 
 
-def headline(run: SearchRun, gate: Gate) -> dict:
+@dataclass(kw_only=True)
+class Headline:
     """The figures an engineer decides on, all from ORT over the run's whole evaluation data."""
+
+    model: str
+    dataset: str
+    images: int
+    batch_size: int
+    budget_effective_bits: float
+    bits: list[int]
+    method: str
+    fp32_accuracy: float
+    worst_accuracy: float
+    worst_drop_points: float
+    best_accuracy: float | None  # None: the best case was not searched
+    spread_points: float | None
+    engine_agreement: float  # simulator = ORT, top-1, lowest over the verified candidates
+    worst_policy: dict[str, str]  # layer name -> setting label
+    worst_policy_file: str
+    gate: GateResult
+
+
+def headline(run: SearchRun, gate: Gate) -> Headline:
     summary = run.summary
     if summary.worst is None:
         raise PtqauditError(f"{run.path} has no worst case (searched with --objective best): the report and the gate "
                             "need it; search with --objective worst or both")
     fp32, worst = summary.fp32_accuracy, summary.worst.ort_accuracy
-    checks = gate.checks(fp32, worst)
-    return {
-        "model": str(run.model.path), "dataset": summary.dataset, "images": summary.images,
-        "batch_size": summary.batch_size, "budget_effective_bits": summary.budget["effective_bits"],
-        "bits": summary.bits, "method": summary.method,
-        "fp32_accuracy": fp32, "worst_accuracy": worst, "worst_drop_points": drop_points(fp32, worst),
-        "best_accuracy": summary.best.ort_accuracy if summary.best else None,
-        "spread_points": summary.spread_points,
-        "engine_agreement": min(c.sim_top1_agreement_with_ort for case in summary.cases for c in case.candidates),
-        "worst_policy": summary.worst.policy, "worst_policy_file": str(run.path / summary.worst.policy_file),
-        "gate": {"max_drop": gate.max_drop, "min_accuracy": gate.min_accuracy, "checks": checks,
-                 "verdict": "not gated" if not checks else "pass" if all(c["passed"] for c in checks) else "fail"},
-    }
+    return Headline(
+        model=str(run.model.path), dataset=summary.dataset, images=summary.images, batch_size=summary.batch_size,
+        budget_effective_bits=summary.budget["effective_bits"], bits=summary.bits, method=summary.method,
+        fp32_accuracy=fp32, worst_accuracy=worst, worst_drop_points=drop_points(fp32, worst),
+        best_accuracy=summary.best.ort_accuracy if summary.best else None, spread_points=summary.spread_points,
+        engine_agreement=min(c.sim_top1_agreement_with_ort for case in summary.cases for c in case.candidates),
+        worst_policy=summary.worst.policy, worst_policy_file=str(run.path / summary.worst.policy_file),
+        gate=gate.result(fp32, worst))
 
 
-def build(run: SearchRun, gate: Gate, analysis: dict | None) -> dict:
+DISTILL_FIGURES = ("mode", "teacher", "teacher_fp32_accuracy", "teacher_policy_accuracy", "student_fp32_accuracy",
+                   "student_policy_accuracy", "student_w8a8_accuracy", "policy_drop_points", "policy_effective_bits")
+
+
+@dataclass
+class Report:
     """The whole report as data: what the JSON format prints and the other formats render."""
-    document = {"headline": headline(run, gate), "analysis": analysis, "run": str(run.path)}
-    if run.distill is not None:
-        document["distill"] = {key: getattr(run.distill, key) for key in (
-            "mode", "teacher", "teacher_fp32_accuracy", "teacher_policy_accuracy", "student_fp32_accuracy",
-            "student_policy_accuracy", "student_w8a8_accuracy", "policy_drop_points", "policy_effective_bits")}
-    return document
+
+    headline: Headline
+    analysis: Analysis | None  # None with --no-analysis
+    run: str  # the run folder
+    distill: DistillSummary | None = None  # when the run is a distillation's
+
+    def to_dict(self) -> dict:
+        document = {"headline": asdict(self.headline), "analysis": self.analysis and self.analysis.to_dict(),
+                    "run": self.run}
+        if self.distill is not None:
+            document["distill"] = {key: getattr(self.distill, key) for key in DISTILL_FIGURES}
+        return document
+
+
+def build(run: SearchRun, gate: Gate, analysis: Analysis | None) -> Report:
+    return Report(headline(run, gate), analysis, str(run.path), run.distill)
 
 
 # --- plots -------------------------------------------------------------------------------------------
 
-def plots(document: dict) -> dict[str, bytes]:
+def plots(report: Report) -> dict[str, bytes]:
     """PNG plots of the analysis (none without one): name -> PNG bytes."""
-    analysis = document["analysis"]
+    analysis = report.analysis
     if not analysis:
         return {}
     import matplotlib
@@ -119,7 +174,7 @@ def plots(document: dict) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     figures = {}
-    images = f"ORT, {_images(analysis, document['headline'])}"
+    images = f"ORT, {_images(analysis, report.headline)}"
 
     def save(name, fig):
         buffer = io.BytesIO()
@@ -128,46 +183,46 @@ def plots(document: dict) -> dict[str, bytes]:
         plt.close(fig)
         figures[name] = buffer.getvalue()
 
-    rows = analysis["layer_sensitivity"]
+    rows = analysis.layer_sensitivity
     if rows:
-        layers = list(dict.fromkeys(r["layer"] for r in rows))
+        layers = list(dict.fromkeys(r.layer for r in rows))
+        drops = {(r.layer, r.bits): r.drop_points for r in rows}
         fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers)), 4))
-        for bits in sorted({r["bits"] for r in rows}):
-            ax.plot(range(len(layers)), [next(r["drop_points"] for r in rows if r["layer"] == layer and r["bits"] == bits)
-                                         for layer in layers], marker="o", label=f"W{bits}A{bits}")
+        for bits in sorted({r.bits for r in rows}):
+            ax.plot(range(len(layers)), [drops[layer, bits] for layer in layers], marker="o", label=f"W{bits}A{bits}")
         ax.set_xticks(range(len(layers)), [_short(layer) for layer in layers], rotation=70, fontsize=7)
         ax.set_ylabel("accuracy drop (points)")
         set_title(ax, f"Per-layer sensitivity: one layer at low bits, the rest at the base policy ({images})")
         ax.legend(fontsize=8)
         save("sensitivity", fig)
 
-    curves = analysis["budget_curves"]
-    if curves["worst"] or curves["best"]:
+    curves = analysis.budget_curves
+    if any(curves.values()):
         fig, ax = plt.subplots(figsize=(6, 4))
         for objective, style in (("worst", "v-"), ("best", "^-")):
-            points = curves[objective]
+            points = curves.get(objective, [])
             if points:
-                ax.plot([p["budget_effective_bits"] for p in points], [100 * p["ort_accuracy"] for p in points], style,
+                ax.plot([p.budget_effective_bits for p in points], [100 * p.ort_accuracy for p in points], style,
                         label=f"{objective} case")
-        ax.axhline(100 * analysis["fp32_accuracy"], color="gray", linestyle="--", label="fp32")
+        ax.axhline(100 * analysis.fp32_accuracy, color="gray", linestyle="--", label="fp32")
         ax.set_xlabel("budget (effective bits)")
         ax.set_ylabel("ORT accuracy (%)")
         set_title(ax, f"Accuracy versus budget ({images})")
         ax.legend(fontsize=8)
         save("budget", fig)
 
-    classes = analysis["per_input"]["per_class"]
+    classes = analysis.per_input.per_class
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(classes)), 3.5))
-    ax.bar([c["class"] for c in classes], [c["drop_points"] for c in classes], color="#c0392b")
+    ax.bar([c.class_name for c in classes], [c.drop_points for c in classes], color="#c0392b")
     ax.set_ylabel("drop under the worst policy (points)")
     set_title(ax, f"Per-class accuracy drop ({images})")
     ax.tick_params(axis="x", rotation=45, labelsize=8)
     save("per_class", fig)
 
-    sizes = analysis["batch_sizes"]
+    sizes = analysis.batch_sizes
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([s["batch_size"] for s in sizes], [100 * s["worst_accuracy"] for s in sizes], "o-", label="worst case")
-    ax.axhline(100 * analysis["fp32_accuracy"], color="gray", linestyle="--", label="fp32")
+    ax.plot([s.batch_size for s in sizes], [100 * s.worst_accuracy for s in sizes], "o-", label="worst case")
+    ax.axhline(100 * analysis.fp32_accuracy, color="gray", linestyle="--", label="fp32")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("ORT accuracy (%)")
@@ -175,13 +230,13 @@ def plots(document: dict) -> dict[str, bytes]:
     ax.legend(fontsize=8)
     save("batch_size", fig)
 
-    corruption_rows = analysis["corruptions"].get("rows", [])
+    corruption_rows = analysis.corruptions
     if corruption_rows:
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        labels = [f"{r['corruption']} {r['severity']}" for r in corruption_rows]
+        labels = [f"{r.corruption} {r.severity}" for r in corruption_rows]
         positions = range(len(labels))
-        ax.bar([p - 0.2 for p in positions], [100 * r["fp32_accuracy"] for r in corruption_rows], 0.4, label="fp32")
-        ax.bar([p + 0.2 for p in positions], [100 * r["worst_accuracy"] for r in corruption_rows], 0.4, label="worst case")
+        ax.bar([p - 0.2 for p in positions], [100 * r.fp32_accuracy for r in corruption_rows], 0.4, label="fp32")
+        ax.bar([p + 0.2 for p in positions], [100 * r.worst_accuracy for r in corruption_rows], 0.4, label="worst case")
         ax.set_xticks(list(positions), labels, rotation=60, fontsize=7)
         ax.set_ylabel("ORT accuracy (%)")
         set_title(ax, f"Common corruptions: full precision versus the worst policy ({images})")
@@ -213,102 +268,107 @@ def _pts(value) -> str:
     return "" if value is None else f"{value:+.2f}"
 
 
-def tables(document: dict) -> list[tuple[str, str, list[str], list[list[str]], str | None]]:
-    """(anchor, title, headers, rows, plot name) for every section of the report."""
-    h = document["headline"]
-    gate = h["gate"]
-    verdict = {"pass": "PASS", "fail": "FAIL", "not gated": "not gated (no --max-drop / --min-accuracy)"}[gate["verdict"]]
+Section = tuple[str, str, list[str], list[list[str]], str | None]  # anchor, title, headers, rows, plot name
+
+
+def tables(report: Report) -> list[Section]:
+    """Every section of the report, in order."""
+    h = report.headline
+    verdict = {"pass": "PASS", "fail": "FAIL", "not gated": "not gated (no --max-drop / --min-accuracy)"}[h.gate.verdict]
     sections = [("headline", "Headline (ONNX Runtime, whole evaluation data)", ["figure", "value"], [
-        ["model", h["model"]], ["data", f"{h['dataset']}, {h['images']} images"], ["batch size", str(h["batch_size"])],
-        ["budget", f"{h['budget_effective_bits']:.2f} effective bits (bits {','.join(map(str, h['bits']))})"],
-        ["fp32 accuracy", _pct(h["fp32_accuracy"])], ["best case", _pct(h["best_accuracy"]) or "not searched (--objective worst)"],
-        ["worst case", _pct(h["worst_accuracy"])], ["worst-case drop (points)", f"{h['worst_drop_points']:.2f}"],
-        ["engine agreement (simulator = ORT, top-1)", _pct(h["engine_agreement"])],
+        ["model", h.model], ["data", f"{h.dataset}, {h.images} images"], ["batch size", str(h.batch_size)],
+        ["budget", f"{h.budget_effective_bits:.2f} effective bits (bits {','.join(map(str, h.bits))})"],
+        ["fp32 accuracy", _pct(h.fp32_accuracy)], ["best case", _pct(h.best_accuracy) or "not searched (--objective worst)"],
+        ["worst case", _pct(h.worst_accuracy)], ["worst-case drop (points)", f"{h.worst_drop_points:.2f}"],
+        ["engine agreement (simulator = ORT, top-1)", _pct(h.engine_agreement)],
         ["verdict", verdict],
-    ] + [[c["name"], ("pass" if c["passed"] else "FAIL") + f" ({c['value']:.2f})"] for c in gate["checks"]], None)]
-    if "distill" in document:
-        d = document["distill"]
-        sections.append(("distill", f"Distilled {d['mode']} student", ["model", "ORT accuracy"], [
-            ["teacher fp32", _pct(d["teacher_fp32_accuracy"])],
-            ["teacher under the student's policy", _pct(d["teacher_policy_accuracy"])],
-            ["student fp32", _pct(d["student_fp32_accuracy"])],
-            ["student under its policy", _pct(d["student_policy_accuracy"])],
-            ["student w8a8", _pct(d["student_w8a8_accuracy"])]], None))
+    ] + [[c.name, ("pass" if c.passed else "FAIL") + f" ({c.value:.2f})"] for c in h.gate.checks], None)]
+    if report.distill is not None:
+        d = report.distill
+        sections.append(("distill", f"Distilled {d.mode} student", ["model", "ORT accuracy"], [
+            ["teacher fp32", _pct(d.teacher_fp32_accuracy)],
+            ["teacher under the student's policy", _pct(d.teacher_policy_accuracy)],
+            ["student fp32", _pct(d.student_fp32_accuracy)],
+            ["student under its policy", _pct(d.student_policy_accuracy)],
+            ["student w8a8", _pct(d.student_w8a8_accuracy)]], None))
     sections.append(("worst-policy", "Worst policy found", ["layer", "setting"],
-                     [[name, label] for name, label in h["worst_policy"].items()], None))
-    a = document["analysis"]
-    if not a:
-        return sections
-    on_images = f"ORT on {_images(a, h)}"
-    note = f"{on_images}, batch size {a['batch_size']}"
-    by_layer: dict[str, dict] = {}
-    for r in a["layer_sensitivity"]:
-        by_layer.setdefault(r["layer"], {})[r["bits"]] = r["drop_points"]
-    widths = sorted({r["bits"] for r in a["layer_sensitivity"]})
-    frequency = a["low_bit_frequency"]["layers"]
-    ranked = sorted(by_layer, key=lambda layer: -max(by_layer[layer].values()))
-    sections.append(("sensitivity", f"Per-layer sensitivity: drop in points with one layer at WbAb ({note})",
-                     ["layer"] + [f"W{b}A{b}" for b in widths] + ["low bits in worst policies"],
-                     [[layer] + [f"{by_layer[layer][b]:+.2f}" for b in widths]
-                      + [f"{100 * frequency.get(layer, 0):.0f}%"] for layer in ranked], "sensitivity"))
-    if a["budget_curves"]["worst"] or a["budget_curves"]["best"]:
-        differs = "" if a["images"] == h["images"] else f"; the headline's figures come from all {h['images']:,}"
-        sections.append(("budget", f"Accuracy versus budget: policies the search scored, re-measured ({note}{differs})",
-                         ["case", "budget (eff. bits)", "policy (eff. bits)", "accuracy"], _budget_rows(a["budget_curves"]),
-                         "budget"))
-    pi = a["per_input"]
-    sections.append(("per-class", f"Per class under the worst policy ({note}; {pi['flipped']} inputs flipped, "
-                     f"{100 * pi['flipped_fraction']:.1f}%)", ["class", "images", "fp32", "worst case", "drop (pts)"],
-                     [[c["class"], str(c["images"]), _pct(c["fp32_accuracy"]), _pct(c["worst_accuracy"]),
-                       _pts(c["drop_points"])] for c in pi["per_class"]], "per_class"))
-    if pi["flipped_inputs"]:
-        ratio = (f"; mean range score {pi['mean_range_score_flipped']:.2f} for flipped inputs against "
-                 f"{pi['mean_range_score_kept']:.2f} for the others" if pi["mean_range_score_kept"] is not None else "")
-        sections.append(("flipped", f"Inputs the worst policy flips, highest range score first ({note}{ratio})",
-                         ["index", "class", "fp32 says", "worst case says", "range score"],
-                         [[str(f["index"]), f["class"], f["fp32_label"], f["worst_label"], f"{f['range_score']:.2f}"]
-                          for f in pi["flipped_inputs"][:20]], None))
-    sections.append(("batch-size", f"Worst-case accuracy versus batch size ({on_images})", ["batch size", "accuracy"],
-                     [[str(s["batch_size"]), _pct(s["worst_accuracy"])] for s in a["batch_sizes"]], "batch_size"))
-    c = a["batch_composition"]
-    sections.append(("composition", f"Batch composition: the highest-range input (#{c['outlier_index']}, "
-                     f"{c['outlier_class']}, range score {c['outlier_range_score']:.2f}) in every batch of "
-                     f"{c['batch_size']} ({on_images})", ["the other inputs", "worst-case accuracy"],
-                     [["each alone (batch size 1)", _pct(c["alone_accuracy"])],
-                      ["in ordinary batches", _pct(c["ordinary_batches_accuracy"])],
-                      ["beside the high-range input", _pct(c["with_outlier_accuracy"])]], None))
-    corruption = a["corruptions"]
-    if "rows" in corruption:
-        sections.append(("corruptions", f"Common corruptions ({note})", ["corruption", "severity", "fp32", "worst case",
-                                                                "drop (pts)"],
-                         [[r["corruption"], str(r["severity"]), _pct(r["fp32_accuracy"]), _pct(r["worst_accuracy"]),
-                           _pts(r["drop_points"])] for r in corruption["rows"]], "corruptions"))
+                     [[name, label] for name, label in h.worst_policy.items()], None))
+    a = report.analysis
+    if a:
+        sections += _analysis_sections(a, h)
     return sections
 
 
-def _images(a: dict, h: dict) -> str:
+def _analysis_sections(a: Analysis, h: Headline) -> list[Section]:
+    on_images = f"ORT on {_images(a, h)}"
+    note = f"{on_images}, batch size {a.batch_size}"
+    by_layer: dict[str, dict] = {}
+    for r in a.layer_sensitivity:
+        by_layer.setdefault(r.layer, {})[r.bits] = r.drop_points
+    widths = sorted({r.bits for r in a.layer_sensitivity})
+    frequency = a.low_bit_frequency.layers
+    ranked = sorted(by_layer, key=lambda layer: -max(by_layer[layer].values()))
+    sections = [("sensitivity", f"Per-layer sensitivity: drop in points with one layer at WbAb ({note})",
+                 ["layer"] + [f"W{b}A{b}" for b in widths] + ["low bits in worst policies"],
+                 [[layer] + [f"{by_layer[layer][b]:+.2f}" for b in widths]
+                  + [f"{100 * frequency.get(layer, 0):.0f}%"] for layer in ranked], "sensitivity")]
+    if any(a.budget_curves.values()):
+        differs = "" if a.images == h.images else f"; the headline's figures come from all {h.images:,}"
+        sections.append(("budget", f"Accuracy versus budget: policies the search scored, re-measured ({note}{differs})",
+                         ["case", "budget (eff. bits)", "policy (eff. bits)", "accuracy"], _budget_rows(a.budget_curves),
+                         "budget"))
+    pi = a.per_input
+    sections.append(("per-class", f"Per class under the worst policy ({note}; {pi.flipped} inputs flipped, "
+                     f"{100 * pi.flipped_fraction:.1f}%)", ["class", "images", "fp32", "worst case", "drop (pts)"],
+                     [[c.class_name, str(c.images), _pct(c.fp32_accuracy), _pct(c.worst_accuracy), _pts(c.drop_points)]
+                      for c in pi.per_class], "per_class"))
+    if pi.flipped_inputs:
+        ratio = (f"; mean range score {pi.mean_range_score_flipped:.2f} for flipped inputs against "
+                 f"{pi.mean_range_score_kept:.2f} for the others" if pi.mean_range_score_kept is not None else "")
+        sections.append(("flipped", f"Inputs the worst policy flips, highest range score first ({note}{ratio})",
+                         ["index", "class", "fp32 says", "worst case says", "range score"],
+                         [[str(f.index), f.class_name, f.fp32_label, f.worst_label, f"{f.range_score:.2f}"]
+                          for f in pi.flipped_inputs[:20]], None))
+    sections.append(("batch-size", f"Worst-case accuracy versus batch size ({on_images})", ["batch size", "accuracy"],
+                     [[str(s.batch_size), _pct(s.worst_accuracy)] for s in a.batch_sizes], "batch_size"))
+    c = a.batch_composition
+    sections.append(("composition", f"Batch composition: the highest-range input (#{c.outlier_index}, "
+                     f"{c.outlier_class}, range score {c.outlier_range_score:.2f}) in every batch of "
+                     f"{c.batch_size} ({on_images})", ["the other inputs", "worst-case accuracy"],
+                     [["each alone (batch size 1)", _pct(c.alone_accuracy)],
+                      ["in ordinary batches", _pct(c.ordinary_batches_accuracy)],
+                      ["beside the high-range input", _pct(c.with_outlier_accuracy)]], None))
+    if a.corruptions:
+        sections.append(("corruptions", f"Common corruptions ({note})",
+                         ["corruption", "severity", "fp32", "worst case", "drop (pts)"],
+                         [[r.corruption, str(r.severity), _pct(r.fp32_accuracy), _pct(r.worst_accuracy),
+                           _pts(r.drop_points)] for r in a.corruptions], "corruptions"))
+    return sections
+
+
+def _images(a: Analysis, h: Headline) -> str:
     """The images an analysis figure comes from, said against the headline's (the whole evaluation data)."""
-    count, everything = a["images"], h["images"]
+    count, everything = a.images, h.images
     if count == everything:
         return f"all {everything:,} evaluation images"
     if count < everything:
         return f"{count:,} of the {everything:,} evaluation images"
-    return f"{count:,} images of {a['dataset']}, not the headline's {everything:,}"
+    return f"{count:,} images of {a.dataset}, not the headline's {everything:,}"
 
 
-def _budget_rows(curves: dict) -> list[list[str]]:
+def _budget_rows(curves: dict[str, list[BudgetPoint]]) -> list[list[str]]:
     """One row per policy picked. Budget levels that pick the same policy share its row: they form a run
     of consecutive levels (a policy lowest among those costing at least a level stays lowest at every
     level up to its own cost), so the row gives the first and last."""
     rows = []
     for objective in ("worst", "best"):
-        picks: dict = {}
-        for point in curves[objective]:
-            picks.setdefault(point.get("digest", id(point)), []).append(point)
+        picks: dict[str, list[BudgetPoint]] = {}
+        for point in curves.get(objective, []):
+            picks.setdefault(point.digest, []).append(point)
         for points in picks.values():
-            levels = sorted(p["budget_effective_bits"] for p in points)
+            levels = sorted(p.budget_effective_bits for p in points)
             budget = f"{levels[0]:.2f}" if len(levels) == 1 else f"{levels[0]:.2f} to {levels[-1]:.2f}"
-            rows.append([objective, budget, f"{points[0]['policy_effective_bits']:.2f}", _pct(points[0]["ort_accuracy"])])
+            rows.append([objective, budget, f"{points[0].policy_effective_bits:.2f}", _pct(points[0].ort_accuracy)])
     return rows
 
 
@@ -342,9 +402,9 @@ GLOSSARY_POINTER = "Terms (WbAb, effective bits, budget floor and ceiling, range
 
 # --- renderers --------------------------------------------------------------------------------------
 
-def render_markdown(document: dict, plot_links: dict[str, str]) -> str:
+def render_markdown(report: Report, plot_links: dict[str, str]) -> str:
     lines = ["# ptqaudit report", "", GLOSSARY_POINTER.format(link="[glossary](#glossary)"), ""]
-    for _, title, headers, rows, plot in tables(document):
+    for _, title, headers, rows, plot in tables(report):
         lines += [f"## {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
         if plot and plot in plot_links:
@@ -361,14 +421,14 @@ th{background:#f3f3f3}img{max-width:100%;display:block;margin:0.5em 0 2em}.fail{
 .pass{color:#070;font-weight:bold}dt{font-weight:bold}dd{margin:0 0 0.6em 1.5em}"""
 
 
-def render_html(document: dict, figures: dict[str, bytes]) -> str:
-    verdict = document["headline"]["gate"]["verdict"]
+def render_html(report: Report, figures: dict[str, bytes]) -> str:
+    verdict = report.headline.gate.verdict
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>ptqaudit report</title>',
              f"<style>{STYLE}</style></head><body>", "<h1>ptqaudit report</h1>",
              f'<p>Verdict: <span class="{ {"pass": "pass", "fail": "fail"}.get(verdict, "")}">'
              f"{html.escape(verdict)}</span></p>",
              "<p>" + GLOSSARY_POINTER.format(link='<a href="#glossary">glossary</a>') + "</p>"]
-    for anchor, title, headers, rows, plot in tables(document):
+    for anchor, title, headers, rows, plot in tables(report):
         parts.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>')
         parts.append(f'<table id="table-{anchor}"><thead><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in headers)
                      + "</tr></thead><tbody>")
@@ -385,27 +445,27 @@ def render_html(document: dict, figures: dict[str, bytes]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def render_json(document: dict) -> str:
-    return json.dumps(document, indent=2) + "\n"
+def render_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=2) + "\n"
 
 
-def render_junit(document: dict) -> str:
+def render_junit(report: Report) -> str:
     """The gate as JUnit XML: one test case per threshold (one passing case when none is set)."""
-    h = document["headline"]
-    checks = h["gate"]["checks"]
+    h = report.headline
+    checks = h.gate.checks
     suite = ET.Element("testsuite", name="ptqaudit", tests=str(max(len(checks), 1)),
-                       failures=str(sum(not c["passed"] for c in checks)), errors="0", skipped="0")
+                       failures=str(sum(not c.passed for c in checks)), errors="0", skipped="0")
     properties = ET.SubElement(suite, "properties")
     for key in ("model", "dataset", "batch_size", "budget_effective_bits", "fp32_accuracy", "worst_accuracy",
                 "worst_drop_points", "best_accuracy", "engine_agreement"):
-        ET.SubElement(properties, "property", name=key, value=str(h[key]))
-    summary = (f"fp32 {100 * h['fp32_accuracy']:.2f}%, worst case {100 * h['worst_accuracy']:.2f}% "
-               f"(drop {h['worst_drop_points']:.2f} points) within {h['budget_effective_bits']:.2f} effective bits, "
-               f"batch size {h['batch_size']}")
-    for check in checks or [{"name": "worst-case audit (no thresholds set)", "passed": True}]:
-        case = ET.SubElement(suite, "testcase", classname=f"ptqaudit.gate.{Path(h['model']).stem}", name=check["name"])
-        if not check["passed"]:
-            failure = ET.SubElement(case, "failure", message=check["message"], type="GateFailed")
+        ET.SubElement(properties, "property", name=key, value=str(getattr(h, key)))
+    summary = (f"fp32 {100 * h.fp32_accuracy:.2f}%, worst case {100 * h.worst_accuracy:.2f}% "
+               f"(drop {h.worst_drop_points:.2f} points) within {h.budget_effective_bits:.2f} effective bits, "
+               f"batch size {h.batch_size}")
+    for check in checks or [Check("worst-case audit (no thresholds set)", "", 0.0, 0.0, True, "")]:
+        case = ET.SubElement(suite, "testcase", classname=f"ptqaudit.gate.{Path(h.model).stem}", name=check.name)
+        if not check.passed:
+            failure = ET.SubElement(case, "failure", message=check.message, type="GateFailed")
             failure.text = summary
         ET.SubElement(case, "system-out").text = summary
     suites = ET.Element("testsuites", name="ptqaudit", tests=suite.get("tests"), failures=suite.get("failures"))
@@ -414,17 +474,17 @@ def render_junit(document: dict) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
 
-def render(document: dict, fmt: str, figures: dict[str, bytes], plot_dir: Path, output: Path | None) -> str:
+def render(report: Report, fmt: str, figures: dict[str, bytes], plot_dir: Path, output: Path | None) -> str:
     """The report in `fmt`. Markdown links the PNGs in plot_dir relative to the folder it is written to, or,
     when it goes to standard output, to the current folder (where `> report.md` saves it)."""
     if fmt == "md":
         base = output.parent if output is not None else Path.cwd()
         links = {name: os.path.relpath(plot_dir / f"{name}.png", base) for name in figures}
-        return render_markdown(document, links)
+        return render_markdown(report, links)
     if fmt == "html":
-        return render_html(document, figures)
+        return render_html(report, figures)
     if fmt == "json":
-        return render_json(document)
+        return render_json(report)
     if fmt == "junit":
-        return render_junit(document)
+        return render_junit(report)
     raise PtqauditError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -11,6 +11,8 @@ import os
 import platform
 import sys
 import tempfile
+import types
+import typing
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -361,6 +363,29 @@ def dataclass_from_dict(cls, values: dict, **nested):
     return cls(**values)
 
 
+def typed_from_dict(cls, values: dict):
+    """An instance of dataclass `cls` from what asdict wrote, nested dataclasses rebuilt by the field
+    annotations (also inside lists, tuples, dicts and `X | None`); keys it has no field for are left out."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _typed(hints[key], value) for key, value in known_fields(cls, values).items()})
+
+
+def _typed(hint, value):
+    if value is None:
+        return None
+    if is_dataclass(hint):
+        return typed_from_dict(hint, value)
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, tuple):
+        return origin(_typed(arguments[0], item) for item in value)
+    if origin is dict:
+        return {key: _typed(arguments[1], item) for key, item in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        (present,) = [argument for argument in arguments if argument is not type(None)]
+        return _typed(present, value)
+    return value
+
+
 def without_none(values: dict, keys) -> dict:
     """values less the `keys` that hold None: optional results are absent from a file rather than null."""
     return {key: value for key, value in values.items() if not (key in keys and value is None)}
@@ -388,24 +413,28 @@ _CASE = {"ort_accuracy": float, "drop_points": float, "policy_file": str, "evalu
 SEARCH_SUMMARY = {"dataset": str, "images": int, "batch_size": int, "budget": {"effective_bits": float},
                   "bits": ListOf(int), "method": str, "fp32_accuracy": float, "worst?": _CASE, "best?": _CASE,
                   "spread_points?": float}
-DISTILL_SUMMARY = {"mode": str, "teacher": str, "student_file": str, "audit": {"run": str},
+DISTILL_SUMMARY = {"mode": str, "teacher": str, "student_file": str, "audit": {"run": str, "worst_accuracy": float, "drop_points": float, "policy_file": str,
+                                                                             "evaluations": int},
                    **{f"{name}_accuracy": float for name in ("teacher_fp32", "teacher_policy", "student_fp32",
                                                              "student_policy", "student_w8a8")},
                    "policy_drop_points": float, "policy_effective_bits": float}
 _ACCURACIES = {"fp32_accuracy": float, "worst_accuracy": float, "drop_points": float}
-_CURVE = ListOf({"budget_effective_bits": float, "policy_effective_bits": float, "ort_accuracy": float})
+_CURVE = ListOf({"budget_effective_bits": float, "policy_effective_bits": float, "ort_accuracy": float, "digest": str})
 ANALYSIS = {
-    "settings": {}, "dataset": str, "images": int, "batch_size": int, "fp32_accuracy": float,
-    "layer_sensitivity": ListOf({"layer": str, "bits": int, "drop_points": float}),
-    "low_bit_frequency": {"layers": MapOf(float)},
+    "settings": {"limit": int, "batch_sizes": ListOf(int), "composition_batch": int, "severities": ListOf(int),
+                 "budget_points": int, "worst_policies": int},
+    "inputs": MapOf(str), "dataset": str, "images": int, "batch_size": int, "fp32_accuracy": float,
+    "worst_accuracy": float, "base_policy": str,
+    "layer_sensitivity": ListOf({"layer": str, "bits": int, "accuracy": float, "drop_points": float}),
+    "low_bit_frequency": {"policies": int, "layers": MapOf(float)},
     "budget_curves": {"worst": _CURVE, "best": _CURVE},
-    "per_input": {"flipped": int, "flipped_fraction": float, "mean_range_score_flipped": (float, None),
+    "per_input": {"images": int, "flipped": int, "flipped_fraction": float, "mean_range_score_flipped": (float, None),
                   "mean_range_score_kept": (float, None),
-                  "per_class": ListOf({"class": str, "images": int, **_ACCURACIES}),
-                  "flipped_inputs": ListOf({"index": int, "class": str, "fp32_label": str, "worst_label": str,
+                  "per_class": ListOf({"class_name": str, "images": int, **_ACCURACIES}),
+                  "flipped_inputs": ListOf({"index": int, "class_name": str, "fp32_label": str, "worst_label": str,
                                             "range_score": float})},
     "batch_sizes": ListOf({"batch_size": int, "worst_accuracy": float}),
     "batch_composition": {"batch_size": int, "outlier_index": int, "outlier_class": str, "outlier_range_score": float,
                           "alone_accuracy": float, "ordinary_batches_accuracy": float, "with_outlier_accuracy": float},
-    "corruptions": {"rows?": ListOf({"corruption": str, "severity": int, **_ACCURACIES})},
+    "corruptions": ListOf({"corruption": str, "severity": int, **_ACCURACIES}), "corruptions_skipped?": str,
 }

@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 from reference_cases import ort_labels
 
-from ptqaudit.analysis import AnalysisSettings, analyse, corrupt, load_run
+from ptqaudit.analysis import ANALYSIS_FILE, Analysis, AnalysisSettings, BudgetPoint, analyse, cached_analysis, corrupt, load_run
 from ptqaudit.cli import main
 from ptqaudit.data import DataConfig, load_dataset
+from ptqaudit.errors import PtqauditError
 from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import load_policy
 from ptqaudit.quantize import quantize
@@ -50,7 +51,7 @@ def search_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def analysis(search_run) -> dict:
+def analysis(search_run) -> Analysis:
     run = load_run(search_run)
     return analyse(run, AnalysisSettings(limit=LIMIT, batch_sizes=(1, 4, 16)), progress=False, echo=lambda m: None)
 
@@ -65,46 +66,46 @@ def test_analysis_accuracies_match_direct_ort_runs(search_run, analysis):
     model = load_model(DIGITS_MODEL)
     fp32 = ort_labels(model.proto, data.x, 1)
     worst = ort_labels(_worst_proto(search_run), data.x, 1)
-    assert analysis["fp32_accuracy"] == pytest.approx(np.mean(fp32 == data.y))
-    assert analysis["worst_accuracy"] == pytest.approx(np.mean(worst == data.y))
+    assert analysis.fp32_accuracy == pytest.approx(np.mean(fp32 == data.y))
+    assert analysis.worst_accuracy == pytest.approx(np.mean(worst == data.y))
     flipped = (fp32 == data.y) & (worst != data.y)
-    assert analysis["per_input"]["flipped"] == int(flipped.sum())
-    assert {f["index"] for f in analysis["per_input"]["flipped_inputs"]} <= set(np.flatnonzero(flipped).tolist())
-    for row in analysis["per_input"]["per_class"]:
-        members = data.y == data.classes.index(row["class"])
-        assert row["worst_accuracy"] == pytest.approx(np.mean(worst[members] == data.y[members]))
-    at_16 = next(r for r in analysis["batch_sizes"] if r["batch_size"] == 16)
-    assert at_16["worst_accuracy"] == pytest.approx(np.mean(ort_labels(_worst_proto(search_run), data.x, 16) == data.y))
+    assert analysis.per_input.flipped == int(flipped.sum())
+    assert {f.index for f in analysis.per_input.flipped_inputs} <= set(np.flatnonzero(flipped).tolist())
+    for row in analysis.per_input.per_class:
+        members = data.y == data.classes.index(row.class_name)
+        assert row.worst_accuracy == pytest.approx(np.mean(worst[members] == data.y[members]))
+    at_16 = next(r for r in analysis.batch_sizes if r.batch_size == 16)
+    assert at_16.worst_accuracy == pytest.approx(np.mean(ort_labels(_worst_proto(search_run), data.x, 16) == data.y))
 
 
 def test_layer_sensitivity_matches_a_policy_file_run_on_ort(analysis):
-    row = max(analysis["layer_sensitivity"], key=lambda r: r["drop_points"])
+    row = max(analysis.layer_sensitivity, key=lambda r: r.drop_points)
     model = load_model(DIGITS_MODEL)
     policy = load_policy("w8a8").resolve(model.layers)
-    policy.mapping[row["layer"]] = type(policy.mapping[row["layer"]])(row["bits"], row["bits"], False)
+    policy.mapping[row.layer] = type(policy.mapping[row.layer])(row.bits, row.bits, False)
     data = load_dataset(DataConfig("digits", limit=LIMIT))
     labels = ort_labels(quantize(model, policy).proto, data.x, 1)
-    assert row["accuracy"] == pytest.approx(np.mean(labels == data.y))
-    layers = {r["layer"] for r in analysis["layer_sensitivity"]}
+    assert row.accuracy == pytest.approx(np.mean(labels == data.y))
+    layers = {r.layer for r in analysis.layer_sensitivity}
     assert layers == {layer.name for layer in model.layers}
 
 
 def test_batch_composition_matches_batches_built_here(search_run, analysis):
-    c = analysis["batch_composition"]
+    c = analysis.batch_composition
     data = load_dataset(DataConfig("digits", limit=LIMIT))
-    others = np.array([i for i in range(len(data)) if i != c["outlier_index"]])
+    others = np.array([i for i in range(len(data)) if i != c.outlier_index])
     proto = _worst_proto(search_run)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     labels = []
-    for start in range(0, len(others), c["batch_size"] - 1):
-        chunk = others[start:start + c["batch_size"] - 1]
-        batch = np.concatenate([data.x[chunk], data.x[c["outlier_index"]:c["outlier_index"] + 1]])
+    for start in range(0, len(others), c.batch_size - 1):
+        chunk = others[start:start + c.batch_size - 1]
+        batch = np.concatenate([data.x[chunk], data.x[c.outlier_index:c.outlier_index + 1]])
         labels.append(session.run(None, {name: batch})[0][:-1].argmax(axis=1))
-    assert c["with_outlier_accuracy"] == pytest.approx(np.mean(np.concatenate(labels) == data.y[others]))
+    assert c.with_outlier_accuracy == pytest.approx(np.mean(np.concatenate(labels) == data.y[others]))
     # the outlier is the input with the widest first-layer input range (the image itself, relative to the median)
     spans = np.ptp(data.x.reshape(len(data), -1), axis=1)
-    assert spans[c["outlier_index"]] / np.median(spans) <= c["outlier_range_score"] + 1e-6
+    assert spans[c.outlier_index] / np.median(spans) <= c.outlier_range_score + 1e-6
 
 
 def test_corruptions_follow_their_definitions():
@@ -123,11 +124,11 @@ def test_corruptions_follow_their_definitions():
 
 
 def test_corruption_rows_match_direct_ort_runs(search_run, analysis):
-    row = next(r for r in analysis["corruptions"]["rows"] if r["corruption"] == "gaussian_noise" and r["severity"] == 3)
+    row = next(r for r in analysis.corruptions if r.corruption == "gaussian_noise" and r.severity == 3)
     data = load_dataset(DataConfig("digits", limit=LIMIT))
     x = corrupt(data.x, "gaussian_noise", 3)
-    assert row["fp32_accuracy"] == pytest.approx(np.mean(ort_labels(load_model(DIGITS_MODEL).proto, x, 1) == data.y))
-    assert row["worst_accuracy"] == pytest.approx(np.mean(ort_labels(_worst_proto(search_run), x, 1) == data.y))
+    assert row.fp32_accuracy == pytest.approx(np.mean(ort_labels(load_model(DIGITS_MODEL).proto, x, 1) == data.y))
+    assert row.worst_accuracy == pytest.approx(np.mean(ort_labels(_worst_proto(search_run), x, 1) == data.y))
 
 
 def test_gate_checks_each_threshold():
@@ -180,7 +181,7 @@ def test_json_and_junit_carry_the_run_figures(search_run, analysis, capsys):
     document = json.loads(out)
     assert code == 0
     assert document["headline"]["fp32_accuracy"] == fp32 and document["headline"]["worst_accuracy"] == worst
-    assert document["analysis"]["layer_sensitivity"] == analysis["layer_sensitivity"]  # the cached analysis
+    assert document["analysis"]["layer_sensitivity"] == analysis.to_dict()["layer_sensitivity"]  # the cached analysis
     code, out, _ = _run_cli(["report", str(search_run), "--format", "junit", "--no-analysis", "--max-drop", "0",
                              "--min-accuracy", "0"], capsys)
     root = ET.fromstring(out)
@@ -311,26 +312,48 @@ def _budget_table(markdown: str) -> list[list[str]]:
 
 
 def test_budget_levels_picking_the_same_policy_share_one_row(search_run, analysis):
-    document = build(load_run(search_run), Gate(), copy.deepcopy(analysis))
+    report = build(load_run(search_run), Gate(), copy.deepcopy(analysis))
 
     def point(level, digest, cost, accuracy):
-        return {"budget_effective_bits": level, "policy_effective_bits": cost, "ort_accuracy": accuracy, "digest": digest}
+        return BudgetPoint(level, cost, accuracy, digest)
 
-    document["analysis"]["budget_curves"] = {
+    report.analysis.budget_curves = {
         "worst": [point(3.0, "a", 6.1, 0.40), point(4.0, "a", 6.1, 0.40), point(5.0, "a", 6.1, 0.40),
                   point(6.0, "b", 6.5, 0.55), point(7.0, "c", 7.2, 0.80)],
         "best": [point(3.0, "d", 3.0, 0.70), point(4.0, "e", 3.9, 0.95), point(5.0, "e", 3.9, 0.95)],
     }
-    assert _budget_table(render_markdown(document, {})) == [
+    assert _budget_table(render_markdown(report, {})) == [
         ["worst", "3.00 to 5.00", "6.10", "40.00%"], ["worst", "6.00", "6.50", "55.00%"],
         ["worst", "7.00", "7.20", "80.00%"], ["best", "3.00", "3.00", "70.00%"], ["best", "4.00 to 5.00", "3.90", "95.00%"]]
 
 
+def test_analysis_round_trips_through_json(analysis):
+    assert Analysis.from_dict(json.loads(json.dumps(analysis.to_dict())), "analysis.json") == analysis
+
+
+def test_a_cached_analysis_of_another_layout_is_measured_again(search_run, analysis, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(search_run, run_dir)
+    settings = AnalysisSettings(limit=LIMIT, batch_sizes=(1, 4, 16))
+    stored = analysis.to_dict()
+    (run_dir / ANALYSIS_FILE).write_text(json.dumps(stored))
+    assert cached_analysis(load_run(run_dir), settings) == analysis
+    stored["schema_version"] = 1  # what ptqaudit wrote before the typed analysis
+    (run_dir / ANALYSIS_FILE).write_text(json.dumps(stored))
+    assert cached_analysis(load_run(run_dir), settings) is None
+    del stored["schema_version"]
+    stored["per_input"]["flipped"] = "many"  # the current layout, changed by hand: named, not guessed at
+    stored["schema_version"] = Analysis.schema_version
+    (run_dir / ANALYSIS_FILE).write_text(json.dumps(stored))
+    with pytest.raises(PtqauditError, match="per_input.flipped is a string, expected an integer"):
+        cached_analysis(load_run(run_dir), settings)
+
+
 def test_budget_table_of_a_real_run_has_one_row_per_distinct_policy(search_run, analysis):
     rows = _budget_table(render_markdown(build(load_run(search_run), Gate(), analysis), {}))
-    curves = analysis["budget_curves"]
+    curves = analysis.budget_curves
     for objective in ("worst", "best"):
-        assert len([r for r in rows if r[0] == objective]) == len({p["digest"] for p in curves[objective]})
+        assert len([r for r in rows if r[0] == objective]) == len({p.digest for p in curves[objective]})
 
 
 @pytest.mark.parametrize("width", [5, 6, 7])

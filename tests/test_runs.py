@@ -16,7 +16,7 @@ import onnx
 import pytest
 from conftest import build_tiny_digits_model
 
-from ptqaudit.analysis import AnalysisSettings, analyse, cached_analysis, load_run
+from ptqaudit.analysis import ANALYSIS_VERSION, AnalysisSettings, analyse, cached_analysis, load_run
 from ptqaudit.cli import main
 from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.distill import DistillConfig
@@ -241,7 +241,7 @@ def _edit(document, field: tuple, value):
     ("analysis.json", ("per_input", "per_class", 0, "drop_points"), DELETE),
     ("analysis.json", ("batch_composition", "outlier_index"), "7"),
     ("analysis.json", ("budget_curves", "worst"), {}),
-    ("analysis.json", ("corruptions", "rows", 1, "severity"), True),
+    ("analysis.json", ("corruptions", 1, "severity"), True),
     ("analysis.json", ("low_bit_frequency", "layers", "conv"), "0.5"),
 ])
 def test_a_hand_edited_field_is_exit_2_naming_the_file_and_the_field(finished_run, tmp_path, capsys, file, field,
@@ -318,19 +318,33 @@ def test_a_run_folder_written_before_schema_versions_loads_as_version_1(tmp_path
         stored["fp32_accuracy"], stored["worst"]["ort_accuracy"], stored["best"]["ort_accuracy"])
 
 
-@pytest.mark.parametrize("file", ["summary.json", "analysis.json"])
-def test_a_results_file_of_an_unknown_schema_version_is_exit_2(finished_run, tmp_path, capsys, file):
+def test_a_summary_of_an_unknown_schema_version_is_exit_2(finished_run, tmp_path, capsys):
     run = Path(shutil.copytree(finished_run[0], tmp_path / "run"))
-    document = json.loads((run / file).read_text())
-    assert document["schema_version"] == 1 and document["kind"] == file.removesuffix(".json").replace("summary", "search")
+    file = run / "summary.json"
+    document = json.loads(file.read_text())
+    assert document["schema_version"] == 1 and document["kind"] == "search"
     document["schema_version"] = 2
-    (run / file).write_text(json.dumps(document))
+    file.write_text(json.dumps(document))
     code, _, err = _report(capsys, run, tmp_path)
-    assert code == 2 and f"{run / file}: schema_version 2 is not one this ptqaudit reads (it reads 1)" in err, err
+    assert code == 2 and f"{file}: schema_version 2 is not one this ptqaudit reads (it reads 1)" in err, err
     document["schema_version"] = "1"
-    (run / file).write_text(json.dumps(document))
+    file.write_text(json.dumps(document))
     code, _, err = _report(capsys, run, tmp_path)
-    assert code == 2 and f"{run / file}: field schema_version is a string, expected an integer" in err, err
+    assert code == 2 and f"{file}: field schema_version is a string, expected an integer" in err, err
+
+
+@pytest.mark.parametrize("version", [1, 99, "2"])
+def test_a_cached_analysis_of_another_schema_version_is_measured_again(finished_run, tmp_path, capsys, version):
+    run = Path(shutil.copytree(finished_run[0], tmp_path / "run"))
+    file = run / "analysis.json"
+    document = json.loads(file.read_text())
+    assert document["schema_version"] == ANALYSIS_VERSION and document["kind"] == "analysis"
+    document["schema_version"] = version
+    file.write_text(json.dumps(document))
+    assert cached_analysis(load_run(run), AnalysisSettings(limit=ANALYSIS_LIMIT)) is None
+    code, _, err = _report(capsys, run, tmp_path)
+    assert code == 0 and "analysing" in err, err
+    assert json.loads(file.read_text())["schema_version"] == ANALYSIS_VERSION
 
 
 def test_a_summary_of_an_unknown_kind_is_exit_2(finished_run, tmp_path, capsys):

@@ -6,16 +6,16 @@ from __future__ import annotations
 import fnmatch
 import io
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import yaml
 
-from ..data import DataConfig, Dataset
+from ..data import DataConfig, Dataset, load_dataset
 from ..errors import PtqauditError
 from ..evaluate import check_model_fits_data, make_session, predict
-from ..onnx_graph import LoadedModel
+from ..onnx_graph import LoadedModel, load_model
 from ..policy import load_policy, policy_file_dict
 from ..predictions import accuracy, drop_points
 from ..progress import Progress
@@ -192,6 +192,18 @@ def _searched_layers(model: LoadedModel, globs: tuple[str, ...]) -> list[str]:
     if not names:
         raise PtqauditError(f"--layers {', '.join(globs)} matches no layer (`ptqaudit layers MODEL` lists them)")
     return names
+
+
+def load_search_inputs(config: SearchConfig) -> tuple[LoadedModel, Dataset, Dataset | None]:
+    """The model, the evaluation data, and the data candidates are scored on when --search-split names
+    another split (else None: a subset of the evaluation data)."""
+    dataset = load_dataset(config.data)
+    model = load_model(config.model, dataset.x.shape[1:])  # the data gives the dims a model may leave symbolic
+    search_data = None
+    if config.search_split is not None and config.search_split != config.data.split:
+        # only the examples the search scores are kept: a limit on the evaluation data does not apply
+        search_data = load_dataset(replace(config.data, split=config.search_split, limit=config.search_limit))
+    return model, dataset, search_data
 
 
 def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resume: bool = False,
