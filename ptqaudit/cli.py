@@ -19,11 +19,13 @@ from .analysis import AnalysisSettings, analyse, cached_analysis, load_run
 from .data import DataConfig, load_dataset
 from .distill import MODES, DistillConfig, run_distill
 from .errors import GateFailed, PtqauditError
-from .evaluate import DEVICES, ENGINES, EVAL_COLUMNS, SIM_COLUMNS, EvalReport, evaluate, table_line
+from .evaluate import DEVICES, ENGINES, EvalReport, evaluate, table_line
+from .kernels import KERNEL_FAMILIES, parse_kernels
 from .onnx_graph import load_model
 from .policy import builtin_policy_names, load_policy
 from .quantize import quantize
-from .report import FORMATS, Gate, build, plots, render, report_inputs
+from .gate import Gate
+from .report import FORMATS, build, plots, render, report_inputs
 from .runs import write_atomic
 from .search.methods import METHODS
 from .search.run import SearchConfig, load_search_inputs, run_search
@@ -131,6 +133,25 @@ def input_shape_option(f):
     return click.option("--input-shape", callback=_comma_list(_positive_int, "3,32,32"), default=None,
                         help="One input's shape without the batch, e.g. 3,32,32: fills the dims the model's input "
                              "leaves symbolic (such as H and W), on which layer shapes and MACs depend.")(f)
+
+
+def _parse_kernels(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_kernels(value)
+    except PtqauditError as error:
+        raise click.BadParameter(str(error).removeprefix("--kernels: ")) from None
+
+
+def kernels_option(default: str | None, what: str):
+    """--kernels: the fleet of kernel families numbers are given for."""
+    return click.option(
+        "--kernels", callback=_parse_kernels, default=default, show_default=default is not None,
+        help=f"Kernel families of the CPUs the model will run on (a fleet), {what}: a comma list of "
+             f"{', '.join(KERNEL_FAMILIES)}; 'auto' is this machine's, 'all' every family. This machine's family is "
+             "measured on ORT's own kernels, the others by the simulator's exact emulation of their integer "
+             "arithmetic, labelled 'emulated'. The gate holds the worst family to its thresholds.")
 
 
 def gate_options(f):
@@ -276,28 +297,36 @@ def quantize_command(model, policy, output, force, input_shape, as_json):
 @click.option("--engine", type=click.Choice(ENGINES), default="ort", show_default=True,
               help="ort: ONNX Runtime's integer kernels. sim: the PyTorch simulator (fast; for exploration). "
                    "both: ORT's numbers plus the simulator's top-1 agreement with them and its speed.")
+@kernels_option("auto", "each policy measured under each")
 @progress_option
+@gate_options
 @json_option
 @debug_option
-def eval_command(model, data_config, policy_specs, batch_size, engine, device, threads, no_progress, as_json):
+def eval_command(model, data_config, policy_specs, batch_size, engine, device, threads, kernels, no_progress,
+                 max_drop, min_accuracy, as_json):
     """Measure MODEL's FP32 accuracy and, for each policy, the accuracy of its dynamically quantized
     graph on ONNX Runtime's integer kernels: drop in points, top-1 agreement with FP32, cost and speed.
+    With --max-drop / --min-accuracy it gates every policy under every kernel family: exit 1, naming
+    each one that breaks a threshold.
 
-    Example:
+    Examples:
 
     \b
       ptqaudit eval sample_models/cifar10_cnn.onnx --data cifar10 --data-root DIR -b 250 -p w8a8 -p w4a8
+      ptqaudit eval sample_models/digits_cnn.onnx -p w8a8 --kernels all --max-drop 1
     """
     chosen = [load_policy(spec) for spec in (policy_specs or builtin_policy_names())]
     dataset = load_dataset(data_config)
     loaded = load_model(model, dataset.x.shape[1:])  # the data gives the dims a model may leave symbolic
     width = max(len(p.name) for p in chosen + [load_policy("w8a8")])
-    columns = EVAL_COLUMNS + (SIM_COLUMNS if engine == "both" else [])
     printed = 0
 
     def print_new_rows(report: EvalReport) -> None:
         nonlocal printed
-        rows = report.rows()
+        columns, rows = report.columns(), report.rows()
+        if not printed:
+            click.echo(table_line([name for name, _ in columns] + ["built by"], columns, width))
+            click.echo(table_line(["-" * width] + ["-" * w for _, w in columns[1:]] + ["-" * 8], columns, width))
         for row in rows[printed:]:
             click.echo(table_line(row, columns, width))
         printed = len(rows)
@@ -306,14 +335,20 @@ def eval_command(model, data_config, policy_specs, batch_size, engine, device, t
         source = {"ort": "ONNX Runtime", "sim": "the simulator (not ORT)", "both": "ONNX Runtime, simulator checked"}[engine]
         click.echo(f"model {model} | data {dataset.name}, {len(dataset)} images | batch size {batch_size} | "
                    f"numbers from {source}\n")
-        click.echo(table_line([name for name, _ in columns] + ["built by"], columns, width))
-        click.echo(table_line(["-" * width] + ["-" * w for _, w in columns[1:]] + ["-" * 8], columns, width))
     report = evaluate(loaded, dataset, chosen, batch_size=batch_size, engine=engine, device=device, threads=threads,
-                      progress=not no_progress, on_update=None if as_json else print_new_rows)
+                      progress=not no_progress, on_update=None if as_json else print_new_rows, kernels=kernels)
     if as_json:
         _print_json(report.to_dict())
     else:
         click.echo(f"\n{report.runtime}, device {report.device}; drop = FP32 accuracy - policy accuracy, in points")
+        if report.shows_kernels:
+            click.echo("emulated: the simulator's exact emulation of that family's integer arithmetic (ORT's own "
+                       "kernels measure only this machine's family)")
+    gate = Gate(max_drop, min_accuracy)
+    if gate.is_set:
+        checks = report.gate(gate)
+        if not as_json:
+            click.echo(f"gate passed: {len(checks)} checks ({len(report.results)} policy and kernel-family results)")
 
 
 def search_options(f):
@@ -349,16 +384,18 @@ def search_options(f):
         click.option("--dynamic", is_flag=True, help="Also audit an input-conditioned policy: a router that sends each input "
                      "(or each batch, when --batch-size > 1) to one of the verified candidates, run on ORT by routing."),
         click.option("--seed", type=int, default=SearchConfig.seed, show_default=True, help="Fixes every random choice of the search."),
+        kernels_option("auto", "a policy scored by its lowest accuracy over them (the simulator's time grows with "
+                               "each family)"),
     ]
 
     def parse(bits, budget_avg_bits, budget_bitops, objective, method, max_evaluations, base_policy, layers, batch_size,
-              search_limit, search_split, verify_top, dynamic, seed) -> dict:
+              search_limit, search_split, verify_top, dynamic, seed, kernels) -> dict:
         if budget_avg_bits is None and budget_bitops is None:
             budget_avg_bits = SearchConfig.budget_avg_bits
         return dict(bits=bits, budget_avg_bits=budget_avg_bits, budget_bitops=budget_bitops, objective=objective,
                     method=method, max_evaluations=max_evaluations, base_policy=base_policy, layers=layers,
                     batch_size=batch_size, search_limit=search_limit, search_split=search_split, verify_top=verify_top,
-                    dynamic=dynamic, seed=seed)
+                    dynamic=dynamic, seed=seed, kernels=kernels)
 
     return _option_group(f, options, parse, "search_settings")
 
@@ -407,7 +444,7 @@ def search_command(model, data_config, search_settings, output, resume, no_progr
         click.echo("\n" + summary.table())
         click.echo(f"policies and details in {output}/ (worst.yaml, best.yaml, summary.json)")
     if gate.is_set:  # without a gate there may be no worst case to read (--objective best)
-        checks = gate.enforce(summary.fp32_accuracy, summary.worst.ort_accuracy)
+        checks = gate.enforce(summary.fp32_accuracy, summary.worst.accuracy)
         if not as_json:
             click.echo("gate passed: " + "; ".join(c.name for c in checks))
 

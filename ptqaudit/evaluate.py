@@ -11,7 +11,8 @@ import onnx
 import onnxruntime as ort
 
 from .data import Dataset, check_input_shape
-from .errors import PtqauditError
+from .errors import GateFailed, PtqauditError
+from .gate import Check, Gate
 from .kernels import detect_kernel_family
 from .onnx_graph import LoadedModel, ort_errors, ort_failure
 from .policy import FP32_BITS, Policy, ResolvedPolicy, bitops_of
@@ -109,6 +110,8 @@ class PolicyResult:
     effective_bits: float
     images_per_second: float
     sim: SimCheck | None = None
+    kernel_family: str = ""  # the integer arithmetic these numbers are of (ptqaudit.kernels)
+    source: str = "ORT"  # ORT (its own kernels), simulator (--engine sim), emulated (another family's arithmetic)
 
 
 @dataclass
@@ -125,25 +128,50 @@ class EvalReport:
     fp32_images_per_second: float
     fp32_bitops: int
     fp32_sim: SimCheck | None = None
+    kernels: list[str] = field(default_factory=list)  # the fleet: the families every policy is measured under
     results: list[PolicyResult] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def shows_kernels(self) -> bool:
+        """Whether the table needs a kernels column: some numbers are not of this machine's family."""
+        return self.kernels not in ([], [self.kernel_family])
+
+    def columns(self) -> list[tuple[str, int | None]]:
+        return (EVAL_COLUMNS[:1] + [KERNELS_COLUMN] * self.shows_kernels + EVAL_COLUMNS[1:]
+                + SIM_COLUMNS * (self.engine == "both"))
+
     def rows(self) -> list[list[str]]:
         """The eval table's rows so far (fp32, then each policy), as the terminal shows them (see table_line)."""
-        both = self.engine == "both"
-        rows = [["fp32", f"{100 * self.fp32_accuracy:.2f}%", "", "", _si(self.fp32_bitops), "32.00",
+        both, kernels = self.engine == "both", self.shows_kernels
+        rows = [["fp32"] + ["-"] * kernels + [f"{100 * self.fp32_accuracy:.2f}%", "", "", _si(self.fp32_bitops), "32.00",
                  f"{self.fp32_images_per_second:,.0f}"] + (_sim_cells(self.fp32_sim) if both else []) + ["-"]]
         for r in self.results:
-            rows.append([r.policy, f"{100 * r.accuracy:.2f}%", f"{r.drop_points:+.2f}", f"{100 * r.agreement_with_fp32:.2f}%",
-                         _si(r.bitops), f"{r.effective_bits:.2f}", f"{r.images_per_second:,.0f}"]
+            rows.append([r.policy] + [f"{r.kernel_family} ({r.source})"] * kernels
+                        + [f"{100 * r.accuracy:.2f}%", f"{r.drop_points:+.2f}", f"{100 * r.agreement_with_fp32:.2f}%",
+                           _si(r.bitops), f"{r.effective_bits:.2f}", f"{r.images_per_second:,.0f}"]
                         + (_sim_cells(r.sim) if both else []) + [r.method])
         return rows
+
+    def gate(self, gate: Gate) -> list[Check]:
+        """The gate applied to every policy under every family (GateFailed naming each failure), else its checks."""
+        failures, checks = [], []
+        for r in self.results:
+            subject = f"{r.policy} on {r.kernel_family} kernels ({r.source})"
+            failure = gate.failure(self.fp32_accuracy, r.accuracy, subject)
+            if failure is not None:
+                failures.append(failure)
+            checks += gate.checks(self.fp32_accuracy, r.accuracy, subject)
+        if failures:
+            raise GateFailed("gate failed: " + "; ".join(f.removeprefix("gate failed: ") for f in failures))
+        return checks
 
 
 EVAL_COLUMNS = [("policy", None), ("accuracy", 9), ("drop (pts)", 10), ("agree w/ fp32", 13), ("BitOPs/img", 10),
                 ("eff. bits", 9), ("images/s", 9)]
+KERNELS_COLUMN = ("kernels", 20)  # with a fleet (--kernels): the family and where its numbers come from
 SIM_COLUMNS = [("sim = ort", 9), ("sim img/s", 9)]  # with --engine both: top-1 agreement and simulator speed
 
 
@@ -180,9 +208,12 @@ def evaluate(
     threads: int = 0,
     progress: bool = True,
     on_update=None,
+    kernels: tuple[str, ...] = (),
 ) -> EvalReport:
     """FP32 accuracy, then accuracy, drop, FP32 agreement, cost and speed of each policy: on ORT's
     kernels (engine "ort"), on the simulator ("sim"), or on ORT with the simulator's agreement ("both").
+    kernels: the fleet of kernel families to measure each policy under (empty: this machine's); a family
+    other than this machine's is measured by the simulator's emulation of it, and labelled so.
     on_update(report) is called after FP32 and after each policy, so a CLI can print results as they come."""
     if engine not in ENGINES:
         raise PtqauditError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
@@ -190,41 +221,50 @@ def evaluate(
         raise PtqauditError(f"--batch-size must be at least 1, got {batch_size}")
     check_model_fits_data(model, dataset, batch_size)
     resolved = [policy.resolve(model.layers) for policy in policies]  # every policy checked before any long run
-    sim = SimModel(model).eval() if engine != "ort" else None
+    native = detect_kernel_family()
+    kernels = tuple(kernels) or (native,)
+    sims = {family: SimModel(model, kernel_family=family).eval() for family in kernels
+            if family != native or engine != "ort"}
 
-    def run(policy: ResolvedPolicy | None, label: str) -> tuple[Predictions, SimCheck | None, str]:
-        """(primary predictions, simulator check, graph builder) for one policy (None: FP32)."""
+    def run(policy: ResolvedPolicy | None, label: str, family: str) -> tuple[Predictions, SimCheck | None, str, str]:
+        """(primary predictions, simulator check, graph builder, source) for one policy (None: FP32)."""
+        if family != native:
+            return (sim_predict(sims[family], dataset, policy, batch_size, f"{label} ({family}, emulated)", progress),
+                    None, "simulator", "emulated")
         if engine == "sim":
-            return sim_predict(sim, dataset, policy, batch_size, f"{label} (sim)", progress), None, "simulator"
+            return sim_predict(sims[family], dataset, policy, batch_size, f"{label} (sim)", progress), None, "simulator", "simulator"
         quantized = quantize(model, policy) if policy is not None else None
         proto = quantized.proto if quantized else model.proto
         ort_run = predict(make_session(proto, device, threads), dataset, batch_size, label, progress, str(model.path))
         check = None
         if engine == "both":
-            sim_run = sim_predict(sim, dataset, policy, batch_size, f"{label} (sim)", progress)
+            sim_run = sim_predict(sims[family], dataset, policy, batch_size, f"{label} (sim)", progress)
             check = SimCheck.compare(ort_run, sim_run, dataset.y)
-        return ort_run, check, quantized.method if quantized else "-"
+        return ort_run, check, quantized.method if quantized else "-", "ORT"
 
-    fp32, fp32_check, _ = run(None, "fp32")
+    # fp32 runs no integer kernel: any family's engine gives it; ORT's where the machine's family is wanted
+    fp32, fp32_check, _, _ = run(None, "fp32", native if native in kernels or engine != "ort" else kernels[0])
     fp32_accuracy = accuracy(fp32.labels, dataset.y)
     report = EvalReport(
         model=str(model.path), dataset=dataset.name, images=len(dataset), batch_size=batch_size, engine=engine,
-        runtime=runtime_description(), kernel_family=detect_kernel_family(), device=device, fp32_accuracy=fp32_accuracy,
-        fp32_images_per_second=fp32.images_per_second(), fp32_bitops=bitops_of(model.total_macs, FP32_BITS, FP32_BITS), fp32_sim=fp32_check,
+        runtime=runtime_description(), kernel_family=native, device=device, fp32_accuracy=fp32_accuracy,
+        fp32_images_per_second=fp32.images_per_second(), fp32_bitops=bitops_of(model.total_macs, FP32_BITS, FP32_BITS),
+        fp32_sim=fp32_check, kernels=list(kernels),
     )
     if on_update:
         on_update(report)
     for policy, applied in zip(policies, resolved):
-        predictions, check, method = run(applied, policy.name)
-        policy_accuracy = accuracy(predictions.labels, dataset.y)
-        report.results.append(PolicyResult(
-            policy=policy.name, description=policy.description, method=method,
-            layers=applied.summary(), digest=applied.digest, accuracy=policy_accuracy,
-            drop_points=drop_points(fp32_accuracy, policy_accuracy),
-            agreement_with_fp32=accuracy(predictions.labels, fp32.labels),
-            bitops=applied.bitops(model.layers), effective_bits=applied.effective_bits(model.layers),
-            images_per_second=predictions.images_per_second(), sim=check,
-        ))
-        if on_update:
-            on_update(report)
+        for family in kernels:
+            predictions, check, method, source = run(applied, policy.name, family)
+            policy_accuracy = accuracy(predictions.labels, dataset.y)
+            report.results.append(PolicyResult(
+                policy=policy.name, description=policy.description, method=method,
+                layers=applied.summary(), digest=applied.digest, accuracy=policy_accuracy,
+                drop_points=drop_points(fp32_accuracy, policy_accuracy),
+                agreement_with_fp32=accuracy(predictions.labels, fp32.labels),
+                bitops=applied.bitops(model.layers), effective_bits=applied.effective_bits(model.layers),
+                images_per_second=predictions.images_per_second(), sim=check, kernel_family=family, source=source,
+            ))
+            if on_update:
+                on_update(report)
     return report

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .arithmetic import activation_code_max
+from .errors import PtqauditError
 
 EXACT = "exact"
 AVX2_U8S8 = "avx2-u8s8"
@@ -25,6 +26,7 @@ KERNEL_FAMILIES = {
     EXACT: "int32 accumulation of every product (VNNI, AVX512-VNNI, AMX, ARM dot product)",
     AVX2_U8S8: "u8 x s8 products added in pairs along K with int16 saturation (x86-64 AVX2 without VNNI)",
 }
+AUTO, ALL = "auto", "all"  # --kernels words: this machine's family, every family
 INT16_MIN, INT16_MAX = -32768, 32767
 PAIR_CHUNK_ELEMENTS = 2**24  # pair sums held at once by the saturating product: bounds its memory
 
@@ -49,6 +51,34 @@ def detect_kernel_family() -> str:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (result,) = session.run(None, {"a": np.full((1, 2), 255, dtype=np.uint8)})
     return EXACT if int(result[0, 0]) == 2 * 255 * 127 else AVX2_U8S8
+
+
+def parse_kernels(spec: str) -> tuple[str, ...]:
+    """A fleet from --kernels: family names separated by commas, `auto` for this machine's, `all` for every
+    family; in the order given, each once."""
+    names = []
+    for word in (w.strip() for w in spec.split(",")):
+        if word == AUTO:
+            names.append(detect_kernel_family())
+        elif word == ALL:
+            names += list(KERNEL_FAMILIES)
+        elif word in KERNEL_FAMILIES:
+            names.append(word)
+        else:
+            raise PtqauditError(f"--kernels: unknown kernel family {word[:40]!r}; expected {AUTO}, {ALL} or a comma "
+                                f"list of {', '.join(KERNEL_FAMILIES)}")
+    return tuple(dict.fromkeys(names))
+
+
+def kernel_source(family: str) -> str:
+    """Where the numbers of a family come from on this machine: ORT's own kernels, or the simulator's
+    emulation of that family's arithmetic (tested against a NumPy oracle of it)."""
+    return "ORT" if family == detect_kernel_family() else "emulated"
+
+
+def kernel_label(family: str) -> str:
+    """A family as results name it: `avx2-u8s8 (ORT)`, `exact (emulated)`."""
+    return f"{family} ({kernel_source(family)})"
 
 
 def cpu_description() -> str:

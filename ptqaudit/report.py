@@ -15,74 +15,11 @@ from pathlib import Path
 
 from .analysis import Analysis, BudgetPoint, SearchRun
 from .distill import DistillSummary
-from .errors import GateFailed, PtqauditError
+from .errors import PtqauditError
+from .gate import Check, Gate, GateResult
 from .predictions import drop_points
 
 FORMATS = ("md", "html", "json", "junit")
-
-
-@dataclass
-class Check:
-    """One threshold of the gate against its figure."""
-
-    name: str
-    figure: str
-    value: float
-    threshold: float
-    passed: bool
-    message: str  # what a failure says
-
-
-@dataclass
-class GateResult:
-    max_drop: float | None
-    min_accuracy: float | None
-    checks: list[Check]
-    verdict: str  # pass, fail, or not gated (no threshold set)
-
-
-@dataclass(frozen=True)
-class Gate:
-    """Release thresholds on the worst case: its drop from FP32 (points) and its accuracy (percent)."""
-
-    max_drop: float | None = None
-    min_accuracy: float | None = None
-
-    @property
-    def is_set(self) -> bool:
-        return self.max_drop is not None or self.min_accuracy is not None
-
-    def checks(self, fp32: float, worst: float) -> list[Check]:
-        """One check per threshold set."""
-        drop = drop_points(fp32, worst)
-        checks = []
-        if self.max_drop is not None:
-            checks.append(Check(f"worst-case drop <= {self.max_drop:g} points", "worst-case drop", drop, self.max_drop,
-                                drop <= self.max_drop,
-                                f"worst-case drop {drop:.2f} points exceeds --max-drop {self.max_drop:g} "
-                                f"(fp32 {100 * fp32:.2f}%, worst case {100 * worst:.2f}%)"))
-        if self.min_accuracy is not None:
-            checks.append(Check(f"worst-case accuracy >= {self.min_accuracy:g}%", "worst-case accuracy", 100 * worst,
-                                self.min_accuracy, 100 * worst >= self.min_accuracy,
-                                f"worst-case accuracy {100 * worst:.2f}% is below --min-accuracy {self.min_accuracy:g}%"))
-        return checks
-
-    def result(self, fp32: float, worst: float) -> GateResult:
-        checks = self.checks(fp32, worst)
-        verdict = "not gated" if not checks else "pass" if all(c.passed for c in checks) else "fail"
-        return GateResult(self.max_drop, self.min_accuracy, checks, verdict)
-
-    def failure(self, fp32: float, worst: float) -> str | None:
-        """The one line naming every failing figure, or None when the worst case passes."""
-        failed = [c.message for c in self.checks(fp32, worst) if not c.passed]
-        return "gate failed: " + "; ".join(failed) if failed else None
-
-    def enforce(self, fp32: float, worst: float) -> list[Check]:
-        """The gate as commands apply it: GateFailed (exit 1) naming every failing figure, else the checks."""
-        failure = self.failure(fp32, worst)
-        if failure is not None:
-            raise GateFailed(failure)
-        return self.checks(fp32, worst)
 
 
 RUN_RECORDS = ("run.json", "summary.json", "trace.jsonl", "analysis.json")

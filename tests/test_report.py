@@ -25,7 +25,8 @@ from ptqaudit.errors import PtqauditError
 from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import load_policy
 from ptqaudit.quantize import quantize
-from ptqaudit.report import Gate, build, render_markdown, set_title
+from ptqaudit.gate import Gate
+from ptqaudit.report import build, render_markdown, set_title
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = str(REPO / "sample_models" / "digits_cnn.onnx")

@@ -29,8 +29,11 @@ class SimEvaluator:
     policies (memoized ones included, each once): the cap is kept here, whatever group sizes the search
     methods ask for, so that --max-evaluations holds exactly."""
 
-    def __init__(self, sim: SimModel, dataset: Dataset, batch_size: int, space: SearchSpace, record, memo: dict):
-        self.sim, self.dataset, self.batch_size, self.space = sim, dataset, batch_size, space
+    def __init__(self, sims: SimModel | list[SimModel], dataset: Dataset, batch_size: int, space: SearchSpace, record,
+                 memo: dict):
+        """sims: one simulator, or one per kernel family of a fleet: a policy scores its lowest accuracy."""
+        self.sims = sims if isinstance(sims, list) else [sims]
+        self.dataset, self.batch_size, self.space = dataset, batch_size, space
         self.record = record
         self.memo = memo  # digest -> simulator accuracy
         self.step = len(memo)  # records in the run's trace so far: the next record's step number
@@ -64,10 +67,11 @@ class SimEvaluator:
             policies.append(policy)
         todo = {p.digest: p for p in policies if p.digest not in self.memo}
         if todo:
-            runs = sim_predict_many(self.sim, self.dataset, list(todo.values()), self.batch_size, progress=False)
+            scores = np.min([[accuracy(run.labels, self.dataset.y) for run in sim_predict_many(
+                sim, self.dataset, list(todo.values()), self.batch_size, progress=False)] for sim in self.sims], axis=0)
             records = []
-            for (digest, policy), run in zip(todo.items(), runs):
-                self.memo[digest] = accuracy(run.labels, self.dataset.y)
+            for (digest, policy), score in zip(todo.items(), scores):
+                self.memo[digest] = float(score)
                 self.step += 1
                 records.append({"step": self.step, "objective": str(objective), "method": method, "digest": digest,
                                 "sim_accuracy": self.memo[digest], "bitops": policy.bitops(self.space.layers),

@@ -15,13 +15,14 @@ import yaml
 from ..data import DataConfig, Dataset, load_dataset
 from ..errors import PtqauditError
 from ..evaluate import check_model_fits_data, make_session, predict
+from ..kernels import KERNEL_FAMILIES, detect_kernel_family, kernel_source
 from ..onnx_graph import LoadedModel, load_model
 from ..policy import load_policy, policy_file_dict
 from ..predictions import accuracy, drop_points
 from ..progress import Progress
 from ..quantize import quantize
 from ..runs import (SEARCH_SUMMARY, RunFolder, check_fields, check_schema_version, dataclass_from_dict, input_identity,
-                    known_fields, without_none, write_atomic, write_json)
+                    typed_from_dict, without_none, write_atomic, write_json)
 from ..sim.engine import EngineAgreement, sim_predict
 from ..sim.model import SimModel
 from ..text import table
@@ -52,9 +53,19 @@ class SearchConfig:
     verify_top: int = 3
     seed: int = 0
     dynamic: bool = False  # also train a router choosing among the verified candidates per input
+    kernels: tuple[str, ...] = ()  # the fleet's kernel families (ptqaudit.kernels); empty: this machine's
+
+    @property
+    def fleet(self) -> tuple[str, ...]:
+        return self.kernels or (detect_kernel_family(),)
 
     def validate(self) -> None:
         check_bits(self.bits)
+        unknown = [name for name in self.kernels if name not in KERNEL_FAMILIES]
+        if unknown:
+            raise PtqauditError(f"--kernels: unknown kernel family {unknown[0][:40]!r}; expected {', '.join(KERNEL_FAMILIES)}")
+        if self.dynamic and self.fleet != (detect_kernel_family(),):
+            raise PtqauditError("--dynamic routes inputs on this machine's kernels only: drop --kernels or --dynamic")
         if self.objective not in OBJECTIVES + ("both",):
             raise PtqauditError(f"--objective must be worst, best or both, got {self.objective!r}")
         if self.method not in METHODS:
@@ -69,7 +80,7 @@ class SearchConfig:
 
     def to_dict(self) -> dict:
         values = asdict(self)
-        values["bits"], values["layers"] = list(self.bits), list(self.layers)
+        values["bits"], values["layers"], values["kernels"] = list(self.bits), list(self.layers), list(self.kernels)
         return values
 
     @classmethod
@@ -90,6 +101,12 @@ class Verified:
     bitops: int
     effective_bits: float
     layers: dict = field(default_factory=dict)
+    kernels: dict[str, float] = field(default_factory=dict)  # accuracy under each family of the fleet
+
+    @property
+    def accuracy(self) -> float:
+        """The fleet's worst: the lowest accuracy over its kernel families (ORT's here without a fleet)."""
+        return min(self.kernels.values()) if self.kernels else self.ort_accuracy
 
 
 SUMMARY_VERSION = 1  # the layout of summary.json; a reader refuses another
@@ -99,18 +116,19 @@ SUMMARY_VERSION = 1  # the layout of summary.json; a reader refuses another
 class SearchCase:
     """One objective's result: the leading candidate, measured on ORT, and every verified candidate."""
 
-    ort_accuracy: float
-    drop_points: float
+    ort_accuracy: float  # on ORT's kernels of this machine
+    drop_points: float  # fp32 minus `accuracy`
     policy_file: str
     evaluations: int
     policy: dict[str, str]  # layer name -> setting label
     candidates: list[Verified]
     dynamic: dict | None = None  # the router's numbers (--dynamic)
+    kernels: dict[str, float] = field(default_factory=dict)  # accuracy under each family of the fleet
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "SearchCase":
-        values = known_fields(cls, values)
-        return cls(**{**values, "candidates": [Verified(**known_fields(Verified, c)) for c in values["candidates"]]})
+    @property
+    def accuracy(self) -> float:
+        """What the gate holds: the lowest accuracy over the fleet's kernel families (ORT's without one)."""
+        return min(self.kernels.values()) if self.kernels else self.ort_accuracy
 
 
 @dataclass(kw_only=True)
@@ -138,6 +156,8 @@ class SearchSummary:
     best: SearchCase | None = None
     spread_points: float | None = None  # best minus worst, in points, when both were searched
     total_seconds: float = 0.0
+    kernel_family: str = ""  # this machine's: ORT's numbers are of it
+    kernels: dict[str, str] = field(default_factory=dict)  # the fleet: family -> where its numbers come from
 
     def case(self, objective: Objective) -> SearchCase | None:
         return getattr(self, str(objective))
@@ -157,14 +177,28 @@ class SearchSummary:
             rows.append([f"{objective} case", f"{100 * case.ort_accuracy:.2f}%", f"{case.drop_points:+.2f}",
                          f"{top.effective_bits:.2f}", f"{100 * top.sim_top1_agreement_with_ort:.2f}%",
                          f"{case.evaluations}"])
+            if self.shows_kernels:
+                rows[-1][1:3] = [f"{100 * case.accuracy:.2f}% (fleet)", f"{case.drop_points:+.2f}"]
+                rows += [[f"  {family} ({self.kernels[family]})", f"{100 * accuracy:.2f}%",
+                          f"{drop_points(self.fp32_accuracy, accuracy):+.2f}", "", "", ""]
+                         for family, accuracy in case.kernels.items()]
             if case.dynamic is not None:
                 dyn = case.dynamic
                 rows.append([f"{objective} dynamic", f"{100 * dyn['ort_accuracy']:.2f}%", f"{dyn['drop_points']:+.2f}",
                              "", "", f"{len(dyn['menu'])} policies"])
-        text = table(["", "ORT accuracy", "drop (pts)", "eff. bits", "sim = ort", "evaluated"], rows, right={1, 2, 3, 4, 5})
+        accuracy_header = "accuracy" if self.shows_kernels else "ORT accuracy"
+        text = table(["", accuracy_header, "drop (pts)", "eff. bits", "sim = ort", "evaluated"], rows, right={1, 2, 3, 4, 5})
+        if self.shows_kernels:
+            text += ("\n\nfleet: the lowest accuracy over the kernel families, which the gate holds; ORT's own kernels "
+                     f"measure this machine's ({self.kernel_family}), the simulator emulates the others")
         if self.spread_points is not None:
             text += f"\n\nspread between best and worst case: {self.spread_points:.2f} points"
         return text
+
+    @property
+    def shows_kernels(self) -> bool:
+        """Whether numbers are given per kernel family: the fleet is more than this machine's family."""
+        return list(self.kernels) not in ([], [self.kernel_family])
 
     def to_dict(self) -> dict:
         values = without_none(asdict(self), ("worst", "best", "spread_points"))
@@ -178,11 +212,7 @@ class SearchSummary:
         """A summary.json read back: its version and fields checked (PtqauditError naming `where` and the field)."""
         check_schema_version(values, where, SUMMARY_VERSION)
         check_fields(values, SEARCH_SUMMARY, where)
-        values = known_fields(cls, values)
-        for objective in OBJECTIVES:
-            if objective in values:
-                values[objective] = SearchCase.from_dict(values[objective])
-        return cls(**values)
+        return typed_from_dict(cls, values)
 
 
 def _searched_layers(model: LoadedModel, globs: tuple[str, ...]) -> list[str]:
@@ -235,14 +265,18 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
         echo(f"resuming {config.output}: {len(memo)} evaluations already in its trace are replayed, not recomputed")
 
     started = time.perf_counter()
-    sim = SimModel(model).eval()
+    native = detect_kernel_family()
+    sims = {family: SimModel(model, kernel_family=family).eval() for family in dict.fromkeys((native, *config.fleet))}
+    sim = sims[native]  # this machine's arithmetic: its agreement with ORT is measured
     search_set = (search_data if search_data is not None else dataset).subset(config.search_limit)
+    fleet = "" if config.fleet == (native,) else f" | kernels {', '.join(config.fleet)} (score: the lowest)"
     echo(f"model {config.model} | data {dataset.name}, {len(dataset)} images (search on {len(search_set)} of "
          f"{search_set.name}) | batch size {config.batch_size} | budget {budget.effective_bits(model.total_macs):.2f} "
-         f"effective bits | {config.method}, seed {config.seed}")
+         f"effective bits | {config.method}, seed {config.seed}{fleet}")
     features = layer_features(space.searched, [sim.quant_layer(layer.name).weight.detach().numpy()
                                                for layer in space.searched])
-    evaluator = SimEvaluator(sim, search_set, config.batch_size, space, folder.append_trace, memo)
+    evaluator = SimEvaluator([sims[family] for family in config.fleet], search_set, config.batch_size, space,
+                             folder.append_trace, memo)
     boards = {}
     for objective in objectives:
         board = Leaderboard(objective, config.verify_top)
@@ -281,9 +315,11 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
                 "worst": "policies at or above it", "best": "policies at or below it"},
         bits=list(space.bits), searched_layers=[layer.name for layer in space.searched],
         base_policy=config.base_policy, fp32_accuracy=fp32_accuracy, search_seconds=search_seconds,
-        numbers="accuracies are ONNX Runtime's on the whole evaluation set; sim_* are the simulator's",
+        numbers="accuracies are ONNX Runtime's on the whole evaluation set; sim_* are the simulator's; per kernel "
+                "family, this machine's is ORT's and the others the simulator's emulation",
+        kernel_family=native, kernels={family: kernel_source(family) for family in config.fleet},
     )
-    context = _Context(config, model, dataset, search_set, space, sim, folder, progress)
+    context = _Context(config, model, dataset, search_set, space, sims, folder, progress)
     for objective, (board, evaluations) in boards.items():
         count = len(board.entries)
         echo(f"verifying {count} {objective}-case candidate{'s' * (count != 1)} on ORT ({len(dataset)} images each)")
@@ -291,17 +327,18 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
         chosen = verified[0]
         policy = space.policy(board.entries[chosen.digest].choice, f"{objective}-case")
         description = (f"{objective} case found by {config.method} search of {model.path.name} within "
-                       f"{budget.effective_bits(model.total_macs):.2f} effective bits: {100 * chosen.ort_accuracy:.2f}% on ORT")
+                       f"{budget.effective_bits(model.total_macs):.2f} effective bits: {100 * chosen.ort_accuracy:.2f}% on ORT"
+                       + (f", {100 * chosen.accuracy:.2f}% on its kernel fleet" if summary.shows_kernels else ""))
         write_atomic(folder.path / f"{objective}.yaml", yaml.safe_dump(policy_file_dict(policy, description), sort_keys=False))
-        case = SearchCase(ort_accuracy=chosen.ort_accuracy, drop_points=drop_points(fp32_accuracy, chosen.ort_accuracy),
+        case = SearchCase(ort_accuracy=chosen.ort_accuracy, drop_points=drop_points(fp32_accuracy, chosen.accuracy),
                           policy_file=f"{objective}.yaml", evaluations=evaluations, policy=chosen.layers,
-                          candidates=verified)
+                          candidates=verified, kernels=chosen.kernels)
         if config.dynamic:
             echo(f"training the {objective}-case router on the simulator, then routing {len(dataset)} images on ORT")
             case.dynamic = _dynamic(context, board, verified, objective, fp32_accuracy)
         setattr(summary, objective.value, case)
     if summary.worst is not None and summary.best is not None:
-        summary.spread_points = drop_points(summary.best.ort_accuracy, summary.worst.ort_accuracy)
+        summary.spread_points = drop_points(summary.best.accuracy, summary.worst.accuracy)
     summary.total_seconds = time.perf_counter() - started
     write_json(folder.path / "summary.json", summary.to_dict())
     return summary
@@ -316,9 +353,14 @@ class _Context:
     dataset: Dataset  # the evaluation data, measured on ORT
     search_set: Dataset  # the images the simulator scores policies on
     space: SearchSpace
-    sim: SimModel
+    sims: dict[str, SimModel]  # per kernel family: this machine's and the fleet's
     folder: RunFolder
     progress: bool
+
+    @property
+    def sim(self) -> SimModel:
+        """The simulator of this machine's arithmetic, which ORT's numbers are compared with."""
+        return self.sims[detect_kernel_family()]
 
 
 def _dynamic(context: _Context, board: Leaderboard, verified: list[Verified], objective: Objective,
@@ -340,22 +382,32 @@ def _dynamic(context: _Context, board: Leaderboard, verified: list[Verified], ob
 
 
 def _verify(context: _Context, board: Leaderboard, objective: Objective) -> list[Verified]:
-    """ORT accuracy of each leading candidate on the whole evaluation set, ranked by it."""
+    """ORT accuracy of each leading candidate on the whole evaluation set, and its accuracy under every
+    kernel family of the fleet (this machine's: ORT's; the others: the simulator's emulation); ranked by
+    the fleet's lowest."""
     model, dataset, batch_size = context.model, context.dataset, context.config.batch_size
+    native = detect_kernel_family()
     results = []
     for candidate in board.ranked:
         policy = context.space.policy(candidate.choice, f"{objective}-candidate")
         ort_run = predict(make_session(quantize(model, policy).proto), dataset, batch_size,
                           f"verify {objective} on ORT", context.progress)
         sim_run = sim_predict(context.sim, dataset, policy, batch_size, progress=False)
+        ort_accuracy = accuracy(ort_run.labels, dataset.y)
+        kernels = {}
+        if context.config.fleet != (native,):
+            for family in context.config.fleet:
+                kernels[family] = ort_accuracy if family == native else accuracy(sim_predict(
+                    context.sims[family], dataset, policy, batch_size, f"verify {objective}, {family} emulated",
+                    context.progress).labels, dataset.y)
         results.append(Verified(
-            rank=0, digest=candidate.digest, ort_accuracy=accuracy(ort_run.labels, dataset.y),
+            rank=0, digest=candidate.digest, ort_accuracy=ort_accuracy,
             sim_accuracy_search_subset=candidate.sim_accuracy,
             sim_top1_agreement_with_ort=EngineAgreement.between(ort_run, sim_run).top1_agreement,
             bitops=candidate.bitops, effective_bits=policy.effective_bits(model.layers),
-            layers={name: (q.label if q else "fp32") for name, q in policy.mapping.items()},
+            layers={name: (q.label if q else "fp32") for name, q in policy.mapping.items()}, kernels=kernels,
         ))
-    results.sort(key=lambda v: objective.key(v.ort_accuracy))
+    results.sort(key=lambda v: objective.key(v.accuracy))
     for rank, result in enumerate(results, 1):
         result.rank = rank
     return results
