@@ -16,7 +16,8 @@ from PIL import Image
 from .data import DataConfig, Dataset, load_dataset
 from .distill import DistillSummary
 from .errors import PtqauditError
-from .evaluate import make_session, predict
+from .evaluate import KernelEngines, make_session, predict
+from .kernels import detect_kernel_family, kernel_source
 from .onnx_graph import LoadedModel, load_model, with_outputs
 from .policy import LayerQuant, ResolvedPolicy, load_policy
 from .predictions import accuracy, drop_points
@@ -50,6 +51,8 @@ class AnalysisSettings:
     severities: tuple[int, ...] = (1, 3, 5)
     budget_points: int = 5
     worst_policies: int = 20  # the run's lowest-scoring worst-case policies, for the low-bit frequency
+    ship_policy: str = "w8a8"  # the policy a team ships (quantize_dynamic's default): the report starts with it
+    kernels: tuple[str, ...] = ()  # kernel families the ship policy is measured under (empty: the run's fleet)
 
 
 @dataclass
@@ -141,7 +144,36 @@ class BudgetPoint:
     digest: str
 
 
-ANALYSIS_NUMBERS = "every accuracy is ONNX Runtime's on this subset of the evaluation data"
+@dataclass
+class ShipKernels:
+    """The ship policy under one kernel family."""
+
+    kernel_family: str
+    source: str  # ORT (this machine's family) or emulated (the simulator's emulation of the family)
+    accuracy: float  # on the whole evaluation data, at the run's batch size
+    drop_points: float
+    batch_sizes: list[BatchSizeRow]  # on the analysis subset
+    corruptions: list[CorruptionRow]  # on the analysis subset; worst_accuracy is the ship policy's
+
+
+@dataclass
+class ShipPolicy:
+    """The policy a team ships, measured first: per kernel family, batch size and corruption."""
+
+    policy: str
+    description: str
+    effective_bits: float
+    images: int  # the whole evaluation data
+    fp32_accuracy: float  # on the whole evaluation data
+    kernels: list[ShipKernels]
+
+    @property
+    def lowest(self) -> ShipKernels:
+        return min(self.kernels, key=lambda k: k.accuracy)
+
+
+ANALYSIS_NUMBERS = ("every accuracy is ONNX Runtime's on this subset of the evaluation data, except ship_policy's "
+                    "accuracy (the whole evaluation data) and the emulated kernel families (the simulator's emulation)")
 
 
 @dataclass(kw_only=True)
@@ -166,11 +198,12 @@ class Analysis:
     corruptions: list[CorruptionRow]
     corruptions_skipped: str | None = None  # why no corruption was measured
     budget_curves: dict[str, list[BudgetPoint]]  # objective -> points, lowest budget first
+    ship_policy: ShipPolicy | None = None
     numbers: str = ANALYSIS_NUMBERS
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return without_none(dataclasses.asdict(self), ("corruptions_skipped",))
+        return without_none(dataclasses.asdict(self), ("corruptions_skipped", "ship_policy"))
 
     @classmethod
     def from_dict(cls, values, where: str | Path, hint: str = "") -> "Analysis":
@@ -244,6 +277,17 @@ def load_run(run_dir: str | Path, model_path: str | None = None) -> SearchRun:
     # a model that leaves input dims symbolic takes them from one example of the run's data
     model = load_model(path, lambda: load_dataset(dataclasses.replace(config.data, limit=1)).x.shape[1:])
     return SearchRun(root, config, search, model, distill)
+
+
+def case_under_kernels(run: SearchRun, objective: Objective, families: list[str], progress: bool = True) -> dict[str, float]:
+    """The accuracy of the run's `objective` policy under each of `families` over the whole evaluation data,
+    at the run's batch size: ORT's kernels for this machine's family, the simulator's emulation for another."""
+    if not families:
+        return {}
+    policy, dataset = run.policy(objective), load_dataset(run.data)
+    engines = KernelEngines(run.model)
+    return {family: accuracy(engines.predict(policy, family, dataset, run.batch_size, f"{objective} case, {family}",
+                                             progress).labels, dataset.y) for family in families}
 
 
 class _Meter:
@@ -422,25 +466,57 @@ def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
 CORRUPTIONS_NEED = "the data's pixels are not scaled to [0, 1], so the corruptions do not apply"
 
 
-def corruptions(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, severities: tuple[int, ...]) -> list[CorruptionRow] | None:
-    """FP32 and worst-case accuracy under each corruption, on the raw [0, 1] images (normalised after);
-    None when the data's pixels are not in [0, 1]."""
-    raw = load_dataset(dataclasses.replace(run.data, mean=None, std=None, limit=meter.limit))
+def corrupted_datasets(run: SearchRun, limit: int, severities: tuple[int, ...]) -> list[tuple[str, int, Dataset]] | None:
+    """(corruption, severity, images) for each corruption of the analysis subset, on the raw [0, 1] images
+    (normalised after); None when the data's pixels are not in [0, 1]."""
+    raw = load_dataset(dataclasses.replace(run.data, mean=None, std=None, limit=limit))
     if raw.x.min() < 0 or raw.x.max() > 1:
         return None
     channels = raw.x.shape[1]
     mean = np.broadcast_to(np.asarray(run.data.mean or [0.0], np.float32), (channels,)).reshape(1, -1, 1, 1)
     std = np.broadcast_to(np.asarray(run.data.std or [1.0], np.float32), (channels,)).reshape(1, -1, 1, 1)
-    rows = []
+    sets = []
     for kind in CORRUPTIONS:
         if kind == "jpeg" and channels not in (1, 3):
             continue
         for severity in severities:
             x = (corrupt(raw.x, kind, severity) - mean) / std
-            corrupted = Dataset(f"{raw.name}+{kind}{severity}", x.astype(np.float32), raw.y, raw.classes)
-            fp_acc, low_acc = meter.accuracy(None, corrupted), meter.accuracy(worst, corrupted)
-            rows.append(CorruptionRow(kind, severity, fp_acc, low_acc, drop_points(fp_acc, low_acc)))
+            sets.append((kind, severity, Dataset(f"{raw.name}+{kind}{severity}", x.astype(np.float32), raw.y, raw.classes)))
+    return sets
+
+
+def corruptions(meter: _Meter, worst: ResolvedPolicy, sets: list[tuple[str, int, Dataset]]) -> list[CorruptionRow]:
+    """FP32 and worst-case accuracy under each corruption."""
+    rows = []
+    for kind, severity, corrupted in sets:
+        fp_acc, low_acc = meter.accuracy(None, corrupted), meter.accuracy(worst, corrupted)
+        rows.append(CorruptionRow(kind, severity, fp_acc, low_acc, drop_points(fp_acc, low_acc)))
     return rows
+
+
+def measure_ship_policy(meter: _Meter, run: SearchRun, settings: AnalysisSettings, fleet: tuple[str, ...],
+                sets: list[tuple[str, int, Dataset]] | None, fp32_corrupted: list[CorruptionRow]) -> ShipPolicy:
+    """The ship policy under each family of the fleet: on the whole evaluation data at the run's batch
+    size, then on the analysis subset at each batch size and under each corruption."""
+    loaded = load_policy(settings.ship_policy)
+    policy = loaded.resolve(run.model.layers)
+    whole = load_dataset(run.data)
+    engines = KernelEngines(run.model)
+    fp32 = run.summary.fp32_accuracy  # the same data and batch size; FP32 runs no integer kernel
+    rows = []
+    for family in fleet:
+        def measure(dataset: Dataset, batch_size: int) -> float:
+            labels = engines.predict(policy, family, dataset, batch_size, "", progress=False).labels
+            meter.bar.update(1)
+            return accuracy(labels, dataset.y)
+
+        acc = measure(whole, run.batch_size)
+        corrupted = [CorruptionRow(kind, severity, base.fp32_accuracy, low, drop_points(base.fp32_accuracy, low))
+                     for (kind, severity, data), base in zip(sets or [], fp32_corrupted)
+                     for low in [measure(data, run.batch_size)]]
+        rows.append(ShipKernels(family, kernel_source(family), acc, drop_points(fp32, acc),
+                                [BatchSizeRow(b, measure(meter.dataset, b)) for b in settings.batch_sizes], corrupted))
+    return ShipPolicy(loaded.name, loaded.description, policy.effective_bits(run.model.layers), len(whole), fp32, rows)
 
 
 def budget_curves(meter: _Meter, run: SearchRun, points: int) -> dict[str, list[BudgetPoint]]:
@@ -481,15 +557,18 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
     started = time.perf_counter()
     dataset = load_dataset(dataclasses.replace(run.data, limit=settings.limit))
     base = load_policy(run.config.base_policy).resolve(run.model.layers)
-    jpeg_runs = 4 if dataset.x.shape[1] in (1, 3) else 3
+    fleet = settings.kernels or tuple(run.summary.kernels) or (detect_kernel_family(),)
+    corruption_runs = (4 if dataset.x.shape[1] in (1, 3) else 3) * len(settings.severities)
     total = (len(run.model.layers) * len(_low_bits(run)) + 4 + len(settings.batch_sizes) + 3
-             + 2 * jpeg_runs * len(settings.severities) + 2 * settings.budget_points)
+             + 2 * corruption_runs + 2 * settings.budget_points
+             + len(fleet) * (1 + len(settings.batch_sizes) + corruption_runs))
     meter = _Meter(run, dataset, settings.limit, progress, total)
     echo(f"analysing {run.model.path.name} on {len(dataset)} images of {dataset.name} with ONNX Runtime "
          f"(batch size {run.batch_size}); cached in {run.path / ANALYSIS_FILE}")
     fp32 = meter.accuracy(None)
     relative_ranges = activation_ranges(run.model, dataset)
-    corruption_rows = corruptions(meter, run, worst, settings.severities)
+    corrupted = corrupted_datasets(run, settings.limit, settings.severities)
+    corruption_rows = corruptions(meter, worst, corrupted) if corrupted is not None else None
     result = Analysis(
         settings=settings, inputs=input_identity(run.model.path, [dataset]), dataset=dataset.name,
         images=len(dataset), batch_size=run.batch_size, fp32_accuracy=fp32, worst_accuracy=meter.accuracy(worst),
@@ -500,7 +579,8 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
         batch_sizes=batch_sizes(meter, worst, settings.batch_sizes),
         batch_composition=batch_composition(meter, worst, relative_ranges, settings.composition_batch),
         corruptions=corruption_rows or [], corruptions_skipped=None if corruption_rows is not None else CORRUPTIONS_NEED,
-        budget_curves=budget_curves(meter, run, settings.budget_points))
+        budget_curves=budget_curves(meter, run, settings.budget_points),
+        ship_policy=measure_ship_policy(meter, run, settings, fleet, corrupted, corruption_rows or []))
     meter.bar.close()
     result.seconds = time.perf_counter() - started
     write_json(run.path / ANALYSIS_FILE, result.to_dict())

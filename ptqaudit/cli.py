@@ -465,24 +465,32 @@ def search_command(model, data_config, search_settings, output, resume, no_progr
               help="The model file, when the path stored in RUN_DIR/run.json does not resolve from here.")
 @click.option("--analysis-limit", type=click.IntRange(min=1), default=AnalysisSettings.limit, show_default=True,
               help="Images (a class-balanced subset of the run's evaluation data) the vulnerability analysis measures.")
-@click.option("--no-analysis", is_flag=True, help="Only the headline and gate, from the run's summary (no ORT work).")
+@click.option("--ship-policy", default=AnalysisSettings.ship_policy, show_default=True,
+              help="The policy the team ships (built-in name or file), measured first: per kernel family on the "
+                   "whole evaluation data, then per batch size and under the corruptions. w8a8 is quantize_dynamic's "
+                   "default.")
+@kernels_option(None, "the run's fleet by default; a family the run did not measure is measured here")
+@click.option("--no-analysis", is_flag=True, help="Only the headline and gate, from the run's summary (no ORT work, "
+              "unless --kernels names a family the run did not measure).")
 @click.option("--recompute", is_flag=True, help="Measure the analysis again even if RUN_DIR holds one made the same way.")
 @progress_option
 @debug_option
 def report_command(run_dir, fmt, output, force, as_json, max_drop, min_accuracy, model_path, analysis_limit,
-                   no_analysis, recompute, no_progress):
-    """Report on a `search` (or `distill`) run folder: the headline (FP32, best and worst case within the
-    budget, the drop, batch size, budget, engine agreement, verdict), the vulnerability analysis measured
-    on ONNX Runtime (per-layer sensitivity and low-bit frequency, flipped inputs and per-class drops,
-    batch size and composition, common corruptions, accuracy versus budget; cached in
-    RUN_DIR/analysis.json) and plots. With --max-drop / --min-accuracy it is a release gate: exit 1, with
-    one line naming the failing figure, when the worst case breaks a threshold (the report is still
-    written). The output may not be a file the report reads (unless --force).
+                   ship_policy, kernels, no_analysis, recompute, no_progress):
+    """Report on a `search` (or `distill`) run folder. First the policy the team ships (--ship-policy) per
+    kernel family, batch size and corruption; then the budget search's headline (FP32, best and worst case
+    within the budget per kernel family, the drop, batch size, budget, engine agreement, verdict); then
+    the vulnerability analysis measured on ONNX Runtime (per-layer sensitivity and low-bit frequency,
+    flipped inputs and per-class drops, batch size and composition, common corruptions, accuracy versus
+    budget; cached in RUN_DIR/analysis.json) and plots. With --max-drop / --min-accuracy it is a release
+    gate on the worst case, the fleet's lowest: exit 1, with one line naming the failing figure (the
+    report is still written). The output may not be a file the report reads (unless --force).
 
-    Example:
+    Examples:
 
     \b
       ptqaudit report runs/digits-audit --format junit -o gate.xml --max-drop 2
+      ptqaudit report runs/digits-audit --kernels all --ship-policy w8a8-per-channel
     """
     if as_json:
         if fmt not in (None, "json") or output not in (None, "-"):
@@ -499,11 +507,11 @@ def report_command(run_dir, fmt, output, force, as_json, max_drop, min_accuracy,
     gate = Gate(max_drop, min_accuracy)
     analysis = None
     if not no_analysis:
-        settings = AnalysisSettings(limit=analysis_limit)
+        settings = AnalysisSettings(limit=analysis_limit, ship_policy=ship_policy, kernels=kernels or ())
         analysis = None if recompute else cached_analysis(run, settings)
         if analysis is None:
             analysis = analyse(run, settings, progress=not no_progress, echo=functools.partial(progress.write, err=True))
-    report = build(run, gate, analysis)
+    report = build(run, gate, analysis, kernels, progress=not no_progress)
     figures = plots(report)
     plot_dir = run.path / "plots"
     for name, png in figures.items():

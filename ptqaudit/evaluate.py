@@ -79,6 +79,30 @@ def check_model_fits_data(model: LoadedModel, dataset: Dataset, batch_size: int)
 ENGINES = ("ort", "sim", "both")
 
 
+class KernelEngines:
+    """Predictions of one model under any kernel family: ORT's own kernels for this machine's family, the
+    simulator's emulation of the family's integer arithmetic for another (one simulator per family)."""
+
+    def __init__(self, model: LoadedModel, device: str = "cpu", threads: int = 0):
+        self.model, self.device, self.threads = model, device, threads
+        self.native = detect_kernel_family()
+        self._sims: dict[str, SimModel] = {}
+
+    def sim(self, family: str) -> SimModel:
+        if family not in self._sims:
+            self._sims[family] = SimModel(self.model, kernel_family=family).eval()
+        return self._sims[family]
+
+    def predict(self, policy: ResolvedPolicy | None, family: str, dataset: Dataset, batch_size: int, desc: str,
+                progress: bool = True) -> Predictions:
+        """Logits of `policy` (None: FP32, which runs no integer kernel) under `family`."""
+        if family != self.native:
+            return sim_predict(self.sim(family), dataset, policy, batch_size, f"{desc} ({family}, emulated)", progress)
+        proto = quantize(self.model, policy).proto if policy is not None else self.model.proto
+        return predict(make_session(proto, self.device, self.threads), dataset, batch_size, desc, progress,
+                       str(self.model.path))
+
+
 @dataclass
 class SimCheck:
     """The simulator's run beside ORT's on the same inputs (engine "both")."""
@@ -221,24 +245,23 @@ def evaluate(
         raise PtqauditError(f"--batch-size must be at least 1, got {batch_size}")
     check_model_fits_data(model, dataset, batch_size)
     resolved = [policy.resolve(model.layers) for policy in policies]  # every policy checked before any long run
-    native = detect_kernel_family()
+    engines = KernelEngines(model, device, threads)
+    native = engines.native
     kernels = tuple(kernels) or (native,)
-    sims = {family: SimModel(model, kernel_family=family).eval() for family in kernels
-            if family != native or engine != "ort"}
 
     def run(policy: ResolvedPolicy | None, label: str, family: str) -> tuple[Predictions, SimCheck | None, str, str]:
         """(primary predictions, simulator check, graph builder, source) for one policy (None: FP32)."""
         if family != native:
-            return (sim_predict(sims[family], dataset, policy, batch_size, f"{label} ({family}, emulated)", progress),
-                    None, "simulator", "emulated")
+            return engines.predict(policy, family, dataset, batch_size, label, progress), None, "simulator", "emulated"
         if engine == "sim":
-            return sim_predict(sims[family], dataset, policy, batch_size, f"{label} (sim)", progress), None, "simulator", "simulator"
+            return (sim_predict(engines.sim(family), dataset, policy, batch_size, f"{label} (sim)", progress), None,
+                    "simulator", "simulator")
         quantized = quantize(model, policy) if policy is not None else None
         proto = quantized.proto if quantized else model.proto
         ort_run = predict(make_session(proto, device, threads), dataset, batch_size, label, progress, str(model.path))
         check = None
         if engine == "both":
-            sim_run = sim_predict(sims[family], dataset, policy, batch_size, f"{label} (sim)", progress)
+            sim_run = sim_predict(engines.sim(family), dataset, policy, batch_size, f"{label} (sim)", progress)
             check = SimCheck.compare(ort_run, sim_run, dataset.y)
         return ort_run, check, quantized.method if quantized else "-", "ORT"
 

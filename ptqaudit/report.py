@@ -10,10 +10,12 @@ import json
 import os
 import textwrap
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .analysis import Analysis, BudgetPoint, SearchRun
+from .analysis import Analysis, BudgetPoint, SearchRun, ShipPolicy, case_under_kernels
+from .kernels import kernel_source
+from .search.space import OBJECTIVES, Objective
 from .distill import DistillSummary
 from .errors import PtqauditError
 from .gate import Check, Gate, GateResult
@@ -37,7 +39,8 @@ def report_inputs(run_dir: str | Path, run: SearchRun) -> list[Path]:
 
 @dataclass(kw_only=True)
 class Headline:
-    """The figures an engineer decides on, all from ORT over the run's whole evaluation data."""
+    """The figures an engineer decides on, all over the run's whole evaluation data: ORT's for this machine's
+    kernel family, the simulator's emulation for the others of the fleet."""
 
     model: str
     dataset: str
@@ -47,7 +50,7 @@ class Headline:
     bits: list[int]
     method: str
     fp32_accuracy: float
-    worst_accuracy: float
+    worst_accuracy: float  # the fleet's lowest
     worst_drop_points: float
     best_accuracy: float | None  # None: the best case was not searched
     spread_points: float | None
@@ -55,22 +58,43 @@ class Headline:
     worst_policy: dict[str, str]  # layer name -> setting label
     worst_policy_file: str
     gate: GateResult
+    kernel_family: str = ""  # the searching machine's, whose ORT kernels measured the run
+    kernels: dict[str, str] = field(default_factory=dict)  # the fleet: family -> ORT or emulated
+    worst_by_kernels: dict[str, float] = field(default_factory=dict)
+    best_by_kernels: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shows_kernels(self) -> bool:
+        return list(self.kernels) not in ([], [self.kernel_family])
 
 
-def headline(run: SearchRun, gate: Gate) -> Headline:
+def headline(run: SearchRun, gate: Gate, kernels: tuple[str, ...] | None = None, progress: bool = True) -> Headline:
+    """kernels: the fleet to report (None: the run's); a family the run did not measure is measured here
+    (ORT's kernels when it is this machine's, else the simulator's emulation) over the whole evaluation data."""
     summary = run.summary
     if summary.worst is None:
         raise PtqauditError(f"{run.path} has no worst case (searched with --objective best): the report and the gate "
                             "need it; search with --objective worst or both")
-    fp32, worst = summary.fp32_accuracy, summary.worst.ort_accuracy
+    fleet = dict(summary.kernels) or {summary.kernel_family or "unrecorded": "ORT"}  # older runs name none
+    by_kernels = {objective: dict(case.kernels) or {next(iter(fleet)): case.ort_accuracy}
+                  for objective in OBJECTIVES if (case := summary.case(objective)) is not None}
+    if kernels is not None:
+        missing = [family for family in kernels if family not in fleet]
+        for objective, measured in by_kernels.items():
+            measured.update(case_under_kernels(run, Objective(objective), missing, progress))
+        fleet = {family: fleet.get(family) or kernel_source(family) for family in kernels}
+        by_kernels = {objective: {family: measured[family] for family in kernels} for objective, measured in by_kernels.items()}
+    fp32, worst = summary.fp32_accuracy, min(by_kernels["worst"].values())
+    best = min(by_kernels["best"].values()) if "best" in by_kernels else None
     return Headline(
         model=str(run.model.path), dataset=summary.dataset, images=summary.images, batch_size=summary.batch_size,
         budget_effective_bits=summary.budget["effective_bits"], bits=summary.bits, method=summary.method,
         fp32_accuracy=fp32, worst_accuracy=worst, worst_drop_points=drop_points(fp32, worst),
-        best_accuracy=summary.best.ort_accuracy if summary.best else None, spread_points=summary.spread_points,
+        best_accuracy=best, spread_points=None if best is None else drop_points(best, worst),
         engine_agreement=min(c.sim_top1_agreement_with_ort for case in summary.cases for c in case.candidates),
         worst_policy=summary.worst.policy, worst_policy_file=str(run.path / summary.worst.policy_file),
-        gate=gate.result(fp32, worst))
+        gate=gate.result(fp32, worst), kernel_family=summary.kernel_family, kernels=fleet,
+        worst_by_kernels=by_kernels["worst"], best_by_kernels=by_kernels.get("best", {}))
 
 
 DISTILL_FIGURES = ("mode", "teacher", "teacher_fp32_accuracy", "teacher_policy_accuracy", "student_fp32_accuracy",
@@ -94,8 +118,9 @@ class Report:
         return document
 
 
-def build(run: SearchRun, gate: Gate, analysis: Analysis | None) -> Report:
-    return Report(headline(run, gate), analysis, str(run.path), run.distill)
+def build(run: SearchRun, gate: Gate, analysis: Analysis | None, kernels: tuple[str, ...] | None = None,
+          progress: bool = True) -> Report:
+    return Report(headline(run, gate, kernels, progress), analysis, str(run.path), run.distill)
 
 
 # --- plots -------------------------------------------------------------------------------------------
@@ -212,14 +237,25 @@ def tables(report: Report) -> list[Section]:
     """Every section of the report, in order."""
     h = report.headline
     verdict = {"pass": "PASS", "fail": "FAIL", "not gated": "not gated (no --max-drop / --min-accuracy)"}[h.gate.verdict]
-    sections = [("headline", "Headline (ONNX Runtime, whole evaluation data)", ["figure", "value"], [
+    a = report.analysis
+    sections = _ship_sections(a.ship_policy, a, h) if a and a.ship_policy else []
+    fleet = " (the fleet's lowest)" if h.shows_kernels else ""
+    per_family = [[f"{case} case, {family} ({h.kernels[family]})", _pct(accuracy)]
+                  for case, measured in (("worst", h.worst_by_kernels), ("best", h.best_by_kernels))
+                  for family, accuracy in measured.items()] if h.shows_kernels else []
+    title = "Budget search (whole evaluation data; " + ("per kernel family: ORT for this machine's, emulated for others)"
+                                                        if h.shows_kernels else "ONNX Runtime)")
+    sections.append(("headline", title, ["figure", "value"], [
         ["model", h.model], ["data", f"{h.dataset}, {h.images} images"], ["batch size", str(h.batch_size)],
+        ["integer kernels", ", ".join(f"{family} ({source})" for family, source in h.kernels.items())],
         ["budget", f"{h.budget_effective_bits:.2f} effective bits (bits {','.join(map(str, h.bits))})"],
-        ["fp32 accuracy", _pct(h.fp32_accuracy)], ["best case", _pct(h.best_accuracy) or "not searched (--objective worst)"],
-        ["worst case", _pct(h.worst_accuracy)], ["worst-case drop (points)", f"{h.worst_drop_points:.2f}"],
+        ["fp32 accuracy", _pct(h.fp32_accuracy)],
+        [f"best case{fleet}", _pct(h.best_accuracy) or "not searched (--objective worst)"],
+        [f"worst case{fleet}", _pct(h.worst_accuracy)], ["worst-case drop (points)", f"{h.worst_drop_points:.2f}"],
+    ] + per_family + [
         ["engine agreement (simulator = ORT, top-1)", _pct(h.engine_agreement)],
         ["verdict", verdict],
-    ] + [[c.name, ("pass" if c.passed else "FAIL") + f" ({c.value:.2f})"] for c in h.gate.checks], None)]
+    ] + [[c.name, ("pass" if c.passed else "FAIL") + f" ({c.value:.2f})"] for c in h.gate.checks], None))
     if report.distill is not None:
         d = report.distill
         sections.append(("distill", f"Distilled {d.mode} student", ["model", "ORT accuracy"], [
@@ -233,6 +269,29 @@ def tables(report: Report) -> list[Section]:
     a = report.analysis
     if a:
         sections += _analysis_sections(a, h)
+    return sections
+
+
+def _ship_sections(ship: ShipPolicy, a: Analysis, h: Headline) -> list[Section]:
+    """The policy a team ships, first: its accuracy per kernel family, then per batch size and corruption."""
+    families = [f"{k.kernel_family} ({k.source})" for k in ship.kernels]
+    sections = [("ship-policy", f"Shipping {ship.policy}: {ship.description} (whole evaluation data, {ship.images:,} "
+                 f"images, batch size {h.batch_size}; {ship.effective_bits:.2f} effective bits)",
+                 ["integer kernels", "accuracy", "drop (pts)"],
+                 [["fp32", _pct(ship.fp32_accuracy), ""]]
+                 + [[family, _pct(k.accuracy), _pts(k.drop_points)] for family, k in zip(families, ship.kernels)], None)]
+    subset = ship.kernels[0].batch_sizes
+    if subset:
+        sections.append(("ship-batch-size", f"Shipping {ship.policy}: accuracy versus batch size ({_images(a, h)})",
+                         ["batch size"] + families,
+                         [[str(row.batch_size)] + [_pct(k.batch_sizes[i].worst_accuracy) for k in ship.kernels]
+                          for i, row in enumerate(subset)], None))
+    if ship.kernels[0].corruptions:
+        sections.append(("ship-corruptions", f"Shipping {ship.policy}: common corruptions ({_images(a, h)})",
+                         ["corruption", "severity", "fp32"] + families,
+                         [[row.corruption, str(row.severity), _pct(row.fp32_accuracy)]
+                          + [_pct(k.corruptions[i].worst_accuracy) for k in ship.kernels]
+                          for i, row in enumerate(ship.kernels[0].corruptions)], None))
     return sections
 
 
@@ -321,6 +380,15 @@ GLOSSARY = [
                                  "trivial worst case), the best case among policies costing at most it (a ceiling: "
                                  "without one, 8 bits everywhere would be a trivial best case)."),
     ("drop (points)", "FP32 accuracy minus the quantized accuracy, in percentage points."),
+    ("integer kernels (kernel family)", "the integer arithmetic of ONNX Runtime's CPU kernels, which differs between "
+                                        "CPUs: exact (int32 sums: VNNI, AMX, ARM dot product) or avx2-u8s8 (x86-64 "
+                                        "AVX2 without VNNI: uint8 x int8 products summed in pairs that saturate at "
+                                        "int16). A fleet is the families of the CPUs a model will run on."),
+    ("ORT / emulated", "a family's numbers come from ONNX Runtime's own kernels when it is the family of the machine "
+                       "that measured them (ORT), else from the simulator's exact emulation of that family's "
+                       "arithmetic (emulated), which is tested against an independent NumPy model of it."),
+    ("ship policy", "the one policy the team deploys (quantize_dynamic's default W8A8 unless --ship-policy says "
+                    "otherwise), reported first, before the budget search's worst and best cases."),
     ("engine agreement", "the share of inputs on which the simulator, which ranks candidates during the search, "
                          "predicts the same class as ONNX Runtime, lowest over the verified candidates. Every "
                          "accuracy in this report is ONNX Runtime's."),
@@ -334,6 +402,8 @@ GLOSSARY = [
                                    "activation width below the largest of --bits."),
 ]
 
+NUMBERS = ("Every accuracy comes from ONNX Runtime's kernels, except those labelled emulated (another kernel family's "
+           "arithmetic, by the simulator); otherwise the simulator only ranks candidates.")
 GLOSSARY_POINTER = "Terms (WbAb, effective bits, budget floor and ceiling, range score, flips) are explained in the {link} at the end."
 
 
@@ -348,7 +418,7 @@ def render_markdown(report: Report, plot_links: dict[str, str]) -> str:
             lines += ["", f"![{title}]({plot_links[plot]})"]
         lines.append("")
     lines += ["## Glossary", ""] + [f"- **{term}**: {text}" for term, text in GLOSSARY] + [""]
-    lines.append("Every accuracy comes from ONNX Runtime's kernels; the simulator only ranks candidates.")
+    lines.append(NUMBERS)
     return "\n".join(lines) + "\n"
 
 
@@ -377,7 +447,7 @@ def render_html(report: Report, figures: dict[str, bytes]) -> str:
     parts.append('<h2 id="glossary">Glossary</h2>')
     parts.append("<dl>" + "".join(f"<dt>{html.escape(term)}</dt><dd>{html.escape(text)}</dd>" for term, text in GLOSSARY)
                  + "</dl>")
-    parts.append("<p>Every accuracy comes from ONNX Runtime's kernels; the simulator only ranks candidates.</p>")
+    parts.append(f"<p>{html.escape(NUMBERS)}</p>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

@@ -419,10 +419,12 @@ DISTILL_SUMMARY = {"mode": str, "teacher": str, "student_file": str, "audit": {"
                                                              "student_policy", "student_w8a8")},
                    "policy_drop_points": float, "policy_effective_bits": float}
 _ACCURACIES = {"fp32_accuracy": float, "worst_accuracy": float, "drop_points": float}
+_CORRUPTIONS = ListOf({"corruption": str, "severity": int, **_ACCURACIES})
+_BATCH_SIZES = ListOf({"batch_size": int, "worst_accuracy": float})
 _CURVE = ListOf({"budget_effective_bits": float, "policy_effective_bits": float, "ort_accuracy": float, "digest": str})
 ANALYSIS = {
     "settings": {"limit": int, "batch_sizes": ListOf(int), "composition_batch": int, "severities": ListOf(int),
-                 "budget_points": int, "worst_policies": int},
+                 "budget_points": int, "worst_policies": int, "ship_policy": str, "kernels": ListOf(str)},
     "inputs": MapOf(str), "dataset": str, "images": int, "batch_size": int, "fp32_accuracy": float,
     "worst_accuracy": float, "base_policy": str,
     "layer_sensitivity": ListOf({"layer": str, "bits": int, "accuracy": float, "drop_points": float}),
@@ -433,8 +435,11 @@ ANALYSIS = {
                   "per_class": ListOf({"class_name": str, "images": int, **_ACCURACIES}),
                   "flipped_inputs": ListOf({"index": int, "class_name": str, "fp32_label": str, "worst_label": str,
                                             "range_score": float})},
-    "batch_sizes": ListOf({"batch_size": int, "worst_accuracy": float}),
+    "batch_sizes": _BATCH_SIZES,
     "batch_composition": {"batch_size": int, "outlier_index": int, "outlier_class": str, "outlier_range_score": float,
                           "alone_accuracy": float, "ordinary_batches_accuracy": float, "with_outlier_accuracy": float},
-    "corruptions": ListOf({"corruption": str, "severity": int, **_ACCURACIES}), "corruptions_skipped?": str,
+    "corruptions": _CORRUPTIONS, "corruptions_skipped?": str,
+    "ship_policy?": {"policy": str, "description": str, "effective_bits": float, "images": int, "fp32_accuracy": float,
+                     "kernels": ListOf({"kernel_family": str, "source": str, "accuracy": float, "drop_points": float,
+                                        "batch_sizes": _BATCH_SIZES, "corruptions": _CORRUPTIONS}, 1)},
 }

@@ -103,13 +103,19 @@ def test_unknown_family_is_a_usage_error(saturating, capsys):
     assert code == 2 and "unknown kernel family 'avx9'" in err
 
 
-def test_search_scores_and_verifies_every_family_and_gates_the_worst(saturating, ort_kernel_family, tmp_path, capsys):
-    model, data, x, w = saturating
-    run = tmp_path / "run"
-    code, out, err = run_cli(capsys, "search", model, "--data", data, "--kernels", "all", "--bits", "4,8",
-                             "--budget-avg-bits", "4", "--method", "exhaustive", "--verify-top", "2", "--no-progress",
-                             "-o", run)
+def _search(capsys, saturating, run, *options) -> str:
+    """An exhaustive search of the one-layer model over bits {4, 8}; its standard output."""
+    model, data, _, _ = saturating
+    code, out, err = run_cli(capsys, "search", model, "--data", data, "--bits", "4,8", "--budget-avg-bits", "4",
+                             "--method", "exhaustive", "--no-progress", "-o", run, *options)
     assert code == 0, err
+    return out
+
+
+def test_search_scores_and_verifies_every_family_and_gates_the_worst(saturating, ort_kernel_family, tmp_path, capsys):
+    _, _, x, w = saturating
+    run = tmp_path / "run"
+    out = _search(capsys, saturating, run, "--kernels", "all", "--verify-top", "2")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["kernels"] == {f: ("ORT" if f == ort_kernel_family else "emulated") for f in KERNEL_FAMILIES}
     worst = summary["worst"]
@@ -124,3 +130,33 @@ def test_search_scores_and_verifies_every_family_and_gates_the_worst(saturating,
     assert fleet_worst == min(min(c["kernels"].values()) for c in worst["candidates"])
     assert worst["drop_points"] == pytest.approx(100 * (summary["fp32_accuracy"] - fleet_worst))
     assert "avx2-u8s8 (" in out and "exact (" in out
+
+
+def test_report_starts_with_the_ship_policy_per_family_and_gates_the_fleet(saturating, ort_kernel_family, tmp_path,
+                                                                            capsys):
+    """A run searched on this machine's family alone, reported for the whole fleet: the families it did not
+    measure are measured by the report, each against the NumPy oracle of its arithmetic."""
+    _, _, x, w = saturating
+    run = tmp_path / "run"
+    _search(capsys, saturating, run, "--verify-top", "1", "--objective", "worst")
+    code, out, err = run_cli(capsys, "report", run, "--json", "--kernels", "all", "--analysis-limit", "60",
+                             "--no-progress")
+    assert code == 0, err
+    report = json.loads(out)
+    ship = report["analysis"]["ship_policy"]
+    assert ship["policy"] == "w8a8" and [k["kernel_family"] for k in ship["kernels"]] == list(KERNEL_FAMILIES)
+    for row in ship["kernels"]:
+        assert row["accuracy"] == pytest.approx(_oracle_accuracy(x, w, 8, row["kernel_family"]))
+        assert row["source"] == ("ORT" if row["kernel_family"] == ort_kernel_family else "emulated")
+    h = report["headline"]
+    label = json.loads((run / "summary.json").read_text())["worst"]["policy"]["head"]
+    weight_bits, activation_bits = map(int, re.fullmatch(r"W(\d)A(\d)", label).groups())
+    for family in KERNEL_FAMILIES:
+        assert h["worst_by_kernels"][family] == pytest.approx(
+            _oracle_accuracy(x, w, weight_bits, family, activation_bits))
+    assert h["worst_accuracy"] == min(h["worst_by_kernels"].values())
+    code, markdown, _ = run_cli(capsys, "report", run, "--kernels", "all", "--analysis-limit", "60", "--no-progress")
+    assert markdown.index("## Shipping w8a8") < markdown.index("## Budget search")
+    code, _, err = run_cli(capsys, "report", run, "--kernels", "all", "--no-analysis",
+                           "--min-accuracy", f"{100 * h['worst_accuracy'] + 0.01:.4f}")
+    assert code == 1 and "gate failed" in err

@@ -296,9 +296,9 @@ def test_every_analysis_figure_states_its_images(search_run, analysis, capsys):
     code, markdown, _ = _run_cli(["report", str(search_run), "--analysis-limit", str(LIMIT), "--no-progress"], capsys)
     assert code == 0
     sections = _headings(markdown)
-    assert sections[0] == "Headline (ONNX Runtime, whole evaluation data)"
-    analysed = [s for s in sections if s not in ("Headline (ONNX Runtime, whole evaluation data)",
-                                                  "Worst policy found", "Glossary")]
+    assert sections[0].startswith("Shipping w8a8: 8-bit weights") and f"whole evaluation data, {images} images" in sections[0]
+    assert sections[3] == "Budget search (whole evaluation data; ONNX Runtime)"
+    analysed = [s for s in sections[1:] if s not in (sections[3], "Worst policy found", "Glossary")]
     assert len(analysed) >= 6
     for title in analysed:
         assert f"{LIMIT} of the {images} evaluation images" in title, title

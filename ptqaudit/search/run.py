@@ -81,7 +81,7 @@ class SearchConfig:
     def to_dict(self) -> dict:
         values = asdict(self)
         values["bits"], values["layers"], values["kernels"] = list(self.bits), list(self.layers), list(self.kernels)
-        return values
+        return _without_empty(values, ("kernels",))  # no fleet named: this machine's family, as before fleets
 
     @classmethod
     def from_dict(cls, values: dict) -> "SearchConfig":
@@ -201,10 +201,13 @@ class SearchSummary:
         return list(self.kernels) not in ([], [self.kernel_family])
 
     def to_dict(self) -> dict:
-        values = without_none(asdict(self), ("worst", "best", "spread_points"))
+        """summary.json's content: optional results that are absent (None, or no fleet) are left out."""
+        values = _without_empty(without_none(asdict(self), ("worst", "best", "spread_points")), ("kernel_family", "kernels"))
         for objective in OBJECTIVES:
             if objective in values:
-                values[objective] = without_none(values[objective], ("dynamic",))
+                case = _without_empty(without_none(values[objective], ("dynamic",)), ("kernels",))
+                case["candidates"] = [_without_empty(c, ("kernels",)) for c in case["candidates"]]
+                values[objective] = case
         return values
 
     @classmethod
@@ -213,6 +216,11 @@ class SearchSummary:
         check_schema_version(values, where, SUMMARY_VERSION)
         check_fields(values, SEARCH_SUMMARY, where)
         return typed_from_dict(cls, values)
+
+
+def _without_empty(values: dict, keys) -> dict:
+    """values less the `keys` that hold an empty string, list or dict."""
+    return {key: value for key, value in values.items() if not (key in keys and value in ("", {}, []))}
 
 
 def _searched_layers(model: LoadedModel, globs: tuple[str, ...]) -> list[str]:
