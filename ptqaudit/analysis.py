@@ -302,8 +302,7 @@ class _Meter:
     def session(self, policy: ResolvedPolicy | None):
         key = None if policy is None else policy.digest
         if key not in self._sessions:
-            proto = self.run.model.proto if policy is None else quantize(self.run.model, policy).proto
-            self._sessions[key] = make_session(proto)
+            self._sessions[key] = make_session(self.run.model.proto if policy is None else quantize(self.run.model, policy))
         return self._sessions[key]
 
     def labels(self, policy: ResolvedPolicy | None, dataset: Dataset | None = None, batch_size: int | None = None):
@@ -340,7 +339,7 @@ def layer_sensitivity(meter: _Meter, run: SearchRun, base: ResolvedPolicy, refer
         for bits in _low_bits(run):
             mapping = dict(base.mapping)
             mapping[layer.name] = LayerQuant(bits, bits, setting.per_channel)
-            acc = meter.accuracy(ResolvedPolicy(f"{layer.name}@{bits}", mapping))
+            acc = meter.accuracy(ResolvedPolicy(f"{layer.name}@{bits}", mapping, base.options))
             rows.append(SensitivityRow(layer.name, bits, acc, drop_points(reference, acc)))
     return rows
 
@@ -545,7 +544,7 @@ def budget_curves(meter: _Meter, run: SearchRun, points: int) -> dict[str, list[
 
 def _policy_from_labels(run: SearchRun, labels: dict) -> ResolvedPolicy:
     return ResolvedPolicy("traced", {layer.name: LayerQuant.from_label(labels.get(layer.name, "fp32"))
-                                     for layer in run.model.layers})
+                                     for layer in run.model.layers}, load_policy(run.config.base_policy).options)
 
 
 def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, echo=print) -> Analysis:

@@ -223,8 +223,11 @@ def policies(model_path, input_shape, as_json):
       layers:                       # optional; later rules win
         "/conv1/Conv": fp32         # a node name, a glob such as "/layer3/*",
         "@last": {weight_bits: 8}   # or @first, @last, @Conv, @MatMul, @Gemm
+      weight_type: int8             # optional: uint8 runs ORT's exact u8 x u8 kernels
+      x64_quant_precision: false    # optional: ORT's session.x64quantprecision option
 
-    Bits run from 2 to 8; granularity is per-tensor or per-channel (weights).
+    Bits run from 2 to 8; granularity is per-tensor or per-channel (weights). The last two keys avoid the
+    int16 saturation of ORT's u8 x s8 kernels on x86-64 AVX2 without VNNI (see the README).
 
     Example:
 
@@ -276,11 +279,16 @@ def quantize_command(model, policy, output, force, input_shape, as_json):
     info = {"output": output, "policy": chosen.name, "method": quantized.method, "layers": resolved.summary(),
             "effective_bits": resolved.effective_bits(loaded.layers), "bitops": resolved.bitops(loaded.layers),
             "bytes": os.path.getsize(output)}
+    if quantized.session_config:
+        info["session_config"] = quantized.session_config
     if as_json:
         _print_json(info)
     else:
         click.echo(f"wrote {output} ({info['bytes'] / 1024:.0f} KiB) with {quantized.method}: policy {chosen.name}, "
                    f"{info['layers']}, {info['effective_bits']:.2f} effective bits")
+        for key, value in quantized.session_config.items():
+            click.echo(f'run it with the ONNX Runtime session config entry {key} = "{value}" (the policy asks for it; '
+                       "a model file cannot carry it)")
 
 
 @cli.command(name="eval")

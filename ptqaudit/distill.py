@@ -370,8 +370,8 @@ def _verify(run: _Run, sim: SimModel, policy: ResolvedPolicy, history: list[dict
     w8a8 = load_policy("w8a8").resolve(student.layers)
 
     def ort(model: LoadedModel, resolved: ResolvedPolicy | None, label: str):
-        proto = model.proto if resolved is None else quantize(model, resolved).proto
-        return predict(make_session(proto), test, config.batch_size, label, progress)
+        session = make_session(model.proto if resolved is None else quantize(model, resolved))
+        return predict(session, test, config.batch_size, label, progress)
 
     echo(f"measuring teacher and student on ORT ({len(test)} images each)")
     runs = {

@@ -18,17 +18,19 @@ from .onnx_graph import LoadedModel, ort_errors, ort_failure
 from .policy import FP32_BITS, Policy, ResolvedPolicy, bitops_of
 from .predictions import Predictions, accuracy, drop_points
 from .progress import track
-from .quantize import quantize
+from .quantize import QuantizedModel, quantize
 from .sim.engine import EngineAgreement, sim_predict
 from .sim.model import SimModel
 
 DEVICES = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
-def make_session(proto: onnx.ModelProto, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
-    """An ORT session with the default graph optimisations (what a deployment runs).
-    threads = 0 lets ORT choose; integer kernels without a CUDA version fall back to the CPU."""
+def make_session(model: onnx.ModelProto | QuantizedModel, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+    """An ORT session with the default graph optimisations (what a deployment runs), for a graph or for a
+    quantized model, whose session config entries (its policy's session option) it applies. threads = 0
+    lets ORT choose; integer kernels without a CUDA version fall back to the CPU."""
     providers = DEVICES[device]
+    proto = model.proto if isinstance(model, QuantizedModel) else model
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise PtqauditError("--device cuda needs onnxruntime-gpu (pip install 'ptqaudit[gpu]') and a CUDA device")
     options = ort.SessionOptions()
@@ -36,6 +38,8 @@ def make_session(proto: onnx.ModelProto, device: str = "cpu", threads: int = 0) 
     # ORT's warnings about unused initializers are noise here, and its error log repeats the
     # exception, which becomes the one line shown
     options.log_severity_level = 4
+    for key, value in (model.session_config if isinstance(model, QuantizedModel) else {}).items():
+        options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
     except Exception as exc:
@@ -98,8 +102,8 @@ class KernelEngines:
         """Logits of `policy` (None: FP32, which runs no integer kernel) under `family`."""
         if family != self.native:
             return sim_predict(self.sim(family), dataset, policy, batch_size, f"{desc} ({family}, emulated)", progress)
-        proto = quantize(self.model, policy).proto if policy is not None else self.model.proto
-        return predict(make_session(proto, self.device, self.threads), dataset, batch_size, desc, progress,
+        graph = quantize(self.model, policy) if policy is not None else self.model.proto
+        return predict(make_session(graph, self.device, self.threads), dataset, batch_size, desc, progress,
                        str(self.model.path))
 
 
@@ -257,8 +261,8 @@ def evaluate(
             return (sim_predict(engines.sim(family), dataset, policy, batch_size, f"{label} (sim)", progress), None,
                     "simulator", "simulator")
         quantized = quantize(model, policy) if policy is not None else None
-        proto = quantized.proto if quantized else model.proto
-        ort_run = predict(make_session(proto, device, threads), dataset, batch_size, label, progress, str(model.path))
+        ort_run = predict(make_session(quantized or model.proto, device, threads), dataset, batch_size, label, progress,
+                          str(model.path))
         check = None
         if engine == "both":
             sim_run = sim_predict(engines.sim(family), dataset, policy, batch_size, f"{label} (sim)", progress)

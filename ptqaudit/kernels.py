@@ -5,7 +5,9 @@ with `vpmaddubsw`, which adds the products of consecutive pairs along K and satu
 before the int32 accumulation; VNNI, AMX and ARM dot-product kernels accumulate exactly in int32. ConvInteger
 (im2col, then a u8 x u8 GEMM) is exact on both. A family names one of these arithmetics so that the simulator
 and the tests compute what ORT computes on the machine a model will be deployed to. A new family goes
-here: its name, how to detect it, and its integer product (the simulator's layers call it).
+here: its name, how to detect it, and its integer product (the simulator's layers call it). A policy can
+avoid the saturation (policy.KernelOptions: uint8 weights, or ORT's x64 quant-precision session option);
+its products are then exact whatever the family, and the simulator computes them so.
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ MIN_BITS, MAX_BITS = 2, 8
 GRANULARITIES = ("per-tensor", "per-channel")
 FP32_BITS = 32  # what an unquantized layer costs per operand in BitOPs
 SETTING_KEYS = ("weight_bits", "activation_bits", "granularity")
-FILE_KEYS = ("description", "default", "layers")
+WEIGHT_TYPES = ("int8", "uint8")  # the container of the weight codes in the quantized graph (KernelOptions)
+OPTION_KEYS = ("weight_type", "x64_quant_precision")  # policy-wide settings of ORT's integer kernels
+FILE_KEYS = ("description", "default", "layers", *OPTION_KEYS)
 # selectors that name layers by position or op type instead of by node name
 SPECIAL_SELECTORS = ("@first", "@last", *(f"@{op_type}" for op_type in KINDS))
 # Policy files may come from others, so what one may ask of the parser is bounded. An explicit policy
@@ -95,6 +97,54 @@ class LayerQuant:
         }
 
 
+@dataclass(frozen=True)
+class KernelOptions:
+    """Policy-wide settings of the integer kernels ONNX Runtime runs the quantized graph on. Both change
+    which kernel runs, never the codes or scales, and both avoid the int16 saturation of ORT's u8 x s8
+    kernels on x86-64 AVX2 without VNNI (kernels.py), making the products exact on every CPU:
+    - weight_type "uint8": weight codes stored as code + 128 with zero point 128, so ORT runs its
+      u8 x u8 kernels, which widen to int16 before multiplying (exact);
+    - x64_quant_precision: ORT's session option session.x64quantprecision = "1": on CPUs whose u8 x s8
+      kernels can saturate, a graph optimisation rewrites each constant int8 weight with a code outside
+      -64..64 to uint8 the same way (sessions at ORT's default optimisation level, as ptqaudit makes them).
+    The defaults are ORT's own (int8 weights, no session option)."""
+
+    weight_type: str = "int8"
+    x64_quant_precision: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.weight_type, str) or self.weight_type not in WEIGHT_TYPES:
+            raise PtqauditError(f"weight_type must be one of {', '.join(WEIGHT_TYPES)} (default int8), "
+                                f"got {_quote(self.weight_type)}")
+        if not isinstance(self.x64_quant_precision, bool):
+            raise PtqauditError(f"x64_quant_precision must be true or false (default false), "
+                                f"got {_quote(self.x64_quant_precision)}")
+
+    @property
+    def exact_products(self) -> bool:
+        """Whether ORT's integer products are exact int32 sums on every CPU under these options."""
+        return self.weight_type == "uint8" or self.x64_quant_precision
+
+    def to_dict(self) -> dict:
+        """The settings that differ from the defaults, as a policy file writes them (empty for ORT's own)."""
+        default = KernelOptions()
+        return {key: getattr(self, key) for key in OPTION_KEYS if getattr(self, key) != getattr(default, key)}
+
+    @property
+    def label(self) -> str:
+        """The non-default settings in words, e.g. "uint8 weights"; empty for the defaults."""
+        words = {"weight_type": f"{self.weight_type} weights", "x64_quant_precision": "x64 quant precision"}
+        return ", ".join(words[key] for key in self.to_dict())
+
+
+def _parse_options(data: dict, where: str) -> KernelOptions:
+    """The policy-wide kernel options of a policy file's mapping (each key optional)."""
+    try:
+        return KernelOptions(**{key: data[key] for key in OPTION_KEYS if key in data})
+    except PtqauditError as exc:
+        raise PtqauditError(f"{where}: {exc}") from None
+
+
 def _parse_setting(value, where: str, base: LayerQuant | None) -> LayerQuant | None:
     """A policy entry: "fp32", or a mapping of weight_bits / activation_bits / granularity
     merged onto `base` (the default), so a rule may change one field only."""
@@ -104,7 +154,9 @@ def _parse_setting(value, where: str, base: LayerQuant | None) -> LayerQuant | N
         raise PtqauditError(f"{where}: expected \"fp32\" or a mapping with keys {', '.join(SETTING_KEYS)}, got {_quote(value)}")
     unknown = sorted(set(map(str, value)) - set(SETTING_KEYS))
     if unknown:
-        raise PtqauditError(f"{where}: unknown key(s) {_names(unknown)}; allowed: {', '.join(SETTING_KEYS)}")
+        policy_wide = [key for key in unknown if key in OPTION_KEYS]
+        hint = f" ({_names(policy_wide)}: policy-wide, a key of the file itself)" if policy_wide else ""
+        raise PtqauditError(f"{where}: unknown key(s) {_names(unknown)}; allowed: {', '.join(SETTING_KEYS)}{hint}")
     merged = base.to_dict() if base else {}
     merged.update(value)
     missing = [k for k in ("weight_bits", "activation_bits") if k not in merged]
@@ -143,6 +195,7 @@ class Policy:
     default: LayerQuant | None  # None: layers are fp32 unless a rule quantizes them
     rules: tuple[tuple[str, object], ...]  # (selector, raw setting), validated against the default
     source: str
+    options: KernelOptions = KernelOptions()  # policy-wide: which of ORT's integer kernels run the layers
 
     def _selected(self, selector: str, layers: list[Layer]) -> list[Layer]:
         if selector == "@first":
@@ -167,15 +220,17 @@ class Policy:
                 )
             for layer in selected:
                 mapping[layer.name] = _parse_setting(raw, f"policy {self.name}, layer rule {_quote(selector)}", self.default)
-        return ResolvedPolicy(self.name, mapping)
+        return ResolvedPolicy(self.name, mapping, self.options)
 
 
 @dataclass(frozen=True)
 class ResolvedPolicy:
-    """A policy applied to one model: each layer (in graph order) to its setting, None for fp32."""
+    """A policy applied to one model: each layer (in graph order) to its setting, None for fp32, and the
+    policy-wide kernel options."""
 
     name: str
     mapping: dict[str, LayerQuant | None]
+    options: KernelOptions = KernelOptions()
 
     @property
     def quantized(self) -> dict[str, LayerQuant]:
@@ -194,17 +249,24 @@ class ResolvedPolicy:
 
     @property
     def digest(self) -> str:
-        """Stable short hash of the per-layer settings (not the name): equal policies, equal digests."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Stable short hash of the per-layer settings and kernel options (not the name): equal policies,
+        equal digests. Default options leave the hash as it was before options existed, so older run
+        folders and caches still match."""
+        content = self.to_dict()
+        if self.options.to_dict():
+            content = {"layers": content, "options": self.options.to_dict()}
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     def summary(self) -> str:
-        """The settings used and how many layers each, e.g. "W4A8 x18, W8A8 x2"."""
+        """The settings used and how many layers each, then any kernel option, e.g. "W4A8 x18, W8A8 x2"
+        or "W8A8 x4; uint8 weights"."""
         counts: dict[str, int] = {}
         for q in self.mapping.values():
             label = q.label if q else "fp32"
             counts[label] = counts.get(label, 0) + 1
-        return ", ".join(f"{label} x{n}" for label, n in counts.items())
+        layers = ", ".join(f"{label} x{n}" for label, n in counts.items())
+        return f"{layers}; {self.options.label}" if self.options.label else layers
 
 
 def parse_policy(data, name: str, source: str) -> Policy:
@@ -232,7 +294,8 @@ def parse_policy(data, name: str, source: str) -> Policy:
     description = data.get("description", "")
     if not isinstance(description, str):
         raise PtqauditError(f"policy {name}: 'description' must be a string")
-    return Policy(name, description, default, tuple(rules.items()), source)
+    options = _parse_options(data, f"policy {name} ({source})")
+    return Policy(name, description, default, tuple(rules.items()), source, options)
 
 
 def builtin_policy_names() -> list[str]:
@@ -358,5 +421,5 @@ def load_policy(spec: str) -> Policy:
 
 
 def policy_file_dict(resolved: ResolvedPolicy, description: str) -> dict:
-    """A resolved policy written out as an explicit policy file (every layer named)."""
-    return {"description": description, "default": "fp32", "layers": resolved.to_dict()}
+    """A resolved policy written out as an explicit policy file (every layer named, then its kernel options)."""
+    return {"description": description, "default": "fp32", "layers": resolved.to_dict(), **resolved.options.to_dict()}

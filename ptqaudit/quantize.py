@@ -22,6 +22,11 @@ from .runs import write_atomic
 ORT_QUANTIZER = "onnxruntime.quantize_dynamic"
 REWRITE = "ptqaudit-rewrite"
 MIN_OPSET = 11  # DynamicQuantizeLinear, Round and Clip-with-inputs all need opset 11
+UINT8_WEIGHT_OFFSET = 128  # weight_type uint8: stored code = int8 code + 128, with zero point 128
+# ORT's session option (onnxruntime_session_options_config_keys.h): "1" makes x64 CPUs whose u8 x s8 kernels
+# can saturate (AVX2 / AVX512 without VNNI) run constant int8 weights on the u8 x u8 kernels instead. Its
+# rewrite is a level-2 graph optimisation: it needs ORT's default optimisation level (ptqaudit's sessions keep it).
+X64_QUANT_PRECISION_KEY = "session.x64quantprecision"
 
 
 @dataclass
@@ -32,6 +37,14 @@ class QuantizedModel:
     proto: onnx.ModelProto
     method: str  # ORT_QUANTIZER or REWRITE
     layer_tensors: dict[str, dict[str, str]] = field(default_factory=dict)
+    # the policy asks for ORT's session option session.x64quantprecision: a session setting, not part of
+    # the graph, so whoever makes the session applies it (evaluate.make_session does)
+    x64_quant_precision: bool = False
+
+    @property
+    def session_config(self) -> dict[str, str]:
+        """The ORT session config entries the policy needs beside the graph (a model file cannot carry them)."""
+        return {X64_QUANT_PRECISION_KEY: "1"} if self.x64_quant_precision else {}
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a failed write leaves nothing behind."""
@@ -41,7 +54,11 @@ class QuantizedModel:
 def ort_quantizer_applies(model: LoadedModel, policy: ResolvedPolicy) -> bool:
     """quantize_dynamic takes one weight width (8, or 7 via reduce_range), 8-bit activations and one
     granularity for the whole model; fp32 layers are its nodes_to_exclude. Its per_channel=True does
-    not reach Conv (ConvInteger stays per tensor), so per-channel Conv layers need the rewrite."""
+    not reach Conv (ConvInteger stays per tensor), so per-channel Conv layers need the rewrite. Its
+    uint8 weights are asymmetric or on another grid (scale max|w| / 127.5), so uint8 weights of the
+    int8 codes need the rewrite too."""
+    if policy.options.weight_type != "int8":
+        return False
     settings = set(policy.quantized.values())
     if len(settings) != 1:
         return False
@@ -82,8 +99,9 @@ def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedM
 class _Rewriter:
     """Builds the integer graph node by node: one handler per op family, each returning new nodes."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, uint8_weights: bool = False):
         self.model = model
+        self.uint8_weights = uint8_weights
         self.initializers = {init.name: init for init in model.graph.initializer}
         self.new_initializers: list[TensorProto] = []
         self.activation_cache: dict[tuple[str, int], tuple[str, str, str]] = {}
@@ -140,13 +158,19 @@ class _Rewriter:
         stored = numpy_helper.to_array(self.initializers[layer.weight_name]).astype(np.float32)
         weight = kind.engine_weight(node, stored)
         w_codes, w_scale = quantize_weight(weight, q.weight_bits, kind.output_axis if q.per_channel else None)
+        w_zero_point = np.array(0, dtype=np.int8)
+        if self.uint8_weights:
+            # the same codes shifted into uint8, so ORT runs its exact u8 x u8 kernels; one scalar zero
+            # point serves per-channel layers too (ConvInteger accepts no other)
+            w_codes = (w_codes.astype(np.int16) + UINT8_WEIGHT_OFFSET).astype(np.uint8)
+            w_zero_point = np.array(UINT8_WEIGHT_OFFSET, dtype=np.uint8)
         if q.per_channel:
             w_scale = kind.along_output_channels(w_scale, weight.ndim)
         stem = f"{node.name}_w{q.weight_bits}a{q.activation_bits}"
         nodes, (x_codes, x_scale, x_zero_point) = self.quantize_activation(node.input[0], q.activation_bits)
         w_name = self.constant(f"{stem}_weight_codes", w_codes)
         w_scale_name = self.constant(f"{stem}_weight_scale", w_scale)
-        w_zero_point = self.constant(f"{stem}_weight_zero_point", np.array(0, dtype=np.int8))
+        w_zero_point = self.constant(f"{stem}_weight_zero_point", w_zero_point)
         acc, acc_float, scales = f"{stem}_acc_int32", f"{stem}_acc_float", f"{stem}_scales"
         output = node.output[0]
         bias = kind.bias_input(node)
@@ -193,10 +217,14 @@ class _Rewriter:
 
 def quantize(model: LoadedModel, policy: ResolvedPolicy, force_rewrite: bool = False) -> QuantizedModel:
     """The graph ONNX Runtime runs for `policy`: quantize_dynamic itself where it can express the
-    policy (unless force_rewrite, used to cross-check the two paths), else the integer rewrite."""
+    policy (unless force_rewrite, used to cross-check the two paths), else the integer rewrite; with
+    the session option the policy asks for, if any."""
     if not policy.quantized:
         return QuantizedModel(model.proto, "fp32")
     if ort_quantizer_applies(model, policy) and not force_rewrite:
-        return _quantize_with_ort(model, policy)
-    source = upgrade_opset(model.proto, MIN_OPSET)
-    return _Rewriter(source).run(model, policy)
+        quantized = _quantize_with_ort(model, policy)
+    else:
+        source = upgrade_opset(model.proto, MIN_OPSET)
+        quantized = _Rewriter(source, policy.options.weight_type == "uint8").run(model, policy)
+    quantized.x64_quant_precision = policy.options.x64_quant_precision
+    return quantized

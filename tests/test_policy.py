@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ptqaudit.errors import PtqauditError
 from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import (
+    FILE_KEYS,
+    KernelOptions,
     LayerQuant,
     builtin_policy_names,
     load_policy,
@@ -24,7 +28,9 @@ from ptqaudit.policy import (
 F32 = np.float32
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 W4A8 = {"weight_bits": 4, "activation_bits": 8}
-BUILTINS = ["w2a8", "w4a4", "w4a8", "w4a8-first-last-w8a8", "w7a8", "w8a8", "w8a8-per-channel"]
+BUILTINS = ["w2a8", "w4a4", "w4a8", "w4a8-first-last-w8a8", "w7a8", "w8a8", "w8a8-per-channel", "w8a8-u8u8",
+            "w8a8-x64-precision"]
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 # ---------------------------------------------------------------- a tiny model with hand-computed MACs
@@ -202,6 +208,8 @@ EXPECTED_BUILTINS = {
     "w7a8": {name: (7, 8, False) for name in LAYERS},
     "w8a8": {name: (8, 8, False) for name in LAYERS},
     "w8a8-per-channel": {name: (8, 8, True) for name in LAYERS},
+    "w8a8-u8u8": {name: (8, 8, False) for name in LAYERS},
+    "w8a8-x64-precision": {name: (8, 8, False) for name in LAYERS},
     "w4a8-first-last-w8a8": {"conv1": (8, 8, False), "conv2": (4, 8, False), "fc1": (4, 8, False), "fc2": (8, 8, False)},
 }
 
@@ -209,6 +217,18 @@ EXPECTED_BUILTINS = {
 @pytest.mark.parametrize("name", sorted(EXPECTED_BUILTINS))
 def test_builtin_settings(name, tiny):
     assert _settings(load_policy(name).resolve(tiny.layers)) == EXPECTED_BUILTINS[name]
+
+
+EXPECTED_OPTIONS = {"w8a8-u8u8": ("uint8", False), "w8a8-x64-precision": ("int8", True)}
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_kernel_options(name, tiny):
+    """The two mitigation policies carry their option; every other built-in keeps ORT's defaults."""
+    resolved = load_policy(name).resolve(tiny.layers)
+    options = resolved.options
+    assert (options.weight_type, options.x64_quant_precision) == EXPECTED_OPTIONS.get(name, ("int8", False))
+    assert options.exact_products == (name in EXPECTED_OPTIONS)
 
 
 # ---------------------------------------------------------------- validation
@@ -479,6 +499,106 @@ def test_policy_file_round_trip(tiny, tmp_path):
     path = tmp_path / "explicit.json"
     path.write_text(json.dumps(data))
     assert load_policy(str(path)).resolve(tiny.layers).digest == resolved.digest
+
+
+# ---------------------------------------------------------------- kernel options (policy-wide mitigations)
+
+
+def test_kernel_options_default_to_onnx_runtime_s(tiny):
+    policy = parse_policy({"default": W4A8}, "p", "test")
+    assert policy.options == KernelOptions() == KernelOptions("int8", False)
+    assert policy.resolve(tiny.layers).options == KernelOptions()
+    assert not KernelOptions().exact_products
+
+
+@pytest.mark.parametrize("weight_type,precision", [("int8", False), ("uint8", False), ("int8", True), ("uint8", True)])
+def test_kernel_options_are_read(tiny, tmp_path, weight_type, precision):
+    path = tmp_path / "opts.yaml"
+    path.write_text(f"default: {{weight_bits: 8, activation_bits: 8}}\nweight_type: {weight_type}\n"
+                    f"x64_quant_precision: {str(precision).lower()}\n")
+    resolved = load_policy(str(path)).resolve(tiny.layers)
+    assert resolved.options == KernelOptions(weight_type, precision)
+    assert resolved.options.exact_products == (weight_type == "uint8" or precision)
+    assert _settings(resolved) == {name: (8, 8, False) for name in LAYERS}  # the layers' settings are untouched
+
+
+@pytest.mark.parametrize("value", ["int4", "UINT8", "u8", "", 8, None, True, ["uint8"], {"type": "uint8"}])
+def test_bad_weight_type_is_refused(value):
+    message = _error("weight_type", parse_policy, {"default": W4A8, "weight_type": value}, "p", "test")
+    assert "int8" in message and "uint8" in message  # states what is accepted
+    with pytest.raises(PtqauditError, match="weight_type"):
+        KernelOptions(weight_type=value)
+
+
+@pytest.mark.parametrize("value", ["1", "true", 1, 0, None, "yes please", [True], {"on": True}])
+def test_bad_x64_quant_precision_is_refused(value):
+    """Only a YAML / JSON boolean: the policy selects one session option, it never passes ORT a value."""
+    message = _error("x64_quant_precision", parse_policy, {"default": W4A8, "x64_quant_precision": value}, "p", "test")
+    assert "true or false" in message
+    with pytest.raises(PtqauditError, match="x64_quant_precision"):
+        KernelOptions(x64_quant_precision=value)
+
+
+@pytest.mark.parametrize("key,value", [("weight_type", "uint8"), ("x64_quant_precision", True)])
+def test_kernel_options_are_policy_wide(key, value):
+    """Per layer they are refused, with a message that says where they belong."""
+    message = _error("unknown key", parse_policy, {"default": W4A8, "layers": {"conv1": {key: value}}}, "p", "test")
+    assert key in message and "policy-wide" in message
+    _error("unknown key", parse_policy, {"default": dict(W4A8, **{key: value})}, "p", "test")
+
+
+@pytest.mark.parametrize("text", [
+    "default: {weight_bits: 8, activation_bits: 8}\nweight_type: uint8\nweight_type: int8\n",  # a key twice
+    "default: {weight_bits: 8, activation_bits: 8}\nx64_quant_precision: &on true\nweight_type: *on\n",  # an alias
+])
+def test_kernel_options_go_through_the_bounded_parser(tmp_path, text):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(PtqauditError, match="twice|aliases"):
+        load_policy(str(path))
+
+
+def test_kernel_options_change_the_digest_and_defaults_keep_the_old_one(tiny):
+    plain = _resolve(tiny, {"default": W4A8})
+    explicit_defaults = _resolve(tiny, {"default": W4A8, "weight_type": "int8", "x64_quant_precision": False})
+    # the digest run folders and caches were keyed by before kernel options existed: the per-layer settings alone
+    old = hashlib.sha256(json.dumps({name: {"weight_bits": 4, "activation_bits": 8, "granularity": "per-tensor"}
+                                     for name in LAYERS}, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+    assert plain.digest == explicit_defaults.digest == old
+    digests = {plain.digest}
+    for options in ({"weight_type": "uint8"}, {"x64_quant_precision": True},
+                    {"weight_type": "uint8", "x64_quant_precision": True}):
+        digests.add(_resolve(tiny, {"default": W4A8, **options}).digest)
+    assert len(digests) == 4
+
+
+def test_kernel_options_shown_in_summary(tiny):
+    assert load_policy("w8a8-u8u8").resolve(tiny.layers).summary() == "W8A8 x4; uint8 weights"
+    assert load_policy("w8a8-x64-precision").resolve(tiny.layers).summary() == "W8A8 x4; x64 quant precision"
+    assert load_policy("w8a8").resolve(tiny.layers).summary() == "W8A8 x4"
+
+
+@pytest.mark.parametrize("options", [{"weight_type": "uint8"}, {"x64_quant_precision": True},
+                                     {"weight_type": "uint8", "x64_quant_precision": True}])
+def test_kernel_options_round_trip_through_policy_files(tiny, tmp_path, options):
+    resolved = _resolve(tiny, {"default": W4A8, "layers": {"conv1": "fp32"}, **options})
+    data = policy_file_dict(resolved, "round trip")
+    assert {k: data[k] for k in options} == options
+    for path, text in ((tmp_path / "p.yaml", yaml.safe_dump(data)), (tmp_path / "p.json", json.dumps(data))):
+        path.write_text(text)
+        again = load_policy(str(path)).resolve(tiny.layers)
+        assert again.options == resolved.options and again.digest == resolved.digest
+    # a policy at the defaults writes no option keys: its file reads the same in older versions
+    assert set(policy_file_dict(_resolve(tiny, {"default": W4A8}), "plain")) == {"description", "default", "layers"}
+
+
+def test_readme_documents_every_policy_file_key():
+    text = README.read_text()
+    section = text[text.index("## Policies"):text.index("## What \"quantized\" means here")]
+    for key in FILE_KEYS:
+        assert f"{key}:" in section, f"README's policy-file section does not document {key!r}"
+    for name in BUILTINS:
+        assert f"`{name}`" in section, f"README's built-in policy table does not list {name!r}"
 
 
 def test_layer_setting_labels_read_back_to_the_same_setting():

@@ -104,7 +104,7 @@ def dynamic_policy(model: LoadedModel, sim: SimModel, search_set: Dataset, datas
     for x, y in track(dataset.batches(batch_size), f"verify dynamic {objective} on ORT", "batch", progress, total):
         entry = int(router.choose(x, per_batch)[0])  # batch size 1: the input's own choice
         if entry not in sessions:
-            sessions[entry] = make_session(quantize(model, menu[entry]).proto)
+            sessions[entry] = make_session(quantize(model, menu[entry]))
         logits = sessions[entry].run(None, {model.input_name: x})[0]
         counts[entry] += len(x)
         hits += int(np.sum(logits.argmax(axis=1) == y))

@@ -398,7 +398,7 @@ def _verify(context: _Context, board: Leaderboard, objective: Objective) -> list
     results = []
     for candidate in board.ranked:
         policy = context.space.policy(candidate.choice, f"{objective}-candidate")
-        ort_run = predict(make_session(quantize(model, policy).proto), dataset, batch_size,
+        ort_run = predict(make_session(quantize(model, policy)), dataset, batch_size,
                           f"verify {objective} on ORT", context.progress)
         sim_run = sim_predict(context.sim, dataset, policy, batch_size, progress=False)
         ort_accuracy = accuracy(ort_run.labels, dataset.y)

@@ -80,7 +80,8 @@ class Budget:
 
 class SearchSpace:
     """Layers whose bits are searched, each operand choosing from `bits`; the base policy fixes the
-    weight granularity and pins layers (fp32 layers, and layers outside --layers) to its setting.
+    weight granularity and the kernel options, and pins layers (fp32 layers, and layers outside --layers)
+    to its setting.
     A choice is an int array [searched layers, 2] of indices into `bits` (weight, activation)."""
 
     def __init__(self, layers: list[Layer], base: ResolvedPolicy, bits: tuple[int, ...], searched: list[str],
@@ -123,7 +124,7 @@ class SearchSpace:
         mapping = dict(self.base.mapping)
         for layer, (w, a) in zip(self.searched, choice):
             mapping[layer.name] = LayerQuant(self.bits[w], self.bits[a], self.base.mapping[layer.name].per_channel)
-        return ResolvedPolicy(name, mapping)
+        return ResolvedPolicy(name, mapping, self.base.options)
 
     def project(self, choice: np.ndarray, objective: Objective) -> np.ndarray:
         """The nearest policy the budget admits, HAQ-style: while the cost is below the floor (worst) raise,

@@ -73,14 +73,18 @@ class QuantLayer(nn.Module):
             self._weight_cache[key] = quantized
         return self._weight_cache[key]
 
-    def forward(self, x: torch.Tensor, setting: LayerQuant | None, ranges: str = "batch") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, setting: LayerQuant | None, ranges: str = "batch",
+                exact_products: bool = False) -> torch.Tensor:
+        """exact_products: the policy's kernel options make ORT's products exact on this CPU too
+        (policy.KernelOptions), so the kernel family's saturation does not apply."""
         if setting is None:
             return self._linear(x, self.weight, self.bias)
         x_scale, x_zero_point = activation_scale_zero_point(x, setting.activation_bits, ranges == "sample",
                                                             self.nonnegative_input)
         x_codes = centered_activation_codes(x, x_scale, x_zero_point, setting.activation_bits, self.nonnegative_input)
         w_codes, w_scale, exact_in_float32, saturates = self._quantized_weight(setting)
-        if saturates:  # MLAS's AVX2 kernel sums raw uint8 codes in int16-saturated pairs, then corrects the zero point
+        # MLAS's AVX2 u8 x s8 kernel sums raw uint8 codes in int16-saturated pairs, then corrects the zero point
+        if saturates and not exact_products:
             raw_codes = x_codes + x_zero_point
             acc = (saturating_matmul(raw_codes, w_codes) - x_zero_point.double() * w_codes.double().sum(dim=0)).float()
         elif exact_in_float32:
@@ -218,9 +222,11 @@ class SimModel(nn.Module):
     def quant_layer(self, name: str) -> QuantLayer:
         return self.quant_layers[self._module_key[name]]
 
-    def _run_step(self, step: _Step, env: dict, setting: LayerQuant | None, ranges: str) -> None:
+    def _run_step(self, step: _Step, env: dict, setting: LayerQuant | None, ranges: str,
+                  exact_products: bool = False) -> None:
         if step.layer is not None:
-            env[step.outputs[0]] = self.quant_layers[self._module_key[step.layer]](env[step.inputs[0]], setting, ranges)
+            env[step.outputs[0]] = self.quant_layers[self._module_key[step.layer]](env[step.inputs[0]], setting, ranges,
+                                                                                   exact_products)
         else:
             args = [None if n == "" else env[n] if n in env else self._constants[n] for n in step.inputs]
             outputs = _run_op(step, args)
@@ -230,26 +236,29 @@ class SimModel(nn.Module):
             env.pop(name, None)
 
     @staticmethod
-    def _settings(policy) -> Mapping[str, LayerQuant | None]:
+    def _settings(policy) -> tuple[Mapping[str, LayerQuant | None], bool]:
+        """(each layer's setting, whether the policy's kernel options make the products exact)."""
         if policy is None:
-            return {}
-        return policy.mapping if isinstance(policy, ResolvedPolicy) else policy
+            return {}, False
+        if isinstance(policy, ResolvedPolicy):
+            return policy.mapping, policy.options.exact_products
+        return policy, False
 
     def forward(self, x: torch.Tensor, policy: ResolvedPolicy | Mapping | None = None, ranges: str = "batch") -> torch.Tensor:
         """Logits of x under a policy (None or a layer missing from it: fp32). ranges="batch" measures each
         activation range over the whole batch, as ORT does for that batch; "sample" per input."""
         if ranges not in RANGES:
             raise ValueError(f"ranges must be one of {RANGES}, got {ranges!r}")
-        settings = self._settings(policy)
+        settings, exact_products = self._settings(policy)
         env = {self.input_name: _preferred_layout(x)}
         for step in self.steps:
-            self._run_step(step, env, settings.get(step.layer) if step.layer else None, ranges)
+            self._run_step(step, env, settings.get(step.layer) if step.layer else None, ranges, exact_products)
         return env[self.output_name]
 
     def forward_many(self, x: torch.Tensor, policies: Sequence, ranges: str = "batch") -> list[torch.Tensor]:
         """Logits of x under each policy, computing once what policies share: the input and every
-        activation before the first layer where their settings differ (a depth-first walk of the
-        policies' common prefixes)."""
+        activation before the first layer where their settings (or kernel options) differ (a depth-first
+        walk of the policies' common prefixes)."""
         all_settings = [self._settings(p) for p in policies]
         results: list[torch.Tensor | None] = [None] * len(policies)
 
@@ -261,13 +270,16 @@ class SimModel(nn.Module):
                     continue
                 groups = defaultdict(list)
                 for m in members:
-                    groups[all_settings[m].get(step.layer)].append(m)
+                    settings, exact_products = all_settings[m]
+                    setting = settings.get(step.layer)
+                    groups[setting, exact_products and setting is not None].append(m)  # fp32 is fp32 either way
                 if len(groups) == 1:
-                    self._run_step(step, env, next(iter(groups)), ranges)
+                    ((setting, exact_products),) = groups
+                    self._run_step(step, env, setting, ranges, exact_products)
                     continue
-                for setting, group in groups.items():
+                for (setting, exact_products), group in groups.items():
                     branch = dict(env)
-                    self._run_step(step, branch, setting, ranges)
+                    self._run_step(step, branch, setting, ranges, exact_products)
                     walk(i + 1, branch, group)
                 return
             for m in members:
