@@ -19,7 +19,7 @@ from .errors import PtqauditError
 from .evaluate import KernelEngines, make_session, predict
 from .kernels import detect_kernel_family, kernel_source
 from .onnx_graph import LoadedModel, load_model, with_outputs
-from .policy import LayerQuant, ResolvedPolicy, load_policy
+from .policy import LayerQuant, ResolvedPolicy, load_policy, mitigations
 from .predictions import accuracy, drop_points
 from .progress import Progress
 from .quantize import quantize
@@ -156,9 +156,26 @@ class ShipKernels:
     corruptions: list[CorruptionRow]  # on the analysis subset; worst_accuracy is the ship policy's
 
 
+MITIGATIONS = 3  # the most mitigations a policy is measured with (policy.mitigations)
+
+
+@dataclass
+class Mitigation:
+    """The ship policy with one mitigation of the avx2-u8s8 saturation, on the whole evaluation data."""
+
+    change: str  # what it changes, e.g. "uint8 weights"
+    policy: str
+    kernels: dict[str, float]  # accuracy under each family of the fleet
+
+    @property
+    def lowest(self) -> float:
+        return min(self.kernels.values())
+
+
 @dataclass
 class ShipPolicy:
-    """The policy a team ships, measured first: per kernel family, batch size and corruption."""
+    """The policy a team ships, measured first: per kernel family, batch size and corruption, and with each
+    mitigation of the saturation."""
 
     policy: str
     description: str
@@ -166,10 +183,22 @@ class ShipPolicy:
     images: int  # the whole evaluation data
     fp32_accuracy: float  # on the whole evaluation data
     kernels: list[ShipKernels]
+    mitigations: list[Mitigation] = dataclasses.field(default_factory=list)
 
     @property
-    def lowest(self) -> ShipKernels:
-        return min(self.kernels, key=lambda k: k.accuracy)
+    def lowest(self) -> float:
+        return min(k.accuracy for k in self.kernels)
+
+    @property
+    def recommendation(self) -> str:
+        """Which mitigation to ship with, if any: the first (least intrusive) of those whose lowest accuracy
+        over the fleet is highest, when that beats the policy as it is."""
+        best = max(self.mitigations, key=lambda m: m.lowest, default=None)
+        if best is None or best.lowest <= self.lowest:
+            return (f"no mitigation needed: none raises {self.policy}'s lowest accuracy over the kernel families "
+                    f"({100 * self.lowest:.2f}%)")
+        return (f"ship {self.policy} with {best.change}: its lowest accuracy over the kernel families rises from "
+                f"{100 * self.lowest:.2f}% to {100 * best.lowest:.2f}%")
 
 
 ANALYSIS_NUMBERS = ("every accuracy is ONNX Runtime's on this subset of the evaluation data, except ship_policy's "
@@ -515,7 +544,16 @@ def measure_ship_policy(meter: _Meter, run: SearchRun, settings: AnalysisSetting
                      for low in [measure(data, run.batch_size)]]
         rows.append(ShipKernels(family, kernel_source(family), acc, drop_points(fp32, acc),
                                 [BatchSizeRow(b, measure(meter.dataset, b)) for b in settings.batch_sizes], corrupted))
-    return ShipPolicy(loaded.name, loaded.description, policy.effective_bits(run.model.layers), len(whole), fp32, rows)
+    measured = []
+    for change, variant in mitigations(policy):
+        by_family = {}
+        for family in fleet:
+            by_family[family] = accuracy(engines.predict(variant, family, whole, run.batch_size, "", progress=False).labels,
+                                         whole.y)
+            meter.bar.update(1)
+        measured.append(Mitigation(change, variant.name, by_family))
+    return ShipPolicy(loaded.name, loaded.description, policy.effective_bits(run.model.layers), len(whole), fp32, rows,
+                      measured)
 
 
 def budget_curves(meter: _Meter, run: SearchRun, points: int) -> dict[str, list[BudgetPoint]]:
@@ -560,7 +598,7 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
     corruption_runs = (4 if dataset.x.shape[1] in (1, 3) else 3) * len(settings.severities)
     total = (len(run.model.layers) * len(_low_bits(run)) + 4 + len(settings.batch_sizes) + 3
              + 2 * corruption_runs + 2 * settings.budget_points
-             + len(fleet) * (1 + len(settings.batch_sizes) + corruption_runs))
+             + len(fleet) * (1 + len(settings.batch_sizes) + corruption_runs + MITIGATIONS))
     meter = _Meter(run, dataset, settings.limit, progress, total)
     echo(f"analysing {run.model.path.name} on {len(dataset)} images of {dataset.name} with ONNX Runtime "
          f"(batch size {run.batch_size}); cached in {run.path / ANALYSIS_FILE}")

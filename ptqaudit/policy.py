@@ -10,7 +10,7 @@ import math
 import re
 import reprlib
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -267,6 +267,23 @@ class ResolvedPolicy:
             counts[label] = counts.get(label, 0) + 1
         layers = ", ".join(f"{label} x{n}" for label, n in counts.items())
         return f"{layers}; {self.options.label}" if self.options.label else layers
+
+
+def mitigations(policy: ResolvedPolicy) -> list[tuple[str, ResolvedPolicy]]:
+    """The policy under each mitigation of the avx2-u8s8 saturation it does not already use, with what each
+    changes: ORT's session option, uint8 weights, 7-bit (reduce_range) weights where it has 8."""
+    variants = []
+    if not policy.options.x64_quant_precision:
+        variants.append(("x64 quant precision (session option)", replace(policy.options, x64_quant_precision=True)))
+    if policy.options.weight_type != "uint8":
+        variants.append(("uint8 weights", replace(policy.options, weight_type="uint8")))
+    result = [(what, ResolvedPolicy(f"{policy.name} + {what}", policy.mapping, options)) for what, options in variants]
+    if any(q is not None and q.weight_bits == 8 for q in policy.mapping.values()):
+        seven = {name: q if q is None or q.weight_bits != 8 else replace(q, weight_bits=7)
+                 for name, q in policy.mapping.items()}
+        result.append(("7-bit weights (reduce_range)", ResolvedPolicy(f"{policy.name} + reduce_range", seven,
+                                                                      policy.options)))
+    return result
 
 
 def parse_policy(data, name: str, source: str) -> Policy:

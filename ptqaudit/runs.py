@@ -441,5 +441,6 @@ ANALYSIS = {
     "corruptions": _CORRUPTIONS, "corruptions_skipped?": str,
     "ship_policy?": {"policy": str, "description": str, "effective_bits": float, "images": int, "fp32_accuracy": float,
                      "kernels": ListOf({"kernel_family": str, "source": str, "accuracy": float, "drop_points": float,
-                                        "batch_sizes": _BATCH_SIZES, "corruptions": _CORRUPTIONS}, 1)},
+                                        "batch_sizes": _BATCH_SIZES, "corruptions": _CORRUPTIONS}, 1),
+                     "mitigations": ListOf({"change": str, "policy": str, "kernels": MapOf(float)})},
 }

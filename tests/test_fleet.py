@@ -148,6 +148,18 @@ def test_report_starts_with_the_ship_policy_per_family_and_gates_the_fleet(satur
     for row in ship["kernels"]:
         assert row["accuracy"] == pytest.approx(_oracle_accuracy(x, w, 8, row["kernel_family"]))
         assert row["source"] == ("ORT" if row["kernel_family"] == ort_kernel_family else "emulated")
+    # each mitigation is the policy under exact products (session option, uint8 weights) or 7-bit weights,
+    # on every family; the recommendation is the first of those with the highest lowest accuracy
+    expected = {"x64 quant precision (session option)": {f: _oracle_accuracy(x, w, 8, "exact") for f in KERNEL_FAMILIES},
+                "uint8 weights": {f: _oracle_accuracy(x, w, 8, "exact") for f in KERNEL_FAMILIES},
+                "7-bit weights (reduce_range)": {f: _oracle_accuracy(x, w, 7, f) for f in KERNEL_FAMILIES}}
+    measured = {m["change"]: m["kernels"] for m in ship["mitigations"]}
+    assert list(measured) == list(expected)
+    for change, by_family in expected.items():
+        assert measured[change] == pytest.approx(by_family), change
+    best = max(expected, key=lambda change: min(expected[change].values()))
+    code, markdown, _ = run_cli(capsys, "report", run, "--kernels", "all", "--analysis-limit", "60", "--no-progress")
+    assert f"ship w8a8 with {best}" in markdown
     h = report["headline"]
     label = json.loads((run / "summary.json").read_text())["worst"]["policy"]["head"]
     weight_bits, activation_bits = map(int, re.fullmatch(r"W(\d)A(\d)", label).groups())
@@ -155,7 +167,6 @@ def test_report_starts_with_the_ship_policy_per_family_and_gates_the_fleet(satur
         assert h["worst_by_kernels"][family] == pytest.approx(
             _oracle_accuracy(x, w, weight_bits, family, activation_bits))
     assert h["worst_accuracy"] == min(h["worst_by_kernels"].values())
-    code, markdown, _ = run_cli(capsys, "report", run, "--kernels", "all", "--analysis-limit", "60", "--no-progress")
     assert markdown.index("## Shipping w8a8") < markdown.index("## Budget search")
     code, _, err = run_cli(capsys, "report", run, "--kernels", "all", "--no-analysis",
                            "--min-accuracy", f"{100 * h['worst_accuracy'] + 0.01:.4f}")
