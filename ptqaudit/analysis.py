@@ -228,6 +228,7 @@ class Analysis:
     corruptions_skipped: str | None = None  # why no corruption was measured
     budget_curves: dict[str, list[BudgetPoint]]  # objective -> points, lowest budget first
     ship_policy: ShipPolicy | None = None
+    kernel_family: str = ""  # the family of the machine whose ORT kernels measured the analysis
     numbers: str = ANALYSIS_NUMBERS
     seconds: float = 0.0
 
@@ -617,7 +618,8 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
         batch_composition=batch_composition(meter, worst, relative_ranges, settings.composition_batch),
         corruptions=corruption_rows or [], corruptions_skipped=None if corruption_rows is not None else CORRUPTIONS_NEED,
         budget_curves=budget_curves(meter, run, settings.budget_points),
-        ship_policy=measure_ship_policy(meter, run, settings, fleet, corrupted, corruption_rows or []))
+        ship_policy=measure_ship_policy(meter, run, settings, fleet, corrupted, corruption_rows or []),
+        kernel_family=detect_kernel_family())
     meter.bar.close()
     result.seconds = time.perf_counter() - started
     write_json(run.path / ANALYSIS_FILE, result.to_dict())

@@ -306,7 +306,8 @@ def _ship_sections(ship: ShipPolicy, a: Analysis, h: Headline) -> list[Section]:
 
 
 def _analysis_sections(a: Analysis, h: Headline) -> list[Section]:
-    on_images = f"ORT on {_images(a, h)}"
+    engine = f"ORT's {a.kernel_family} kernels" if a.kernel_family else "ORT"
+    on_images = f"{engine} on {_images(a, h)}"
     note = f"{on_images}, batch size {a.batch_size}"
     by_layer: dict[str, dict] = {}
     for r in a.layer_sensitivity:

@@ -439,6 +439,7 @@ ANALYSIS = {
     "batch_composition": {"batch_size": int, "outlier_index": int, "outlier_class": str, "outlier_range_score": float,
                           "alone_accuracy": float, "ordinary_batches_accuracy": float, "with_outlier_accuracy": float},
     "corruptions": _CORRUPTIONS, "corruptions_skipped?": str,
+    "kernel_family?": str,
     "ship_policy?": {"policy": str, "description": str, "effective_bits": float, "images": int, "fp32_accuracy": float,
                      "kernels": ListOf({"kernel_family": str, "source": str, "accuracy": float, "drop_points": float,
                                         "batch_sizes": _BATCH_SIZES, "corruptions": _CORRUPTIONS}, 1),
