@@ -158,7 +158,8 @@ def test_report_starts_with_the_ship_policy_per_family_and_gates_the_fleet(satur
     for change, by_family in expected.items():
         assert measured[change] == pytest.approx(by_family), change
     best = max(expected, key=lambda change: min(expected[change].values()))
-    code, markdown, _ = run_cli(capsys, "report", run, "--kernels", "all", "--analysis-limit", "60", "--no-progress")
+    code, markdown, err = run_cli(capsys, "report", run, "--kernels", "all", "--analysis-limit", "60", "--no-progress")
+    assert code == 0, err
     assert f"ship w8a8 with {best}" in markdown
     h = report["headline"]
     label = json.loads((run / "summary.json").read_text())["worst"]["policy"]["head"]
