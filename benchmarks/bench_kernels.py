@@ -133,7 +133,7 @@ def main() -> int:
                 sim_predict(sims[family], dataset.subset(batch_size), None, batch_size, progress=False)
 
             for name, policy in policies:
-                ort_run = predict(make_session(quantize(model, policy).proto), dataset, batch_size, name,
+                ort_run = predict(make_session(quantize(model, policy)), dataset, batch_size, name,
                                   progress=False, model=model_path)
                 runs = sim_families(sims, dataset, policy, batch_size, args.repeats)
                 accuracies = [accuracy((ort_run if f == native else runs[f]).labels, dataset.y) for f in families]
