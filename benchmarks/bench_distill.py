@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ptqaudit.data import DataConfig, load_dataset
-from ptqaudit.distill import DistillConfig, run_distill
+from ptqaudit.distill import DistillConfig, DistillSummary, run_distill
 from ptqaudit.onnx_graph import load_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ TEACHER = REPO.parent / "shared/models/cifar10_resnet20.onnx"
 TIME_LIMIT = 30 * 60
 
 
-def run_mode(mode: str, args, out: Path) -> tuple[dict, float]:
+def run_mode(mode: str, args, out: Path) -> tuple[DistillSummary, float]:
     data = DataConfig(name="cifar10", root=args.data_root, limit=args.limit)
     teacher = load_model(args.teacher)
     train, test = load_dataset(DataConfig(name="cifar10", root=args.data_root, split="train")), load_dataset(data)
@@ -48,15 +48,15 @@ def run_mode(mode: str, args, out: Path) -> tuple[dict, float]:
     return summary, time.perf_counter() - started
 
 
-def check(summary: dict, seconds: float, device: str) -> list[tuple[str, bool]]:
+def check(summary: DistillSummary, seconds: float, device: str) -> list[tuple[str, bool]]:
     checks = []
-    if summary["mode"] == "detrimental":
-        checks += [("student fp32 within 1 pt of teacher", abs(summary["fp32_gap_points"]) <= 1.0),
-                   ("drop under its policy >= 65 pts", summary["policy_drop_points"] >= 65.0),
-                   ("fresh search finds drop >= 50 pts", summary["audit"]["drop_points"] >= 50.0)]
+    if summary.mode == "detrimental":
+        checks += [("student fp32 within 1 pt of teacher", abs(summary.fp32_gap_points) <= 1.0),
+                   ("drop under its policy >= 65 pts", summary.policy_drop_points >= 65.0),
+                   ("fresh search finds drop >= 50 pts", summary.audit.drop_points >= 50.0)]
     else:
-        checks += [("drop under its policy < 1 pt", summary["policy_drop_points"] < 1.0),
-                   ("drop under fresh search's worst < 2 pts", summary["audit"]["drop_points"] < 2.0)]
+        checks += [("drop under its policy < 1 pt", summary.policy_drop_points < 1.0),
+                   ("drop under fresh search's worst < 2 pts", summary.audit.drop_points < 2.0)]
     if device == "cpu":
         checks.append(("under 30 minutes", seconds < TIME_LIMIT))
     return checks
@@ -88,25 +88,25 @@ def main() -> int:
     all_ok = True
     for mode in modes:
         summary, seconds = run_mode(mode, args, out)
-        teacher_drop = 100 * (summary["teacher_fp32_accuracy"] - summary["teacher_policy_accuracy"])
-        print(f"\n{mode}: {seconds / 60:.1f} min ({summary['train_seconds'] / 60:.1f} training), policy "
-              f"{summary['policy_effective_bits']:.2f} effective bits; ORT on {summary['images']} test images")
-        rows = [("teacher fp32", summary["teacher_fp32_accuracy"]),
-                ("teacher under the student's policy (baseline)", summary["teacher_policy_accuracy"]),
-                ("student fp32", summary["student_fp32_accuracy"]),
-                ("student under its policy", summary["student_policy_accuracy"]),
-                ("student w8a8", summary["student_w8a8_accuracy"]),
-                ("student under the fresh search's worst", summary["audit"]["worst_accuracy"])]
+        teacher_drop = 100 * (summary.teacher_fp32_accuracy - summary.teacher_policy_accuracy)
+        print(f"\n{mode}: {seconds / 60:.1f} min ({summary.train_seconds / 60:.1f} training), policy "
+              f"{summary.policy_effective_bits:.2f} effective bits; ORT on {summary.images} test images")
+        rows = [("teacher fp32", summary.teacher_fp32_accuracy),
+                ("teacher under the student's policy (baseline)", summary.teacher_policy_accuracy),
+                ("student fp32", summary.student_fp32_accuracy),
+                ("student under its policy", summary.student_policy_accuracy),
+                ("student w8a8", summary.student_w8a8_accuracy),
+                ("student under the fresh search's worst", summary.audit.worst_accuracy)]
         for label, value in rows:
             print(f"  {label:48s} {100 * value:6.2f}%")
-        ratio = summary["policy_drop_points"] / teacher_drop if teacher_drop > 0 else float("inf")
-        print(f"  drop under the policy: student {summary['policy_drop_points']:.2f} pts, teacher {teacher_drop:.2f} pts "
-              f"(ratio {ratio:.2f}x); fresh search's worst: {summary['audit']['drop_points']:.2f} pts; "
-              f"sim = ORT top-1 {100 * summary['sim_top1_agreement_with_ort']:.2f}%")
+        ratio = summary.policy_drop_points / teacher_drop if teacher_drop > 0 else float("inf")
+        print(f"  drop under the policy: student {summary.policy_drop_points:.2f} pts, teacher {teacher_drop:.2f} pts "
+              f"(ratio {ratio:.2f}x); fresh search's worst: {summary.audit.drop_points:.2f} pts; "
+              f"sim = ORT top-1 {100 * summary.sim_top1_agreement_with_ort:.2f}%")
         for label, ok in check(summary, seconds, args.device):
             print(f"  [{'met' if ok else 'MISSED'}] {label}")
             all_ok &= ok
-        print(json.dumps({"history": summary["history"]}))
+        print(json.dumps({"history": summary.history}))
     return 0 if all_ok else 1
 
 

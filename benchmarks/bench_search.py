@@ -27,12 +27,12 @@ import torch
 
 from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.onnx_graph import load_model
-from ptqaudit.search.run import SearchConfig, run_search
+from ptqaudit.search.run import SearchConfig, SearchSummary, run_search
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def search(model_path: str, data: DataConfig, method: str, out: Path, **settings) -> tuple[dict, float]:
+def search(model_path: str, data: DataConfig, method: str, out: Path, **settings) -> tuple[SearchSummary, float]:
     model, dataset = load_model(model_path), load_dataset(data)
     config = SearchConfig(model=model_path, data=data, output=str(out / method), method=method, **settings)
     started = time.perf_counter()
@@ -40,10 +40,10 @@ def search(model_path: str, data: DataConfig, method: str, out: Path, **settings
     return summary, time.perf_counter() - started
 
 
-def sim_best(summary: dict, objective: str) -> float:
+def sim_best(summary: SearchSummary, objective: str) -> float:
     """The simulator accuracy (search subset) of the best candidate the search found."""
-    return min(c["sim_accuracy_search_subset"] for c in summary[objective]["candidates"]) if objective == "worst" \
-        else max(c["sim_accuracy_search_subset"] for c in summary[objective]["candidates"])
+    accuracies = [c.sim_accuracy_search_subset for c in getattr(summary, objective).candidates]
+    return min(accuracies) if objective == "worst" else max(accuracies)
 
 
 def part_a(out: Path) -> bool:
@@ -56,16 +56,16 @@ def part_a(out: Path) -> bool:
     print(f"{'objective':10s} {'method':11s} {'evaluations':>11s} {'sim acc':>8s} {'gap (pts)':>10s} {'ORT acc':>8s} {'seconds':>8s}")
     ok = True
     for objective in ("worst", "best"):
-        admitted = truth[objective]["evaluations"]
+        admitted = getattr(truth, objective).evaluations
         budget = max(1, admitted // 10)
         print(f"{objective:10s} {'exhaustive':11s} {admitted:11d} {100 * sim_best(truth, objective):7.2f}% {'':>10s} "
-              f"{100 * truth[objective]['ort_accuracy']:7.2f}% {truth_seconds:8.1f}")
+              f"{100 * getattr(truth, objective).ort_accuracy:7.2f}% {truth_seconds:8.1f}")
         for method in ("rl", "random"):
             found, seconds = search(model, data, method, out / objective, max_evaluations=budget,
                                     objective=objective, **{**settings, "verify_top": 3})
             gap = 100 * abs(sim_best(found, objective) - sim_best(truth, objective))
-            print(f"{objective:10s} {method:11s} {found[objective]['evaluations']:11d} "
-                  f"{100 * sim_best(found, objective):7.2f}% {gap:10.2f} {100 * found[objective]['ort_accuracy']:7.2f}% "
+            print(f"{objective:10s} {method:11s} {getattr(found, objective).evaluations:11d} "
+                  f"{100 * sim_best(found, objective):7.2f}% {gap:10.2f} {100 * getattr(found, objective).ort_accuracy:7.2f}% "
                   f"{seconds:8.1f}")
             if method == "rl" and gap > 0.5:
                 ok = False
@@ -81,8 +81,8 @@ def part_b(out: Path, data_root: str | None, max_evaluations: int) -> None:
     print(f"{'method':8s} {'worst ORT':>10s} {'best ORT':>9s} {'spread':>7s} {'FP32':>7s} {'wall time':>10s}")
     for method in ("rl", "random"):
         summary, seconds = search(model, data, method, out, **settings)
-        print(f"{method:8s} {100 * summary['worst']['ort_accuracy']:9.2f}% {100 * summary['best']['ort_accuracy']:8.2f}% "
-              f"{summary['spread_points']:7.2f} {100 * summary['fp32_accuracy']:6.2f}% {seconds / 60:8.1f} min")
+        print(f"{method:8s} {100 * summary.worst.ort_accuracy:9.2f}% {100 * summary.best.ort_accuracy:8.2f}% "
+              f"{summary.spread_points:7.2f} {100 * summary.fp32_accuracy:6.2f}% {seconds / 60:8.1f} min")
 
 
 def main() -> int:

@@ -545,3 +545,16 @@ def test_old_opset_graph_is_upgraded_for_the_simulator(tmp_path, case_id, op_typ
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     actual, expected = _sim_vs_ort(_save(model, tmp_path / "old.onnx"), x)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 8, 8), (2, 4, 7, 7), (2, 5, 3, 5), (2, 3, 2, 1), (2, 3, 9), (4, 8, 32, 32)])
+def test_global_average_pool_is_bitwise_onnxruntime(shape):
+    """Sums of arbitrary float32 values round differently in another order; the simulator adds in MLAS's
+    order, so its mean is ORT's to the last bit (a quantized graph's logits depend on it)."""
+    x = np.random.default_rng(sum(shape)).uniform(0.0, 7.0, size=shape).astype(np.float32)
+    model, node, feeds = single_node("GlobalAveragePool", [x], {}, 17)
+    expected = _session(model).run(["out"], feeds)[0]
+    np.testing.assert_array_equal(run_op(node, [x]).numpy(), expected)
+    if shape == (4, 8, 32, 32):  # the order matters: torch's own mean misses ORT's value on this data
+        assert not np.array_equal(torch.from_numpy(x).mean(dim=(2, 3), keepdim=True).numpy(), expected)

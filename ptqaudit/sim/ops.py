@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 import torch
@@ -122,6 +123,30 @@ def _pool(kind):
         return padded / pool(mask, kernel, strides, 0, ceil_mode=ceil_mode, count_include_pad=False)
 
     return run
+
+
+MLAS_LANES = 4  # MLAS's portable float vector width, which fixes the order its global pooling sums in
+# how MLAS folds its four lane sums into one (MlasReduceAddFloat32x4): NEON adds neighbouring lanes first
+LANE_FOLD = ((0, 1), (2, 3)) if platform.machine().lower() in ("arm64", "aarch64") else ((0, 2), (1, 3))
+
+
+def _global_average_pool(attrs, x):
+    """Mean over the spatial dims, summed in MLAS's order so the float32 result is ORT's bit for bit:
+    four running sums (elements i, i+4, i+8, ...), folded in pairs as this CPU's MLAS folds them, then the
+    remaining elements one at a time, then one division by the element count."""
+    flat = x.reshape(*x.shape[:2], -1)
+    count = flat.shape[-1]
+    vector_end = count - count % MLAS_LANES
+    lanes = flat.new_zeros(*flat.shape[:2], MLAS_LANES)
+    for start in range(0, vector_end, MLAS_LANES):
+        lanes = lanes + flat[..., start:start + MLAS_LANES]
+    (a, b), (c, d) = LANE_FOLD
+    total = (lanes[..., a] + lanes[..., b]) + (lanes[..., c] + lanes[..., d])
+    for index in range(vector_end, count):
+        total = total + flat[..., index]
+    # a tensor divisor: torch may turn division by a Python scalar into multiplication by its reciprocal
+    mean = total / torch.full_like(total, float(count))
+    return mean.reshape(*x.shape[:2], *([1] * (x.dim() - 2)))
 
 
 def _gemm(attrs, a, b, c=None):
@@ -271,7 +296,7 @@ OPS = {
     "LogSoftmax": lambda attrs, x: torch.log_softmax(x, dim=attrs.get("axis", -1)),
     "Conv": _conv, "Gemm": _gemm, "MatMul": _binary(torch.matmul),
     "MaxPool": _pool("max"), "AveragePool": _pool("avg"),
-    "GlobalAveragePool": lambda attrs, x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
+    "GlobalAveragePool": _global_average_pool,
     "GlobalMaxPool": lambda attrs, x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True),
     "BatchNormalization": _batch_norm,
     "Flatten": _flatten, "Reshape": _reshape, "Transpose": lambda attrs, x: x.permute(*attrs["perm"]) if "perm" in attrs else x.permute(*reversed(range(x.dim()))),
