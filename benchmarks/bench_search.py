@@ -9,7 +9,12 @@ Part B (the shared ResNet-20, budget 6, bits 2,3,4,5,6,8): RL versus random sear
 number of evaluations, worst and best, all verified on ONNX Runtime over the CIFAR-10 test set, and the
 wall time of the whole search (target: under 15 minutes on 2 CPU cores).
 
-    python benchmarks/bench_search.py [--part a|b|both] [--data-root DIR] [--max-evaluations 400]
+Part C (depth): the 56-layer digits ResNet and the shared ResNet-20, worst and best case with 100 and 400
+evaluations, RL and random search against the most extreme uniform policy inside the budget, and the
+evaluations spent on uniform policies and on sensitivity probes. Target: both cases within the cap, each at
+least as extreme as the uniform policy.
+
+    python benchmarks/bench_search.py [--part a|b|c|all] [--data-root DIR] [--max-evaluations 400]
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import torch
 
 from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.onnx_graph import load_model
+from ptqaudit.policy import load_policy
 from ptqaudit.search.run import SearchConfig, SearchSummary, run_search
+from ptqaudit.search.space import Budget, Objective, SearchSpace
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,9 +92,46 @@ def part_b(out: Path, data_root: str | None, max_evaluations: int) -> None:
               f"{summary.spread_points:7.2f} {100 * summary.fp32_accuracy:6.2f}% {seconds / 60:8.1f} min")
 
 
+def part_c(out: Path, data_root: str | None, limit: int, search_limit: int, caps: list[int]) -> None:
+    """Depth: the 56-layer digits ResNet and the shared ResNet-20, worst and best case at each cap, RL and random
+    search against the most extreme uniform policy inside the budget (all on ORT), and the share of each
+    search's evaluations that went to the uniform policies and to sensitivity (0 with the gradient prior)."""
+    models = [(str(REPO / "sample_models/digits_resnet56.onnx"), DataConfig(name="digits")),
+              (str(REPO.parent / "shared/models/cifar10_resnet20.onnx"), DataConfig(name="cifar10", root=data_root, limit=limit))]
+    for model, data in models:
+        layers = len(load_model(model).layers)
+        print(f"\nC. {Path(model).name} ({layers} layers), bits 2,3,4,5,6,8, budget 6 effective bits, search on "
+              f"{search_limit} images, verification on {data.limit or 'all'} {data.name} images (ORT, batch size 1)")
+        print(f"{'cap':>4s} {'method':8s} {'case':6s} {'ORT acc':>8s} {'uniform':>16s} {'beyond (pts)':>12s} "
+              f"{'evaluated':>9s} {'uniform':>8s} {'probes':>7s} {'minutes':>8s}")
+        for cap in caps:
+            for method in ("rl", "random"):
+                summary, seconds = search(model, data, method, out / f"{Path(model).stem}-{cap}", max_evaluations=cap,
+                                          budget_avg_bits=6.0, search_limit=search_limit, seed=0)
+                for case_name in ("worst", "best"):
+                    case = getattr(summary, case_name)
+                    beyond = (case.uniform.ort_accuracy - case.ort_accuracy) * (100 if case_name == "worst" else -100)
+                    uniform_share = len(_uniform_frontier(model, case_name))
+                    print(f"{cap:4d} {method:8s} {case_name:6s} {100 * case.ort_accuracy:7.2f}% "
+                          f"{case.uniform.label:>7s} {100 * case.uniform.ort_accuracy:7.2f}% {beyond:12.2f} "
+                          f"{case.evaluations:9d} {uniform_share:8d} {case.sensitivity_evaluations:7d} {seconds / 60:8.1f}")
+
+
+def _uniform_frontier(model_path: str, objective: str) -> list:
+    """The uniform policies a search scores first (search.space.SearchSpace.uniform_frontier)."""
+    model = load_model(model_path)
+    base = load_policy("w8a8").resolve(model.layers)
+    space = SearchSpace(model.layers, base, SearchConfig.bits, [layer.name for layer in model.layers],
+                        Budget.from_average_bits(6.0, model.total_macs))
+    return space.uniform_frontier(Objective(objective))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["a", "b", "both"], default="both")
+    parser.add_argument("--part", choices=["a", "b", "c", "all"], default="all")
+    parser.add_argument("--caps", default="100,400", help="part C: --max-evaluations values, comma-separated")
+    parser.add_argument("--limit", type=int, default=2000, help="part C: CIFAR-10 images ORT verifies on")
+    parser.add_argument("--search-limit", type=int, default=500, help="part C: images the simulator scores on")
     parser.add_argument("--data-root", default=os.environ.get("PTQAUDIT_TEST_CIFAR10_ROOT"))
     parser.add_argument("--max-evaluations", type=int, default=400, help="per objective (the CLI default)")
     args = parser.parse_args()
@@ -96,10 +140,12 @@ def main() -> int:
           f"onnxruntime {ort.__version__}")
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        if args.part in ("a", "both"):
+        if args.part in ("a", "all"):
             ok = part_a(Path(tmp) / "a")
-        if args.part in ("b", "both"):
+        if args.part in ("b", "all"):
             part_b(Path(tmp) / "b", args.data_root, args.max_evaluations)
+        if args.part in ("c", "all"):
+            part_c(Path(tmp) / "c", args.data_root, args.limit, args.search_limit, [int(c) for c in args.caps.split(",")])
     return 0 if ok else 1
 
 

@@ -29,6 +29,7 @@ from .report import FORMATS, build, plots, render, report_inputs
 from .runs import write_atomic
 from .search.methods import METHODS
 from .search.run import SearchConfig, load_search_inputs, run_search
+from .search.sensitivity import SENSITIVITY_METHODS
 from .search.space import OBJECTIVES, Objective
 from .text import table
 
@@ -374,8 +375,14 @@ def search_options(f):
         click.option("--method", type=click.Choice(METHODS), default=SearchConfig.method, show_default=True,
                      help="rl: policy-gradient agent; random; greedy (one step at a time); exhaustive (small spaces)."),
         click.option("--max-evaluations", type=click.IntRange(min=1), default=SearchConfig.max_evaluations, show_default=True,
-                     help="Distinct policies the search may score with the simulator, per objective: a hard cap, RL's "
-                          "sensitivity probes included (exhaustive refuses a space that admits more)."),
+                     help="Distinct policies the search may score with the simulator, per objective: a hard cap, the "
+                          "uniform policies scored first and --sensitivity probes included (exhaustive refuses a space "
+                          "that admits more)."),
+        click.option("--sensitivity", type=click.Choice(SENSITIVITY_METHODS), default=SearchConfig.sensitivity,
+                     show_default=True,
+                     help="How the RL search ranks operands before its first step: gradient (one backward pass of the "
+                          "simulator over 256 images, no policy evaluations, any depth); probes (each operand alone at "
+                          "the lowest width: 2 evaluations per layer, counted in --max-evaluations)."),
         click.option("--base-policy", default=SearchConfig.base_policy, show_default=True,
                      help="Policy giving each layer's weight granularity; its fp32 layers stay fp32."),
         click.option("--layers", multiple=True, help="Search only these layers (name or glob, repeatable); "
@@ -396,12 +403,13 @@ def search_options(f):
                                "each family)"),
     ]
 
-    def parse(bits, budget_avg_bits, budget_bitops, objective, method, max_evaluations, base_policy, layers, batch_size,
-              search_limit, search_split, verify_top, dynamic, seed, kernels) -> dict:
+    def parse(bits, budget_avg_bits, budget_bitops, objective, method, max_evaluations, sensitivity, base_policy, layers,
+              batch_size, search_limit, search_split, verify_top, dynamic, seed, kernels) -> dict:
         if budget_avg_bits is None and budget_bitops is None:
             budget_avg_bits = SearchConfig.budget_avg_bits
         return dict(bits=bits, budget_avg_bits=budget_avg_bits, budget_bitops=budget_bitops, objective=objective,
-                    method=method, max_evaluations=max_evaluations, base_policy=base_policy, layers=layers,
+                    method=method, max_evaluations=max_evaluations, sensitivity=sensitivity, base_policy=base_policy,
+                    layers=layers,
                     batch_size=batch_size, search_limit=search_limit, search_split=search_split, verify_top=verify_top,
                     dynamic=dynamic, seed=seed, kernels=kernels)
 

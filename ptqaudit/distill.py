@@ -26,7 +26,8 @@ from .quantize import quantize
 from .runs import (DISTILL_SUMMARY, RunFolder, check_fields, check_schema_version, dataclass_from_dict, input_identity,
                    typed_from_dict, write_atomic, write_json)
 from .search.evaluator import Leaderboard, SimEvaluator
-from .search.methods import PolicyAgent, sensitivity
+from .search.methods import PolicyAgent
+from .search.sensitivity import probe_sensitivity
 from .search.run import SUMMARY_VERSION, SearchConfig, run_search
 from .search.space import Budget, Objective, SearchSpace, check_bits, layer_features
 from .sim.engine import EngineAgreement, sim_predict, simulation_plan
@@ -289,7 +290,7 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     features = layer_features(space.searched, [sim.quant_layer(layer.name).weight.detach().cpu().numpy()
                                                for layer in space.searched])
     sim.eval()
-    drop = sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}), Objective.WORST)
+    drop = probe_sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}), Objective.WORST)
     agent = PolicyAgent(space, features, drop, Objective.WORST)
     policy_round = _PolicyRound(agent, space, probe, config.batch_size)
     optimizer = torch.optim.Adam(sim.parameters(), lr=config.lr)

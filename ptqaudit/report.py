@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .analysis import Analysis, BudgetPoint, SearchRun, ShipPolicy, case_under_kernels
 from .kernels import kernel_source
+from .search.run import UniformBaseline
 from .search.space import OBJECTIVES, Objective
 from .distill import DistillSummary
 from .errors import PtqauditError
@@ -62,6 +63,8 @@ class Headline:
     kernels: dict[str, str] = field(default_factory=dict)  # the fleet: family -> ORT or emulated
     worst_by_kernels: dict[str, float] = field(default_factory=dict)
     best_by_kernels: dict[str, float] = field(default_factory=dict)
+    worst_uniform: UniformBaseline | None = None  # the run's most extreme uniform policies, on the run's kernels
+    best_uniform: UniformBaseline | None = None
 
     @property
     def shows_kernels(self) -> bool:
@@ -94,7 +97,8 @@ def headline(run: SearchRun, gate: Gate, kernels: tuple[str, ...] | None = None,
         engine_agreement=min(c.sim_top1_agreement_with_ort for case in summary.cases for c in case.candidates),
         worst_policy=summary.worst.policy, worst_policy_file=str(run.path / summary.worst.policy_file),
         gate=gate.result(fp32, worst), kernel_family=summary.kernel_family, kernels=fleet,
-        worst_by_kernels=by_kernels["worst"], best_by_kernels=by_kernels.get("best", {}))
+        worst_by_kernels=by_kernels["worst"], best_by_kernels=by_kernels.get("best", {}),
+        worst_uniform=summary.worst.uniform, best_uniform=summary.best.uniform if summary.best else None)
 
 
 DISTILL_FIGURES = ("mode", "teacher", "teacher_fp32_accuracy", "teacher_policy_accuracy", "student_fp32_accuracy",
@@ -253,6 +257,9 @@ def tables(report: Report) -> list[Section]:
         [f"best case{fleet}", _pct(h.best_accuracy) or "not searched (--objective worst)"],
         [f"worst case{fleet}", _pct(h.worst_accuracy)], ["worst-case drop (points)", f"{h.worst_drop_points:.2f}"],
     ] + per_family + [
+        [f"{case} uniform policy inside the budget ({uniform.label})", _pct(uniform.accuracy)]
+        for case, uniform in (("best", h.best_uniform), ("worst", h.worst_uniform)) if uniform is not None
+    ] + [
         ["engine agreement (simulator = ORT, top-1)", _pct(h.engine_agreement)],
         ["verdict", verdict],
     ] + [[c.name, ("pass" if c.passed else "FAIL") + f" ({c.value:.2f})"] for c in h.gate.checks], None))
@@ -390,6 +397,10 @@ GLOSSARY = [
                                  "policies costing at least it (a floor: without one, 2 bits everywhere would be a "
                                  "trivial worst case), the best case among policies costing at most it (a ceiling: "
                                  "without one, 8 bits everywhere would be a trivial best case)."),
+    ("uniform policy inside the budget", "every searched layer at one weight and one activation width (W6A6, "
+                                         "W8A4, ...). The search scores those on the budget's edge first and measures "
+                                         "the most extreme on ORT beside its candidates, so a reported case is never "
+                                         "less extreme than it."),
     ("drop (points)", "FP32 accuracy minus the quantized accuracy, in percentage points."),
     ("integer kernels (kernel family)", "the integer arithmetic of ONNX Runtime's CPU kernels, which differs between "
                                         "CPUs: exact (int32 sums: VNNI, AMX, ARM dot product) or avx2-u8s8 (x86-64 "

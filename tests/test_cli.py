@@ -814,7 +814,8 @@ def test_search_off_a_terminal_prints_header_stages_and_progress_lines(tmp_path,
 
     header = first(r"model \S*tiny\.onnx \| data digits/test, 60 images .*\| budget 5\.00 effective bits")
     searching = first(r"searching the worst case: exhaustive, every policy the budget admits")
-    fp32, verifying = first(r"measuring fp32 on ORT \(60 images\)"), first(r"verifying 2 worst-case candidates on ORT")
+    # the uniform policy on the budget's edge is verified beside the 2 leading candidates unless it is one of them
+    fp32, verifying = first(r"measuring fp32 on ORT \(60 images\)"), first(r"verifying [23] worst-case candidates on ORT")
     table = first(r"\s+ORT accuracy\s+drop")
     search_lines = [re.match(r"exhaustive search, worst case: (\d+)/(\d+) policy \(\d+%\), elapsed \d+s", line)
                     for line in log]
@@ -823,7 +824,7 @@ def test_search_off_a_terminal_prints_header_stages_and_progress_lines(tmp_path,
     assert 0 < admitted < 16
     assert search_lines and all(total == admitted for _, _, total in search_lines)  # the bar has its total
     assert search_lines[-1][1] == admitted
-    assert header < searching < search_lines[0][0] and search_lines[-1][0] < fp32 < verifying < table
+    assert header < fp32 < searching < search_lines[0][0] and search_lines[-1][0] < verifying < table
     verify_lines = [i for i, line in enumerate(log) if re.match(r"verify worst on ORT: \d+/60 batch", line)]
     assert verify_lines and verifying < verify_lines[0]
 
@@ -834,7 +835,7 @@ def test_no_progress_hides_progress_lines_but_keeps_stage_lines(capsys, tmp_path
                              "--bits", "2,8", "--budget-avg-bits", "5", "--limit", "40", "--search-limit", "40",
                              "--verify-top", "1", "--no-progress", "-o", tmp_path / "run")
     assert code == 0 and err == ""
-    assert "searching the worst case" in out and "verifying 1 worst-case candidate on ORT" in out
+    assert "searching the worst case" in out and re.search(r"verifying [12] worst-case candidates? on ORT", out)
     code, out, err = run_cli(capsys, "search", tiny_digits_model, "--objective", "worst", "--method", "exhaustive",
                              "--bits", "2,8", "--budget-avg-bits", "5", "--limit", "40", "--search-limit", "40",
                              "--verify-top", "1", "--json", "-o", tmp_path / "run2")

@@ -20,6 +20,7 @@ from ptqaudit.policy import load_policy
 from ptqaudit.quantize import quantize
 from ptqaudit.search.evaluator import Leaderboard, SimEvaluator
 from ptqaudit.search.methods import rl_search
+from ptqaudit.search.sensitivity import probe_sensitivity
 from ptqaudit.search.space import Budget, Objective, SearchSpace, layer_features
 from ptqaudit.sim.model import SimModel
 
@@ -85,10 +86,13 @@ def test_rl_search_keeps_admitted_probes_when_evaluations_run_out(tmp_path, digi
                         [layer.name for layer in digits.layers], Budget.from_average_bits(6.0, digits.total_macs))
     sim = SimModel(digits).eval()
     evaluator = SimEvaluator(sim, digits_data[1].subset(100), 1, space, lambda records: None, {})
+    evaluator.start_count(2)
     board = Leaderboard(Objective.WORST, 3)
     features = layer_features(space.searched, [sim.quant_layer(x.name).weight.detach().numpy() for x in space.searched])
+    drop = probe_sensitivity(space, evaluator, Objective.WORST, board)
     rl_search(space=space, evaluator=evaluator, board=board, objective=Objective.WORST, max_evaluations=2, seed=0,
-              features=features, progress=lambda *a: None)
+              features=features, progress=lambda *a: None, sensitivity=drop)
+    assert evaluator.evaluations == 2
     assert board.entries
     assert all(space.budget.admits(c.bitops, Objective.WORST) for c in board.ranked)
 

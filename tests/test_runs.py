@@ -310,7 +310,8 @@ def test_a_run_folder_written_before_schema_versions_loads_as_version_1(tmp_path
     assert "schema_version" not in stored and "kind" not in stored
     loaded = load_run(run, str(model))
     assert loaded.summary.to_dict() == {"schema_version": 1, "kind": "search", **stored}
-    assert loaded.config.to_dict() == json.loads((run / "run.json").read_text())["config"]
+    # a run from before --sensitivity existed probed each operand
+    assert loaded.config.to_dict() == {**json.loads((run / "run.json").read_text())["config"], "sensitivity": "probes"}
     code, out, err = _cli(capsys, "report", run, "--model", model, "--no-analysis", "--json")
     assert code == 0, err
     headline = json.loads(out)["headline"]

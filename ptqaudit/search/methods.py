@@ -9,12 +9,13 @@ import torch
 import torch.nn as nn
 
 from ..errors import PtqauditError
-from ..predictions import drop_points
 from .evaluator import Leaderboard, SimEvaluator
+from .sensitivity import sensitivity_prior
 from .space import ACTIVATION, WEIGHT, Objective, SearchSpace
 
 METHODS = ("rl", "random", "greedy", "exhaustive")
 GROUP = 16  # policies scored per simulator pass (they share its input and common prefixes)
+START_WEIGHT = 2.0  # logit added to the starting policy's widths: the first modes sit on a policy inside the budget
 
 
 class PolicyNetwork(nn.Module):
@@ -36,47 +37,20 @@ class PolicyNetwork(nn.Module):
         return torch.distributions.Categorical(logits=logits)
 
 
-def sensitivity(space: SearchSpace, evaluator: SimEvaluator, objective: Objective, board: Leaderboard | None = None) -> np.ndarray:
-    """Accuracy lost, in points, when one operand of one layer alone drops from the top width to the
-    lowest (everything else at the top width): 2 evaluations per searched layer, [layers, 2]. Probes the
-    budget admits are offered to `board`: they are candidates like any other. Where the evaluator's cap
-    leaves no room for a probe, its operand counts as insensitive (0)."""
-    top = space.uniform(len(space.bits) - 1)
-    probes = []
-    for layer, operand in itertools.product(range(len(space.searched)), (WEIGHT, ACTIVATION)):
-        probe = top.copy()
-        probe[layer, operand] = 0
-        probes.append(probe)
-    drop = np.zeros(len(probes))
-    scored = evaluator.accuracies([top] + probes, objective, "sensitivity")
-    if len(scored) > 1:
-        reference, *dropped = scored
-        drop[: len(dropped)] = np.maximum(drop_points(reference, np.array(dropped)), 0)
-        if board is not None:
-            admitted = [i for i in range(len(dropped)) if space.budget.admits(space.bitops(probes[i]), objective)]
-            board.offer(space, [probes[i] for i in admitted], [dropped[i] for i in admitted])
-    return drop.reshape(len(space.searched), 2)
-
-
-def sensitivity_prior(drop: np.ndarray, choices: int, objective: Objective, strength: float = 3.0) -> np.ndarray:
-    """Initial logits [layers, 2, choices]: where an operand is sensitive, the worst case leans to its low
-    widths and the best case to its high ones; insensitive operands start uniform."""
-    scaled = drop / max(drop.max(), 1e-9)
-    ramp = np.linspace(0.0, 1.0, choices)  # 0 at the lowest width, 1 at the highest
-    return (objective.sign * strength * scaled[:, :, None] * ramp[None, None, :]).astype(np.float32)
-
-
 class PolicyAgent:
     """The REINFORCE agent of the RL search, kept as an object so that a caller can alternate its steps
     with other work (distill trains the network between them). It starts from a per-layer sensitivity
-    prior; each step samples `group` policies, projects them onto the budget and learns from
+    prior, centred on `start` when given (a policy inside the budget: the search's most extreme uniform
+    one); each step samples `group` policies, projects them onto the budget and learns from
     reward = -accuracy (worst) or accuracy (best), standardized within the step. The policy's current
     mode is scored too (exploitation), outside the gradient."""
 
     def __init__(self, space: SearchSpace, features: np.ndarray, drop: np.ndarray, objective: Objective,
-                 lr: float = 0.1, entropy_weight: float = 0.01, group: int = 8):
+                 lr: float = 0.1, entropy_weight: float = 0.01, group: int = 8, start: np.ndarray | None = None):
         self.space, self.objective, self.group, self.entropy_weight = space, objective, group, entropy_weight
         prior = sensitivity_prior(drop, len(space.bits), objective)
+        if start is not None:
+            prior += START_WEIGHT * np.eye(len(space.bits), dtype=np.float32)[start]
         state = np.concatenate([features, drop / max(drop.max(), 1e-9)], axis=1).astype(np.float32)
         self.network = PolicyNetwork(torch.from_numpy(state), torch.from_numpy(prior))
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=lr)
@@ -110,10 +84,11 @@ class PolicyAgent:
 
 
 def rl_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: str, max_evaluations: int,
-              seed: int, features: np.ndarray, progress) -> None:
-    """REINFORCE from a sensitivity prior (2 probes per layer); see PolicyAgent."""
+              seed: int, features: np.ndarray, progress, sensitivity: np.ndarray, start: np.ndarray | None = None,
+              **_) -> None:
+    """REINFORCE from a sensitivity prior ([layers, 2], search.sensitivity) centred on `start`; see PolicyAgent."""
     torch.manual_seed(seed)
-    agent = PolicyAgent(space, features, sensitivity(space, evaluator, objective, board), objective)
+    agent = PolicyAgent(space, features, sensitivity, objective, start=start)
     requests = 0
     while evaluator.evaluations < max_evaluations and requests < 4 * max_evaluations:
         requests += agent.step(evaluator, board)
@@ -178,7 +153,7 @@ def exhaustive_search(space: SearchSpace, evaluator: SimEvaluator, board: Leader
             f"admits), more than --max-evaluations {max_evaluations}; raise it, use fewer --bits or --layers, or "
             "another --method"
         )
-    progress(0, None, len(admitted))  # the total, for the progress bar
+    progress(evaluator.evaluations, None, len(admitted))  # the total, for the progress bar
     for start in range(0, len(admitted), 4 * GROUP):
         batch = admitted[start : start + 4 * GROUP]
         board.offer(space, batch, evaluator.accuracies(batch, objective, "exhaustive"))

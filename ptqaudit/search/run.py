@@ -27,8 +27,9 @@ from ..sim.engine import EngineAgreement, sim_predict
 from ..sim.model import SimModel
 from ..text import table
 from .dynamic import dynamic_policy
-from .evaluator import Leaderboard, SimEvaluator
+from .evaluator import Candidate, Leaderboard, SimEvaluator
 from .methods import METHODS, SEARCHES
+from .sensitivity import GRADIENT_IMAGES, SENSITIVITY_METHODS, gradient_sensitivity, probe_sensitivity
 from .space import OBJECTIVES, Budget, Objective, SearchSpace, check_bits, layer_features
 
 
@@ -54,6 +55,7 @@ class SearchConfig:
     seed: int = 0
     dynamic: bool = False  # also train a router choosing among the verified candidates per input
     kernels: tuple[str, ...] = ()  # the fleet's kernel families (ptqaudit.kernels); empty: this machine's
+    sensitivity: str = "gradient"  # how the RL search's prior is estimated (search.sensitivity)
 
     @property
     def fleet(self) -> tuple[str, ...]:
@@ -68,6 +70,8 @@ class SearchConfig:
             raise PtqauditError("--dynamic routes inputs on this machine's kernels only: drop --kernels or --dynamic")
         if self.objective not in OBJECTIVES + ("both",):
             raise PtqauditError(f"--objective must be worst, best or both, got {self.objective!r}")
+        if self.sensitivity not in SENSITIVITY_METHODS:
+            raise PtqauditError(f"--sensitivity must be one of {', '.join(SENSITIVITY_METHODS)}, got {self.sensitivity!r}")
         if self.method not in METHODS:
             raise PtqauditError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if (self.budget_avg_bits is None) == (self.budget_bitops is None):
@@ -85,8 +89,9 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "SearchConfig":
-        """The config to_dict wrote (run.json's "config", checked by runs.SEARCH_RUN_FILE)."""
-        return dataclass_from_dict(cls, values, data=DataConfig)
+        """The config to_dict wrote (run.json's "config", checked by runs.SEARCH_RUN_FILE). A run written before
+        --sensitivity existed probed."""
+        return dataclass_from_dict(cls, {"sensitivity": "probes", **values}, data=DataConfig)
 
 
 @dataclass
@@ -109,6 +114,17 @@ class Verified:
         return min(self.kernels.values()) if self.kernels else self.ort_accuracy
 
 
+@dataclass
+class UniformBaseline:
+    """The most extreme uniform policy inside the budget (every searched layer at one weight and one
+    activation width), measured on ORT beside the candidates: the case reported is never less extreme."""
+
+    label: str  # e.g. "W6A6"
+    digest: str
+    ort_accuracy: float
+    accuracy: float  # the fleet's lowest (ORT's here without a fleet)
+
+
 SUMMARY_VERSION = 1  # the layout of summary.json; a reader refuses another
 
 
@@ -124,6 +140,8 @@ class SearchCase:
     candidates: list[Verified]
     dynamic: dict | None = None  # the router's numbers (--dynamic)
     kernels: dict[str, float] = field(default_factory=dict)  # accuracy under each family of the fleet
+    uniform: UniformBaseline | None = None
+    sensitivity_evaluations: int = 0  # of `evaluations`, those the probes took (--sensitivity probes)
 
     @property
     def accuracy(self) -> float:
@@ -182,6 +200,9 @@ class SearchSummary:
                 rows += [[f"  {family} ({self.kernels[family]})", f"{100 * accuracy:.2f}%",
                           f"{drop_points(self.fp32_accuracy, accuracy):+.2f}", "", "", ""]
                          for family, accuracy in case.kernels.items()]
+            if case.uniform is not None:
+                rows.append([f"  {objective} uniform ({case.uniform.label})", f"{100 * case.uniform.accuracy:.2f}%",
+                             f"{drop_points(self.fp32_accuracy, case.uniform.accuracy):+.2f}", "", "", ""])
             if case.dynamic is not None:
                 dyn = case.dynamic
                 rows.append([f"{objective} dynamic", f"{100 * dyn['ort_accuracy']:.2f}%", f"{dyn['drop_points']:+.2f}",
@@ -191,6 +212,9 @@ class SearchSummary:
         if self.shows_kernels:
             text += ("\n\nfleet: the lowest accuracy over the kernel families, which the gate holds; ORT's own kernels "
                      f"measure this machine's ({self.kernel_family}), the simulator emulates the others")
+        if any(case.uniform is not None for case in self.cases):
+            text += ("\n\nuniform: the most extreme policy inside the budget with one weight and one activation width "
+                     "for every searched layer; a case is never less extreme")
         if self.spread_points is not None:
             text += f"\n\nspread between best and worst case: {self.spread_points:.2f} points"
         return text
@@ -205,7 +229,9 @@ class SearchSummary:
         values = _without_empty(without_none(asdict(self), ("worst", "best", "spread_points")), ("kernel_family", "kernels"))
         for objective in OBJECTIVES:
             if objective in values:
-                case = _without_empty(without_none(values[objective], ("dynamic",)), ("kernels",))
+                case = _without_empty(without_none(values[objective], ("dynamic", "uniform")), ("kernels",))
+                if not case["sensitivity_evaluations"]:  # no probes (the gradient prior, or no RL)
+                    del case["sensitivity_evaluations"]
                 case["candidates"] = [_without_empty(c, ("kernels",)) for c in case["candidates"]]
                 values[objective] = case
         return values
@@ -285,33 +311,12 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
                                                for layer in space.searched])
     evaluator = SimEvaluator([sims[family] for family in config.fleet], search_set, config.batch_size, space,
                              folder.append_trace, memo)
-    boards = {}
-    for objective in objectives:
-        board = Leaderboard(objective, config.verify_top)
-        evaluator.start_count(config.max_evaluations)
-        scope = ("every policy the budget admits" if config.method == "exhaustive"
-                 else f"up to {config.max_evaluations} policies")
-        echo(f"searching the {objective} case: {config.method}, {scope} scored by the simulator on {len(search_set)} images")
-        bar = Progress(config.max_evaluations, f"{config.method} search, {objective} case", "policy", progress)
-
-        def show(done: int, best: float | None, total: int | None = None) -> None:
-            if total is not None:  # a method that knows how many policies it will score (exhaustive)
-                bar.total = total
-            bar.update(done - bar.n)
-            if best is not None:
-                bar.set_postfix_str(f"{objective} sim accuracy {100 * best:.2f}%")
-
-        SEARCHES[config.method](space=space, evaluator=evaluator, board=board, objective=objective,
-                                max_evaluations=config.max_evaluations, seed=config.seed, features=features,
-                                progress=show)
-        bar.close()
-        if not board.entries:
-            raise PtqauditError(
-                f"the {config.method} search found no {objective}-case policy within the budget in "
-                f"{evaluator.evaluations} evaluations; raise --max-evaluations"
-            )
-        boards[objective] = (board, evaluator.evaluations)
-    search_seconds = time.perf_counter() - started
+    sensitivity = None
+    if config.method == "rl" and config.sensitivity == "gradient":
+        images = min(GRADIENT_IMAGES, len(search_set))
+        echo(f"estimating each operand's sensitivity from the simulator's gradients on {images} images "
+             "(no policy evaluations)")
+        sensitivity = gradient_sensitivity(space, sim, search_set, config.batch_size)
 
     echo(f"measuring fp32 on ORT ({len(dataset)} images)")
     fp32 = predict(make_session(model.proto), dataset, config.batch_size, "fp32 (ORT)", progress)
@@ -322,34 +327,105 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
         budget={"bitops": budget.bitops, "effective_bits": budget.effective_bits(model.total_macs),
                 "worst": "policies at or above it", "best": "policies at or below it"},
         bits=list(space.bits), searched_layers=[layer.name for layer in space.searched],
-        base_policy=config.base_policy, fp32_accuracy=fp32_accuracy, search_seconds=search_seconds,
+        base_policy=config.base_policy, fp32_accuracy=fp32_accuracy,
         numbers="accuracies are ONNX Runtime's on the whole evaluation set; sim_* are the simulator's; per kernel "
                 "family, this machine's is ORT's and the others the simulator's emulation",
         kernel_family=native, kernels={family: kernel_source(family) for family in config.fleet},
     )
     context = _Context(config, model, dataset, search_set, space, sims, folder, progress)
-    for objective, (board, evaluations) in boards.items():
-        count = len(board.entries)
-        echo(f"verifying {count} {objective}-case candidate{'s' * (count != 1)} on ORT ({len(dataset)} images each)")
-        verified = _verify(context, board, objective)
-        chosen = verified[0]
-        policy = space.policy(board.entries[chosen.digest].choice, f"{objective}-case")
-        description = (f"{objective} case found by {config.method} search of {model.path.name} within "
-                       f"{budget.effective_bits(model.total_macs):.2f} effective bits: {100 * chosen.ort_accuracy:.2f}% on ORT"
-                       + (f", {100 * chosen.accuracy:.2f}% on its kernel fleet" if summary.shows_kernels else ""))
-        write_atomic(folder.path / f"{objective}.yaml", yaml.safe_dump(policy_file_dict(policy, description), sort_keys=False))
-        case = SearchCase(ort_accuracy=chosen.ort_accuracy, drop_points=drop_points(fp32_accuracy, chosen.accuracy),
-                          policy_file=f"{objective}.yaml", evaluations=evaluations, policy=chosen.layers,
-                          candidates=verified, kernels=chosen.kernels)
-        if config.dynamic:
-            echo(f"training the {objective}-case router on the simulator, then routing {len(dataset)} images on ORT")
-            case.dynamic = _dynamic(context, board, verified, objective, fp32_accuracy)
+    failures = []
+    for objective in objectives:
+        searching = time.perf_counter()
+        board, uniform, probe_evaluations = _search_objective(context, evaluator, objective, features, sensitivity, echo)
+        summary.search_seconds += time.perf_counter() - searching
+        if not board.entries:
+            failures.append(f"the {config.method} search found no {objective}-case policy within the budget in "
+                            f"{evaluator.evaluations} evaluations")
+            continue
+        case = _verified_case(context, summary, board, uniform, objective, echo)
+        case.evaluations, case.sensitivity_evaluations = evaluator.evaluations, probe_evaluations
         setattr(summary, objective.value, case)
-    if summary.worst is not None and summary.best is not None:
-        summary.spread_points = drop_points(summary.best.accuracy, summary.worst.accuracy)
-    summary.total_seconds = time.perf_counter() - started
-    write_json(folder.path / "summary.json", summary.to_dict())
+        if summary.worst is not None and summary.best is not None:
+            summary.spread_points = drop_points(summary.best.accuracy, summary.worst.accuracy)
+        summary.total_seconds = time.perf_counter() - started
+        write_json(folder.path / "summary.json", summary.to_dict())  # each case is kept as soon as it is known
+    if failures:
+        kept = [str(case_objective) for case_objective in objectives if summary.case(case_objective) is not None]
+        kept_note = f"; the {kept[0]} case is in {folder.path / 'summary.json'}" if kept else ""
+        raise PtqauditError(f"{'; '.join(failures)}{kept_note}; raise --max-evaluations")
     return summary
+
+
+def _search_objective(context: "_Context", evaluator: SimEvaluator, objective: Objective, features, sensitivity,
+                      echo) -> tuple[Leaderboard, Candidate | None, int]:
+    """One objective's search: the uniform policies on the budget's edge first (cheap, inside the budget, and
+    what a user compares with), then the method. Returns the leaderboard, the most extreme uniform policy
+    scored (None if the cap left none), and the evaluations the sensitivity probes took (--sensitivity probes)."""
+    config, space = context.config, context.space
+    board = Leaderboard(objective, config.verify_top)
+    evaluator.start_count(config.max_evaluations)
+    scope = ("every policy the budget admits" if config.method == "exhaustive"
+             else f"up to {config.max_evaluations} policies")
+    echo(f"searching the {objective} case: {config.method}, {scope} scored by the simulator on "
+         f"{len(context.search_set)} images")
+    bar = Progress(config.max_evaluations, f"{config.method} search, {objective} case", "policy", context.progress)
+
+    def show(done: int, best: float | None, total: int | None = None) -> None:
+        if total is not None:  # a method that knows how many policies it will score (exhaustive)
+            bar.total = total
+        bar.update(done - bar.n)
+        if best is not None:
+            bar.set_postfix_str(f"{objective} sim accuracy {100 * best:.2f}%")
+
+    frontier = space.uniform_frontier(objective)
+    scored = evaluator.accuracies(frontier, objective, "uniform")
+    board.offer(space, frontier[: len(scored)], scored)
+    uniform = None
+    if scored:
+        index = objective.pick(range(len(scored)), lambda i: scored[i])
+        uniform = Candidate(board.key(scored[index]), space.policy(frontier[index]).digest, frontier[index],
+                            scored[index], space.bitops(frontier[index]))
+    probe_evaluations = 0
+    if config.method == "rl" and sensitivity is None:  # --sensitivity probes: they count against the cap
+        before = evaluator.evaluations
+        sensitivity = probe_sensitivity(space, evaluator, objective, board)
+        probe_evaluations = evaluator.evaluations - before
+    SEARCHES[config.method](space=space, evaluator=evaluator, board=board, objective=objective,
+                            max_evaluations=config.max_evaluations, seed=config.seed, features=features,
+                            progress=show, sensitivity=sensitivity, start=None if uniform is None else uniform.choice)
+    bar.close()
+    return board, uniform, probe_evaluations
+
+
+def _verified_case(context: "_Context", summary: SearchSummary, board: Leaderboard, uniform: Candidate | None,
+                   objective: Objective, echo) -> SearchCase:
+    """Measure the leading candidates (and the most extreme uniform policy, if it is not among them) on ORT,
+    write the case's policy file, and return the case ranked by the fleet's lowest accuracy."""
+    config, space, model, folder = context.config, context.space, context.model, context.folder
+    candidates = {c.digest: c for c in board.ranked}
+    if uniform is not None:
+        candidates.setdefault(uniform.digest, uniform)
+    count = len(candidates)
+    echo(f"verifying {count} {objective}-case candidate{'s' * (count != 1)} on ORT ({len(context.dataset)} images each)")
+    verified = _verify(context, list(candidates.values()), objective)
+    chosen = verified[0]
+    policy = space.policy(candidates[chosen.digest].choice, f"{objective}-case")
+    budget_bits = summary.budget["effective_bits"]
+    description = (f"{objective} case found by {config.method} search of {model.path.name} within "
+                   f"{budget_bits:.2f} effective bits: {100 * chosen.ort_accuracy:.2f}% on ORT"
+                   + (f", {100 * chosen.accuracy:.2f}% on its kernel fleet" if summary.shows_kernels else ""))
+    write_atomic(folder.path / f"{objective}.yaml", yaml.safe_dump(policy_file_dict(policy, description), sort_keys=False))
+    case = SearchCase(ort_accuracy=chosen.ort_accuracy, drop_points=drop_points(summary.fp32_accuracy, chosen.accuracy),
+                      policy_file=f"{objective}.yaml", evaluations=0, policy=chosen.layers,
+                      candidates=verified, kernels=chosen.kernels)
+    if uniform is not None:
+        measured = next(v for v in verified if v.digest == uniform.digest)
+        case.uniform = UniformBaseline(space.uniform_label(uniform.choice), uniform.digest, measured.ort_accuracy,
+                                       measured.accuracy)
+    if config.dynamic:
+        echo(f"training the {objective}-case router on the simulator, then routing {len(context.dataset)} images on ORT")
+        case.dynamic = _dynamic(context, candidates, verified, objective, summary.fp32_accuracy)
+    return case
 
 
 @dataclass
@@ -371,11 +447,11 @@ class _Context:
         return self.sims[detect_kernel_family()]
 
 
-def _dynamic(context: _Context, board: Leaderboard, verified: list[Verified], objective: Objective,
+def _dynamic(context: _Context, candidates: dict[str, Candidate], verified: list[Verified], objective: Objective,
              fp32_accuracy: float) -> dict:
     """The router over the verified candidates, its files (menu policies, weights) and numbers."""
     config, folder = context.config, context.folder
-    menu = [context.space.policy(board.entries[v.digest].choice, f"{objective}-menu-{v.rank}") for v in verified]
+    menu = [context.space.policy(candidates[v.digest].choice, f"{objective}-menu-{v.rank}") for v in verified]
     router, result = dynamic_policy(context.model, context.sim, context.search_set, context.dataset, menu, objective,
                                     config.batch_size, config.seed, context.progress)
     for v, policy in zip(verified, menu):
@@ -389,14 +465,14 @@ def _dynamic(context: _Context, board: Leaderboard, verified: list[Verified], ob
             "router_file": f"{objective}-router.pt", "routing": "per batch" if config.batch_size > 1 else "per input"}
 
 
-def _verify(context: _Context, board: Leaderboard, objective: Objective) -> list[Verified]:
+def _verify(context: _Context, candidates: list[Candidate], objective: Objective) -> list[Verified]:
     """ORT accuracy of each leading candidate on the whole evaluation set, and its accuracy under every
     kernel family of the fleet (this machine's: ORT's; the others: the simulator's emulation); ranked by
     the fleet's lowest."""
     model, dataset, batch_size = context.model, context.dataset, context.config.batch_size
     native = detect_kernel_family()
     results = []
-    for candidate in board.ranked:
+    for candidate in candidates:
         policy = context.space.policy(candidate.choice, f"{objective}-candidate")
         ort_run = predict(make_session(quantize(model, policy)), dataset, batch_size,
                           f"verify {objective} on ORT", context.progress)

@@ -106,6 +106,33 @@ class SearchSpace:
     def uniform(self, index: int) -> np.ndarray:
         return np.full((len(self.searched), 2), index, dtype=np.int64)
 
+    def uniform_pair(self, weight_index: int, activation_index: int) -> np.ndarray:
+        """Every searched layer at one weight width and one activation width (indices into bits)."""
+        choice = self.uniform(weight_index)
+        choice[:, ACTIVATION] = activation_index
+        return choice
+
+    def uniform_frontier(self, objective: Objective) -> list[np.ndarray]:
+        """The uniform policies on the budget's edge, widest first (best case) or narrowest first (worst):
+        those it admits and no other admitted uniform policy is as wide (best) or as narrow (worst) in both
+        operands. They are what a user compares a search with, and a policy they dominate is at best
+        equally extreme."""
+        pairs = [(w, a) for w in range(len(self.bits)) for a in range(len(self.bits))
+                 if self.budget.admits(self.bitops(self.uniform_pair(w, a)), objective)]
+        # "beyond": as far in the objective's direction (wider for best, narrower for worst) in both operands
+        direction = objective.sign
+
+        def beyond(p, q):
+            return p != q and direction * (p[0] - q[0]) >= 0 and direction * (p[1] - q[1]) >= 0
+
+        frontier = [p for p in pairs if not any(beyond(q, p) for q in pairs)]
+        frontier.sort(key=lambda p: -direction * (self.bits[p[0]] * self.bits[p[1]]))
+        return [self.uniform_pair(w, a) for w, a in frontier]
+
+    def uniform_label(self, choice: np.ndarray) -> str:
+        """'W6A6' for a uniform choice."""
+        return f"W{self.bits[choice[0, WEIGHT]]}A{self.bits[choice[0, ACTIVATION]]}"
+
     def bitops(self, choice: np.ndarray) -> int:
         chosen = self._bits[choice]
         return int(self._pinned_bitops + np.sum(bitops_of(self._macs, chosen[:, WEIGHT], chosen[:, ACTIVATION])))
@@ -160,7 +187,8 @@ def layer_features(layers: list[Layer], weights: list[np.ndarray]) -> np.ndarray
             math.log10(layer.params + 1) / 8,
             float(layer.op_type == "Conv"), float(layer.op_type != "Conv"),
             math.log2(kernel + 1) / 5,
-            math.log2(layer.weight_shape[0] + 1) / 12, math.log2(layer.output_channels + 1) / 12,
+            math.log2(int(np.prod(layer.weight_shape)) // layer.output_channels + 1) / 12,  # fan-in per output
+            math.log2(layer.output_channels + 1) / 12,
             float(magnitude.max() / (magnitude.std() + 1e-12)) / 20,  # outlier ratio: hurts low-bit weights
             float(np.mean(magnitude)) / (float(magnitude.max()) + 1e-12),
         ])
