@@ -86,13 +86,36 @@ class PolicyAgent:
 def rl_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: str, max_evaluations: int,
               seed: int, features: np.ndarray, progress, sensitivity: np.ndarray, start: np.ndarray | None = None,
               **_) -> None:
-    """REINFORCE from a sensitivity prior ([layers, 2], search.sensitivity) centred on `start`; see PolicyAgent."""
+    """REINFORCE from a sensitivity prior ([layers, 2], search.sensitivity) centred on `start`; see PolicyAgent.
+    Once the agent has converged (a step brings no policy not already scored), the rest of the cap goes to
+    the leader's neighbourhood instead of to repeats."""
     torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     agent = PolicyAgent(space, features, sensitivity, objective, start=start)
     requests = 0
     while evaluator.evaluations < max_evaluations and requests < 4 * max_evaluations:
+        before = evaluator.evaluations
         requests += agent.step(evaluator, board)
+        if evaluator.evaluations == before and board.entries:
+            requests += neighbour_step(space, evaluator, board, objective, rng)
         progress(evaluator.evaluations, board.best_accuracy)
+
+
+def neighbour_step(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: Objective,
+                   rng: np.random.Generator, count: int = 8) -> int:
+    """Score `count` neighbours of the leading policy (one or two operands one width up or down, projected
+    onto the budget) and offer them to the board; returns how many were requested."""
+    leader = board.ranked[0].choice
+    neighbours = []
+    for _ in range(count):
+        choice = leader.copy()
+        for _ in range(rng.integers(1, 3)):
+            layer, operand = rng.integers(len(space.searched)), rng.integers(2)
+            choice[layer, operand] = np.clip(choice[layer, operand] + rng.choice((-1, 1)), 0, len(space.bits) - 1)
+        neighbours.append(space.project(choice, objective))
+    accuracies = evaluator.accuracies(neighbours, objective, "rl")
+    board.offer(space, neighbours[: len(accuracies)], accuracies)
+    return count
 
 
 def random_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: str,
