@@ -30,7 +30,7 @@ KERNEL_FAMILIES = {
 }
 AUTO, ALL = "auto", "all"  # --kernels words: this machine's family, every family
 INT16_MIN, INT16_MAX = -32768, 32767
-PAIR_CHUNK_ELEMENTS = 2**24  # pair sums held at once by the saturating product: bounds its memory
+PAIR_CHUNK_ELEMENTS = 2**24  # pair sums the saturating product holds at once: bounds its memory
 
 # CPU flags (Linux /proc/cpuinfo names) that select ORT's exact u8 x s8 kernels on x86-64
 _VNNI_FLAGS = ("avx_vnni", "avx512_vnni", "amx_int8")
@@ -114,19 +114,24 @@ def saturating_matmul(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     """sum over p of clip(a[2p] * w[2p] + a[2p+1] * w[2p+1], int16): what MLAS's AVX2 u8 x s8 kernel
     (vpmaddubsw) accumulates for uint8 codes [..., K] and int8 weight codes [K, N], K padded with zero
     to even. Returned in float64, which holds the int32 sum exactly. Differentiable: saturated pairs
-    pass no gradient, as a clip does."""
+    pass no gradient, as a clip does.
+
+    Computed as the exact product (one GEMM) plus clip(s) - s for the pairs s that can leave int16 at all:
+    those whose two weights sum in magnitude to more than 32767 / (largest code), a small share of them."""
     rows = codes.reshape(-1, codes.shape[-1])
-    k = rows.shape[1]
-    if k % 2:
+    if rows.shape[1] % 2:
         rows = torch.nn.functional.pad(rows, (0, 1))
         weight = torch.nn.functional.pad(weight, (0, 0, 0, 1))
-    pairs = rows.reshape(rows.shape[0], -1, 2).transpose(0, 1)  # [P, M, 2]
+    largest_code = float(rows.detach().max()) if rows.numel() else 0.0
+    exact_in_float32 = largest_code * float(weight.detach().abs().sum(dim=0).max()) < 2**24
+    dtype = torch.float32 if exact_in_float32 else torch.float64
+    total = rows.to(dtype) @ weight.to(dtype)
     weight_pairs = weight.reshape(-1, 2, weight.shape[1])  # [P, 2, N]
-    chunk = max(1, PAIR_CHUNK_ELEMENTS // max(1, rows.shape[0] * weight.shape[1]))
-    total = None
-    for start in range(0, pairs.shape[0], chunk):
-        # each pair sum is at most 2 * 255 * 127 in magnitude: exact in float32 before the clip
-        pair_sums = torch.bmm(pairs[start:start + chunk], weight_pairs[start:start + chunk])
-        part = pair_sums.clamp(INT16_MIN, INT16_MAX).double().sum(dim=0)
-        total = part if total is None else total + part
-    return total.reshape(*codes.shape[:-1], weight.shape[1])
+    pair, column = torch.nonzero(weight_pairs.detach().abs().sum(dim=1) * largest_code > INT16_MAX, as_tuple=True)
+    chunk = max(1, PAIR_CHUNK_ELEMENTS // max(1, rows.shape[0]))
+    for start in range(0, len(pair), chunk):
+        p, n = pair[start:start + chunk], column[start:start + chunk]
+        # each pair sum is at most 2 * 255 * 127 in magnitude: exact in float32
+        sums = rows[:, 2 * p] * weight_pairs[p, 0, n] + rows[:, 2 * p + 1] * weight_pairs[p, 1, n]  # [M, pairs]
+        total = total.index_add(1, n, (sums.clamp(INT16_MIN, INT16_MAX) - sums).to(dtype))
+    return total.double().reshape(*codes.shape[:-1], weight.shape[1])
