@@ -110,7 +110,8 @@ def part_c(out: Path, data_root: str | None, limit: int, search_limit: int, caps
                                           budget_avg_bits=6.0, search_limit=search_limit, seed=0)
                 for case_name in ("worst", "best"):
                     case = getattr(summary, case_name)
-                    beyond = (case.uniform.ort_accuracy - case.ort_accuracy) * (100 if case_name == "worst" else -100)
+                    # + 0.0 turns -0.0 (no difference) into 0.0
+                    beyond = (case.uniform.ort_accuracy - case.ort_accuracy) * (100 if case_name == "worst" else -100) + 0.0
                     uniform_share = len(_uniform_frontier(model, case_name))
                     print(f"{cap:4d} {method:8s} {case_name:6s} {100 * case.ort_accuracy:7.2f}% "
                           f"{case.uniform.label:>7s} {100 * case.uniform.ort_accuracy:7.2f}% {beyond:12.2f} "

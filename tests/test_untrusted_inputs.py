@@ -374,9 +374,10 @@ def test_a_model_asking_for_more_memory_than_exists_is_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [["eval", "--engine", "sim"], ["search", "--objective", "worst", "--method",
-                                                                   "random", "--max-evaluations", "2"]])
+                                                                   "rl", "--max-evaluations", "2"]])
 def test_a_model_asking_for_more_memory_than_exists_is_exit_2_in_the_simulator(tmp_path, capsys, command):
-    """The simulator runs such a model before ORT does (search) or instead of it (eval --engine sim)."""
+    """The simulator runs such a model instead of ORT (eval --engine sim), and in search its gradient pass
+    runs it before ORT measures fp32: either way one line naming the node."""
     path = memory_bomb_model(tmp_path, 10**15)
     code, _, err = run_cli(capsys, command[0], str(path), *command[1:], "--limit", "5", "--no-progress",
                             *(["-o", str(tmp_path / "run")] if command[0] == "search" else ["-p", "w8a8"]))
