@@ -14,7 +14,8 @@ evaluations, RL and random search against the most extreme uniform policy inside
 evaluations spent on uniform policies and on sensitivity probes. Target: both cases within the cap, each at
 least as extreme as the uniform policy.
 
-    python benchmarks/bench_search.py [--part a|b|c|all] [--data-root DIR] [--max-evaluations 400]
+    python benchmarks/bench_search.py [--part a|b|c|all] [--data-root DIR] [--max-evaluations 400] [--caps 100,400]
+        [--c-models digits_resnet56,cifar10_resnet20]
 """
 
 from __future__ import annotations
@@ -92,13 +93,13 @@ def part_b(out: Path, data_root: str | None, max_evaluations: int) -> None:
               f"{summary.spread_points:7.2f} {100 * summary.fp32_accuracy:6.2f}% {seconds / 60:8.1f} min")
 
 
-def part_c(out: Path, data_root: str | None, limit: int, search_limit: int, caps: list[int]) -> None:
+def part_c(out: Path, data_root: str | None, limit: int, search_limit: int, caps: list[int], names: list[str]) -> None:
     """Depth: the 56-layer digits ResNet and the shared ResNet-20, worst and best case at each cap, RL and random
     search against the most extreme uniform policy inside the budget (all on ORT), and the share of each
     search's evaluations that went to the uniform policies and to sensitivity (0 with the gradient prior)."""
     models = [(str(REPO / "sample_models/digits_resnet56.onnx"), DataConfig(name="digits")),
               (str(REPO.parent / "shared/models/cifar10_resnet20.onnx"), DataConfig(name="cifar10", root=data_root, limit=limit))]
-    for model, data in models:
+    for model, data in [(m, d) for m, d in models if Path(m).stem in names]:
         layers = len(load_model(model).layers)
         print(f"\nC. {Path(model).name} ({layers} layers), bits 2,3,4,5,6,8, budget 6 effective bits, search on "
               f"{search_limit} images, verification on {data.limit or 'all'} {data.name} images (ORT, batch size 1)")
@@ -133,6 +134,7 @@ def main() -> int:
     parser.add_argument("--caps", default="100,400", help="part C: --max-evaluations values, comma-separated")
     parser.add_argument("--limit", type=int, default=2000, help="part C: CIFAR-10 images ORT verifies on")
     parser.add_argument("--search-limit", type=int, default=500, help="part C: images the simulator scores on")
+    parser.add_argument("--c-models", default="digits_resnet56,cifar10_resnet20", help="part C: which models")
     parser.add_argument("--data-root", default=os.environ.get("PTQAUDIT_TEST_CIFAR10_ROOT"))
     parser.add_argument("--max-evaluations", type=int, default=400, help="per objective (the CLI default)")
     args = parser.parse_args()
@@ -146,7 +148,8 @@ def main() -> int:
         if args.part in ("b", "all"):
             part_b(Path(tmp) / "b", args.data_root, args.max_evaluations)
         if args.part in ("c", "all"):
-            part_c(Path(tmp) / "c", args.data_root, args.limit, args.search_limit, [int(c) for c in args.caps.split(",")])
+            part_c(Path(tmp) / "c", args.data_root, args.limit, args.search_limit, [int(c) for c in args.caps.split(",")],
+                   args.c_models.split(","))
     return 0 if ok else 1
 
 
