@@ -101,6 +101,7 @@ def part_c(out: Path, data_root: str | None, limit: int, search_limit: int, caps
               (str(REPO.parent / "shared/models/cifar10_resnet20.onnx"), DataConfig(name="cifar10", root=data_root, limit=limit))]
     for model, data in [(m, d) for m, d in models if Path(m).stem in names]:
         layers = len(load_model(model).layers)
+        uniform_counts = {objective: len(_uniform_frontier(model, objective)) for objective in ("worst", "best")}
         print(f"\nC. {Path(model).name} ({layers} layers), bits 2,3,4,5,6,8, budget 6 effective bits, search on "
               f"{search_limit} images, verification on {data.limit or 'all'} {data.name} images (ORT, batch size 1)")
         print(f"{'cap':>4s} {'method':8s} {'case':6s} {'ORT acc':>8s} {'uniform':>16s} {'beyond (pts)':>12s} "
@@ -113,10 +114,9 @@ def part_c(out: Path, data_root: str | None, limit: int, search_limit: int, caps
                     case = getattr(summary, case_name)
                     # + 0.0 turns -0.0 (no difference) into 0.0
                     beyond = (case.uniform.ort_accuracy - case.ort_accuracy) * (100 if case_name == "worst" else -100) + 0.0
-                    uniform_share = len(_uniform_frontier(model, case_name))
                     print(f"{cap:4d} {method:8s} {case_name:6s} {100 * case.ort_accuracy:7.2f}% "
                           f"{case.uniform.label:>7s} {100 * case.uniform.ort_accuracy:7.2f}% {beyond:12.2f} "
-                          f"{case.evaluations:9d} {uniform_share:8d} {case.sensitivity_evaluations:7d} {seconds / 60:8.1f}")
+                          f"{case.evaluations:9d} {uniform_counts[case_name]:8d} {case.sensitivity_evaluations:7d} {seconds / 60:8.1f}")
 
 
 def _uniform_frontier(model_path: str, objective: str) -> list:

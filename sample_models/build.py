@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,7 +153,7 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def DigitsResNet56() -> ResNet:
+def digits_resnet56() -> ResNet:
     """8x8 digits, 56 quantizable layers (widths 16, 32, 64 at 8x8, 4x4, 2x2): a deep model that trains in
     a minute on a CPU, where a CIFAR-10 ResNet-56 takes an hour per epoch on two cores."""
     return ResNet(1, 9, (16, 32, 64))
@@ -292,7 +293,7 @@ def seed_everything(seed: int = SEED) -> None:
 
 
 # name -> (file, model factory, training recipe)
-RECIPES: dict[str, tuple[str, type[nn.Module], TrainConfig]] = {
+RECIPES: dict[str, tuple[str, Callable[[], nn.Module], TrainConfig]] = {
     "digits": (
         "digits_cnn.onnx",
         DigitsCNN,
@@ -300,7 +301,7 @@ RECIPES: dict[str, tuple[str, type[nn.Module], TrainConfig]] = {
     ),
     "digits-resnet56": (
         "digits_resnet56.onnx",
-        DigitsResNet56,
+        digits_resnet56,
         TrainConfig(epochs=30, batch_size=32, lr=0.05, optimizer="sgd", weight_decay=5e-4),
     ),
     "cifar10": (

@@ -91,11 +91,14 @@ class Leaderboard:
     def key(self, sim_accuracy: float) -> float:
         return self.objective.key(sim_accuracy)
 
+    def candidate(self, space: SearchSpace, choice: np.ndarray, accuracy: float) -> Candidate:
+        """A scored choice as this board ranks it."""
+        return Candidate(self.key(accuracy), space.policy(choice).digest, choice.copy(), accuracy, space.bitops(choice))
+
     def offer(self, space: SearchSpace, choices: list[np.ndarray], accuracies: list[float]) -> None:
         for choice, acc in zip(choices, accuracies):
-            digest = space.policy(choice).digest
-            if digest not in self.entries:
-                self.entries[digest] = Candidate(self.key(acc), digest, choice.copy(), acc, space.bitops(choice))
+            candidate = self.candidate(space, choice, acc)
+            self.entries.setdefault(candidate.digest, candidate)
         ranked = sorted(self.entries.values())[: self.size]
         self.entries = {c.digest: c for c in ranked}
 

@@ -342,9 +342,8 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
             failures.append(f"the {config.method} search found no {objective}-case policy within the budget in "
                             f"{evaluator.evaluations} evaluations")
             continue
-        case = _verified_case(context, summary, board, uniform, objective, echo)
-        case.evaluations, case.sensitivity_evaluations = evaluator.evaluations, probe_evaluations
-        setattr(summary, objective.value, case)
+        setattr(summary, objective.value, _verified_case(context, summary, board, uniform, objective,
+                                                          evaluator.evaluations, probe_evaluations, echo))
         if summary.worst is not None and summary.best is not None:
             summary.spread_points = drop_points(summary.best.accuracy, summary.worst.accuracy)
         summary.total_seconds = time.perf_counter() - started
@@ -383,10 +382,9 @@ def _search_objective(context: "_Context", evaluator: SimEvaluator, objective: O
     uniform = None
     if scored:
         index = objective.pick(range(len(scored)), lambda i: scored[i])
-        uniform = Candidate(board.key(scored[index]), space.policy(frontier[index]).digest, frontier[index],
-                            scored[index], space.bitops(frontier[index]))
+        uniform = board.candidate(space, frontier[index], scored[index])
     probe_evaluations = 0
-    if config.method == "rl" and sensitivity is None:  # --sensitivity probes: they count against the cap
+    if config.method == "rl" and config.sensitivity == "probes":  # they count against the cap
         before = evaluator.evaluations
         sensitivity = probe_sensitivity(space, evaluator, objective, board)
         probe_evaluations = evaluator.evaluations - before
@@ -398,7 +396,7 @@ def _search_objective(context: "_Context", evaluator: SimEvaluator, objective: O
 
 
 def _verified_case(context: "_Context", summary: SearchSummary, board: Leaderboard, uniform: Candidate | None,
-                   objective: Objective, echo) -> SearchCase:
+                   objective: Objective, evaluations: int, probe_evaluations: int, echo) -> SearchCase:
     """Measure the leading candidates (and the most extreme uniform policy, if it is not among them) on ORT,
     write the case's policy file, and return the case ranked by the fleet's lowest accuracy."""
     config, space, model, folder = context.config, context.space, context.model, context.folder
@@ -416,8 +414,8 @@ def _verified_case(context: "_Context", summary: SearchSummary, board: Leaderboa
                    + (f", {100 * chosen.accuracy:.2f}% on its kernel fleet" if summary.shows_kernels else ""))
     write_atomic(folder.path / f"{objective}.yaml", yaml.safe_dump(policy_file_dict(policy, description), sort_keys=False))
     case = SearchCase(ort_accuracy=chosen.ort_accuracy, drop_points=drop_points(summary.fp32_accuracy, chosen.accuracy),
-                      policy_file=f"{objective}.yaml", evaluations=0, policy=chosen.layers,
-                      candidates=verified, kernels=chosen.kernels)
+                      policy_file=f"{objective}.yaml", evaluations=evaluations, policy=chosen.layers,
+                      candidates=verified, kernels=chosen.kernels, sensitivity_evaluations=probe_evaluations)
     if uniform is not None:
         measured = next(v for v in verified if v.digest == uniform.digest)
         case.uniform = UniformBaseline(space.uniform_label(uniform.choice), uniform.digest, measured.ort_accuracy,

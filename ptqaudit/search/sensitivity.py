@@ -68,6 +68,9 @@ def gradient_sensitivity(space: SearchSpace, sim: SimModel, dataset: Dataset, ba
         args[0].retain_grad()
         inputs[module.name] = args[0]
 
+    # the weight's error does not change between batches: only its gradient does
+    weight_errors = [_weight_error(layer, lowest, space.base.mapping[searched.name].per_channel)
+                     for layer, searched in zip(layers, space.searched)]
     hooks = [layer.register_forward_pre_hook(keep_input) for layer in layers]
     squares = np.zeros((len(layers), 2))
     batches = 0
@@ -80,9 +83,8 @@ def gradient_sensitivity(space: SearchSpace, sim: SimModel, dataset: Dataset, ba
                 sim.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(sim(x), torch.from_numpy(y).to(sim.device))
                 loss.backward()
-                for i, (layer, searched) in enumerate(zip(layers, space.searched)):
-                    setting = space.base.mapping[searched.name]
-                    squares[i, WEIGHT] += _weight_term(layer, lowest, setting.per_channel) ** 2
+                for i, (layer, weight_error) in enumerate(zip(layers, weight_errors)):
+                    squares[i, WEIGHT] += float((layer.weight.grad * weight_error).sum()) ** 2
                     squares[i, ACTIVATION] += _activation_term(inputs[layer.name], lowest, per_sample,
                                                                layer.nonnegative_input) ** 2
                 batches += 1
@@ -94,11 +96,11 @@ def gradient_sensitivity(space: SearchSpace, sim: SimModel, dataset: Dataset, ba
     return np.sqrt(squares / max(batches, 1))
 
 
-def _weight_term(layer, bits: int, per_channel: bool) -> float:
-    """sum(dL/dw * (dequantized w - w)) for this layer's weight at `bits`."""
+def _weight_error(layer, bits: int, per_channel: bool) -> torch.Tensor:
+    """dequantized w - w for this layer's weight at `bits`."""
     with torch.no_grad():
         codes, scale = weight_codes(layer.weight, bits, layer.kind.output_axis if per_channel else None)
-        return float((layer.weight.grad * (codes * scale - layer.weight)).sum())
+        return codes * scale - layer.weight
 
 
 def _activation_term(x: torch.Tensor, bits: int, per_sample: bool, nonnegative: bool) -> float:
