@@ -65,6 +65,35 @@ def quantize_weight(weight: np.ndarray, bits: int, channel_axis: int | None) -> 
     return codes.numpy().astype(np.int8), scale.reshape(-1) if channel_axis is not None else scale.reshape(())
 
 
+def table_codes(table: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """An embedding table as onnxruntime.quantization stores it for a quantized Gather: asymmetric unsigned
+    b-bit codes like an activation's, but with the parameters computed in NumPy as its compute_scale_zp does
+    (range widened to include 0, scale = range / (2^b - 1) in float64 stored as float32, zero point =
+    round(-rmin / float64 scale), codes = clip(round(w / float32 scale) + zero point, 0, 2^b - 1)).
+    Returns (codes - zero point as floats, straight-through gradient; float32 scale; zero point)."""
+    qmax = activation_code_max(bits)
+    with torch.no_grad():
+        low = min(float(table.min()), 0.0) if table.numel() else 0.0
+        high = max(float(table.max()), 0.0) if table.numel() else 0.0
+        low32, high32 = np.float32(low), np.float32(high)
+        scale64 = (np.float64(high32) - np.float64(low32)) / np.float64(qmax)
+        if scale64 < np.finfo(np.float32).tiny:
+            scale32, zero_point = np.float32(1.0), 0
+        else:
+            scale32, zero_point = np.float32(scale64), int(np.round(0 - np.float64(low32) / scale64))
+    scale = torch.tensor(scale32, dtype=torch.float32, device=table.device)
+    codes = torch.clamp(RoundHalfEvenSTE.apply(table / scale) + zero_point, 0, qmax) - zero_point
+    return codes, scale, zero_point
+
+
+def quantize_table(table: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """table_codes for a NumPy table, as the ONNX rewrite stores it: uint8 codes, float32 scale, uint8 zero point."""
+    with torch.no_grad():
+        codes, scale, zero_point = table_codes(torch.from_numpy(np.array(table, dtype=np.float32)), bits)
+    return ((codes + zero_point).numpy().astype(np.uint8), scale.numpy().reshape(()),
+            np.array(zero_point, dtype=np.uint8))
+
+
 def activation_scale_zero_point(x: torch.Tensor, bits: int, per_sample: bool,
                                 nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """DynamicQuantizeLinear's parameters at b bits, over the whole tensor (ORT at this batch) or per

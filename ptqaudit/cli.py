@@ -17,6 +17,7 @@ import click
 from . import __version__, progress
 from .analysis import AnalysisSettings, analyse, cached_analysis, load_run
 from .data import DataConfig, load_dataset
+from .text_data import PADDINGS, TextConfig
 from .distill import MODES, DistillConfig, run_distill
 from .errors import GateFailed, PtqauditError
 from .evaluate import DEVICES, ENGINES, EvalReport, evaluate, table_line
@@ -88,18 +89,37 @@ def data_options(f):
     options = [
         click.option("--data", default=DataConfig.name, show_default=True,
                      help="digits (embedded 8x8 digits, no download), cifar10 (the standard cifar-10-batches-py "
-                          "folder), a folder of class sub-folders of PNG/JPEG images, or an .npz with x and y."),
-        click.option("--data-root", default=None, help="Where to look for the cifar10 folder first "
-                     "(then $PTQAUDIT_DATA, then ~/.cache/ptqaudit)."),
+                          "folder), a folder of class sub-folders of PNG/JPEG images, or an .npz with x and y; for "
+                          "text models: sst2 (GLUE's SST-2 folder, its dev.tsv as the test split), a .tsv, .csv or "
+                          ".jsonl file of sentences and labels, or an .npz of token arrays named as the model's "
+                          "inputs plus y."),
+        click.option("--data-root", default=None, help="cifar10: where to look for its folder first (then "
+                     "$PTQAUDIT_DATA, then ~/.cache/ptqaudit); sst2: the SST-2 folder (train.tsv, dev.tsv)."),
         click.option("--download", is_flag=True, help="cifar10: fetch the official archive (checksum-verified) when missing."),
         click.option("--split", type=click.Choice(["test", "train"]), default=DataConfig.split, show_default=True),
         click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a deterministic, class-balanced subset of N examples."),
         click.option("--mean", callback=_comma_list(float, "0.49,0.48,0.45"), default=None, help="Per-channel mean to subtract after scaling pixels to [0,1], e.g. 0.49,0.48,0.45."),
         click.option("--std", callback=_comma_list(float, "0.49,0.48,0.45"), default=None, help="Per-channel standard deviation to divide by, after --mean."),
+        click.option("--tokenizer", type=click.Path(dir_okay=False), default=None,
+                     help="Text data: the model's Hugging Face tokenizer.json."),
+        click.option("--max-length", type=click.IntRange(min=1), default=TextConfig.max_length, show_default=True,
+                     help="Text data: truncate sentences to this many tokens (special tokens included)."),
+        click.option("--padding", type=click.Choice(PADDINGS), default=TextConfig.padding, show_default=True,
+                     help="Text data: pad each batch to its longest sentence (as Hugging Face pipelines do), or "
+                          "every sentence to --max-length (fixed-shape deployments). Padded positions enter the "
+                          "activation ranges dynamic quantization measures, so this is part of the scenario."),
+        click.option("--text-column", default=None, help="Text files: the column of sentences (default: sentence, "
+                     "else text)."),
+        click.option("--label-column", default=TextConfig.label_column, show_default=True,
+                     help="Text files: the column of class indices."),
     ]
 
-    def parse(data, data_root, download, split, limit, mean, std) -> DataConfig:
-        return DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download)
+    def parse(data, data_root, download, split, limit, mean, std, tokenizer, max_length, padding, text_column,
+              label_column) -> DataConfig:
+        text = TextConfig(tokenizer=tokenizer, max_length=max_length, padding=padding, text_column=text_column,
+                          label_column=label_column)
+        return DataConfig(name=data, root=data_root, split=split, limit=limit, mean=mean, std=std, download=download,
+                          text=text)
 
     return _option_group(f, options, parse, "data_config")
 

@@ -1,7 +1,8 @@
-"""Datasets the audit runs on: cifar10 (standard folder), image folder, .npz, digits (embedded).
+"""Datasets the audit runs on: cifar10 (standard folder), image folder, .npz, digits (embedded), and text
+(sst2, .tsv/.csv/.jsonl, tokenized .npz; see text_data.py).
 
-Every loader ends in the same `Dataset`: float32 NCHW pixels scaled to [0, 1] (then
-normalised per channel if --mean/--std are given) and int64 labels. Bad input raises
+Every loader ends in the same `Dataset`: float32 NCHW pixels scaled to [0, 1] (then normalised per
+channel if --mean/--std are given), or TextInputs for text, and int64 labels. Bad input raises
 `PtqauditError` with one line naming what was wrong and what is accepted.
 """
 
@@ -27,8 +28,10 @@ from PIL import Image
 
 from ptqaudit.errors import PtqauditError
 from ptqaudit.progress import Progress, track
+from ptqaudit.text_data import TextConfig, TextInputs, is_text_source, load_sst2, load_text_file, load_token_npz
 
 SPLITS = ("test", "train")
+SST2_CLASSES = ("negative", "positive")  # GLUE SST-2's labels 0 and 1
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -58,23 +61,39 @@ _TAR_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 class DataConfig:
     """Which examples to audit on and how to present them to the model."""
 
-    name: str = "digits"  # "digits" | "cifar10" | path to an image folder | path to a .npz file
-    root: str | None = None  # --data-root, for cifar10
+    name: str = "digits"  # "digits" | "cifar10" | "sst2" | path to an image folder, .npz, .tsv, .csv or .jsonl file
+    root: str | None = None  # --data-root, for cifar10 and sst2
     split: str = "test"  # "test" | "train"
     limit: int | None = None  # deterministic, class-balanced subset of N examples
     mean: tuple[float, ...] | None = None  # --mean/--std: normalise per channel after scaling to [0,1]
     std: tuple[float, ...] | None = None
     download: bool = False  # cifar10 only: fetch the official archive if missing
+    text: TextConfig = TextConfig()  # tokenizer, padding and columns, for text data
+
+    def __post_init__(self):
+        if isinstance(self.text, dict):  # as a run folder's run.json holds it
+            known = {k: v for k, v in self.text.items() if k in TextConfig.__dataclass_fields__}
+            object.__setattr__(self, "text", TextConfig(**known))
 
 
 @dataclass
 class Dataset:
-    """Examples in memory: x float32 NCHW (C-contiguous), y int64 class indices into `classes`."""
+    """Examples in memory: x float32 NCHW (C-contiguous) images or tokenized text, y int64 class indices
+    into `classes`."""
 
     name: str  # human label, e.g. "cifar10/test" or "digits/test"
-    x: np.ndarray
+    x: np.ndarray | TextInputs
     y: np.ndarray
     classes: list[str]
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.x, TextInputs)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One example's shape without the batch dim: (C, H, W), or (sequence length,) for text."""
+        return tuple(self.x.shape[1:])
 
     def __len__(self) -> int:
         return len(self.y)
@@ -91,7 +110,8 @@ class Dataset:
         if batch_size <= 0:
             raise PtqauditError(f"batch size must be a positive integer, got {batch_size}")
         for start in range(0, len(self), batch_size):
-            yield self.x[start : start + batch_size], self.y[start : start + batch_size]
+            x = self.x[start : start + batch_size]
+            yield x.trimmed() if isinstance(x, TextInputs) else x, self.y[start : start + batch_size]
 
 
 @dataclass
@@ -112,6 +132,8 @@ def load_dataset(config: DataConfig) -> Dataset:
     if config.limit is not None and config.limit <= 0:
         raise PtqauditError(f"--limit must be a positive number of examples, got {config.limit}")
 
+    if is_text_source(config.name) or _is_token_npz(config.name):
+        return _load_text(config)
     raw = _load_raw(config)
     _check_labels(raw)
     # Validate before the float conversion so a typo fails fast, even on CIFAR's train split.
@@ -141,6 +163,26 @@ def load_dataset(config: DataConfig) -> Dataset:
                 f"overflows float32 (largest {FLOAT32_MAX:.3g}); give the data's real per-channel statistics"
             )
     return Dataset(name=raw.name, x=x, y=raw.labels, classes=raw.classes)
+
+
+def _load_text(config: DataConfig) -> Dataset:
+    """A text dataset, subset (--limit) like images; --mean/--std do not apply."""
+    if config.mean is not None or config.std is not None:
+        raise PtqauditError(f"--mean/--std normalise image channels; dataset {config.name} is text")
+    if config.name == "sst2":
+        inputs, labels, name = load_sst2(config.root, config.split, config.text)
+        classes = list(SST2_CLASSES)
+    elif Path(config.name).suffix.lower() == ".npz":
+        path = Path(config.name).expanduser()
+        inputs, labels, classes = _load_npz_tokens(path, config.split)
+        name = path.name
+    else:
+        inputs, labels, name = load_text_file(Path(config.name).expanduser(), config.split, config.text)
+        classes = [str(index) for index in range(int(labels.max(initial=0)) + 1)]
+    if int(labels.max(initial=0)) >= len(classes):
+        raise PtqauditError(f"dataset {name} has labels up to {int(labels.max())} but {len(classes)} classes")
+    dataset = Dataset(name=name, x=inputs, y=labels, classes=classes)
+    return dataset.subset(config.limit) if config.limit is not None else dataset
 
 
 def check_input_shape(dataset: Dataset, model_input_shape: Sequence[int | str | None]) -> None:
@@ -191,8 +233,8 @@ def _load_raw(config: DataConfig) -> _RawData:
         return _load_npz(path, config.split)
     problem = "is not a folder or a .npz file" if path.exists() else "is not a known dataset or an existing path"
     raise PtqauditError(
-        f"dataset {config.name!r} {problem}: expected digits, cifar10, "
-        "the path of an image folder (one sub-folder per class) or the path of a .npz file"
+        f"dataset {config.name!r} {problem}: expected digits, cifar10, sst2, "
+        "the path of an image folder (one sub-folder per class), of a .npz file, or of a .tsv, .csv or .jsonl text file"
     )
 
 
@@ -785,6 +827,44 @@ def _load_npz(path: Path, split: str) -> _RawData:
     else:
         raise PtqauditError(f"{path}: {x_key} has dtype {x.dtype}: expected uint8 (0..255) or float")
     return _RawData(label, x, y, _npz_classes(classes, y, y_key, path), scale)
+
+
+def _is_token_npz(name: str) -> bool:
+    """Whether a .npz holds tokenized text: y and integer arrays [examples, sequence] named as model inputs."""
+    path = Path(name).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".npz"):
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            inputs = keys - {"y", "classes"}
+            if "y" not in keys or not inputs or any(k == "x" or k.startswith("x_") for k in keys):
+                return False  # x (or x_<split>) holds images
+            declared = [_npz_declared(archive, key, path) for key in inputs]
+    except Exception:  # unreadable: the image loader reports it in its words
+        return False
+    return all(len(shape) == 2 and np.issubdtype(dtype, np.integer) for shape, dtype in declared)
+
+
+def _load_npz_tokens(path: Path, split: str) -> tuple[TextInputs, np.ndarray, list[str]]:
+    """Tokenized text in a .npz (text_data.load_token_npz), its headers checked before anything is allocated."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            declared = [_npz_declared(archive, key, path) for key in sorted(keys)]
+            needed = sum(math.prod(shape) * max(dtype.itemsize, 8) for shape, dtype in declared)
+            memory = _physical_memory()
+            if memory is not None and needed > memory:
+                raise PtqauditError(f"{path}: loading its arrays needs about {needed / 2**30:,.1f} GiB of memory, more "
+                                    f"than this machine's {memory / 2**30:,.1f} GiB")
+            inputs, y = load_token_npz(path, archive, keys, split)
+            classes = archive["classes"] if "classes" in keys else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as error:
+        raise PtqauditError(f"cannot read {path}: {error}") from error
+    y = _npz_labels(y, "y", path)
+    if len(y) != len(inputs):
+        raise PtqauditError(f"{path}: the input arrays hold {len(inputs)} examples but y has {len(y)} labels")
+    return inputs, y, _npz_classes(classes, y, "y", path)
 
 
 def _check_npz_sizes(archive: np.lib.npyio.NpzFile, x_key: str, y_key: str, path: Path) -> None:

@@ -29,7 +29,7 @@ from .search.evaluator import Leaderboard, SimEvaluator
 from .search.methods import PolicyAgent
 from .search.sensitivity import probe_sensitivity
 from .search.run import SUMMARY_VERSION, SearchConfig, run_search
-from .search.space import Budget, Objective, SearchSpace, check_bits, layer_features
+from .search.space import Objective, SearchSpace, check_bits, layer_features
 from .sim.engine import EngineAgreement, sim_predict, simulation_plan
 from .sim.model import SimModel
 from .text import table
@@ -265,8 +265,8 @@ def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, tes
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     base = load_policy("w8a8").resolve(teacher.layers)
-    budget = Budget.from_average_bits(config.budget_avg_bits, teacher.total_macs)
-    space = SearchSpace(teacher.layers, base, config.bits, [layer.name for layer in teacher.layers], budget)
+    space = SearchSpace(teacher.layers, base, config.bits, [layer.name for layer in teacher.layers],
+                        config.budget_avg_bits)
     space.check_budget(Objective.WORST)
     folder = RunFolder(config.output)
     if (folder.path / "run.json").exists():

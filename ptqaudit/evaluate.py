@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from .data import Dataset, check_input_shape
+from .text_data import feeds
 from .errors import GateFailed, PtqauditError
 from .gate import Check, Gate
 from .kernels import detect_kernel_family
@@ -22,6 +23,7 @@ from .quantize import QuantizedModel, quantize
 from .sim.engine import EngineAgreement, sim_predict
 from .sim.model import SimModel
 
+ORT_INPUT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 DEVICES = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -51,14 +53,14 @@ def predict(session: ort.InferenceSession, dataset: Dataset, batch_size: int, de
     """Logits for every example, fed in order in batches of batch_size: the activation range of a
     dynamically quantized layer is taken over the whole batch, so the batching is part of the result.
     A run ORT refuses (e.g. a graph asking for more memory than there is) is a PtqauditError naming `model`."""
-    input_name = session.get_inputs()[0].name
+    inputs = [(i.name, ORT_INPUT_TYPES.get(i.type, np.float32)) for i in session.get_inputs()]
     outputs, seconds = [], 0.0
     batches = dataset.batches(batch_size)
     total = -(-len(dataset) // batch_size)
     for x, _ in track(batches, desc, "batch", progress, total):
         start = time.perf_counter()
         try:
-            (logits,) = session.run(None, {input_name: x})
+            (logits,) = session.run(None, feeds(x, inputs))
         except ort_errors() as exc:
             raise ort_failure(exc, model, desc) from exc
         seconds += time.perf_counter() - start
@@ -70,7 +72,10 @@ def predict(session: ort.InferenceSession, dataset: Dataset, batch_size: int, de
 
 
 def check_model_fits_data(model: LoadedModel, dataset: Dataset, batch_size: int) -> None:
-    check_input_shape(dataset, model.input_shape)
+    if model.is_text or dataset.is_text:
+        check_text_fits(model, dataset)
+    else:
+        check_input_shape(dataset, model.input_shape)
     batch_dim = model.input_shape[0] if model.input_shape else None
     if isinstance(batch_dim, int) and batch_dim > 0 and batch_dim != batch_size:
         raise PtqauditError(f"model input has a fixed batch size of {batch_dim}; run with --batch-size {batch_dim}")
@@ -78,6 +83,38 @@ def check_model_fits_data(model: LoadedModel, dataset: Dataset, batch_size: int)
         raise PtqauditError(
             f"dataset {dataset.name} has {len(dataset.classes)} classes but the model outputs {model.num_classes} scores"
         )
+
+
+def check_text_fits(model: LoadedModel, dataset: Dataset) -> None:
+    """A text model meets text data: inputs matched by name (tokenized text offers input_ids, attention_mask and
+    token_type_ids; a .npz must hold exactly the model's inputs), token ids within each embedding table, and
+    sequences no longer than the position table."""
+    if not (model.is_text and dataset.is_text):
+        kind = "a text model" if model.is_text else "an image model"
+        raise PtqauditError(f"{model.path} is {kind} but dataset {dataset.name} is "
+                            f"{'text' if dataset.is_text else 'images'}")
+    offered = set(dataset.x.arrays)
+    missing = [name for name in model.input_names if name not in offered]
+    unexpected = sorted(offered - set(model.input_names)) if dataset.x.texts is None else []
+    if missing or unexpected:
+        problems = ([f"no data for model input(s) {', '.join(missing)}"] * bool(missing)
+                    + [f"{', '.join(unexpected)} match(es) no model input"] * bool(unexpected))
+        raise PtqauditError(f"dataset {dataset.name}: {'; '.join(problems)}; the model's inputs are "
+                            f"{', '.join(model.input_names)} and the data has {', '.join(sorted(offered))}")
+    limits = model.token_limits
+    for name, (rows, table) in limits.vocabulary.items():
+        ids = dataset.x.arrays[name]
+        if ids.size and (ids.max() >= rows or ids.min() < 0):
+            bad = int(ids.max()) if ids.max() >= rows else int(ids.min())
+            raise PtqauditError(f"dataset {dataset.name}: input {name} holds token id {bad}, outside the model's "
+                                f"embedding table {table!r} of {rows} rows (ids 0..{rows - 1}): is --tokenizer the "
+                                "model's own?")
+    if limits.positions is not None and dataset.x.sequence_length > limits.positions[0]:
+        rows, table = limits.positions
+        longest = int(dataset.x.lengths.max())
+        raise PtqauditError(f"dataset {dataset.name}: sequences of {dataset.x.sequence_length} tokens (longest "
+                            f"sentence {longest}) but the model's position table {table!r} has {rows} rows: "
+                            f"run with --max-length {rows} or less")
 
 
 ENGINES = ("ort", "sim", "both")

@@ -2,8 +2,9 @@
 
 A kind owns which input is the constant weight and when a node qualifies, the weight's orientation in
 the engines, the bias input, the output-channel axis, the MACs, the integer node of the ONNX rewrite
-and the float product the simulator runs. KINDS finds a kind by op type (as onnxruntime.quantization's
-registry does): a new layer kind is one class here and one entry in KINDS.
+and the float product the simulator runs. KINDS holds the kinds by selector name; kind_of finds a node's kind
+from its op type and inputs (as onnxruntime.quantization's registry does by op type): a new layer kind is
+one class here and one entry in KINDS.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ class LayerKind:
     """A node multiplying its first input by a constant weight, optionally adding a bias (input 2)."""
 
     op_type = ""
+    selector = ""  # the policy selector naming every layer of the kind: @<selector>
+    weight_only = False  # only the weight is quantized: no activation range, no integer product
+    quantized_by_default = True  # a policy's default setting applies (else only rules that select it do)
+    description = ""  # what the kind is, for `ptqaudit layers` and the docs
     output_axis = 1  # axis of the weight, as the engines hold it, that indexes output channels
     channels_first = False  # output channels on axis 1 of the output (else the last axis, where vectors broadcast)
     matrix_kernel = True  # ORT runs it on the u8 x s8 matrix kernel, whose arithmetic depends on the CPU (kernels.py)
@@ -34,6 +39,18 @@ class LayerKind:
     def weight_input(self, node: onnx.NodeProto, initializers: dict) -> str | None:
         """Name of the constant weight the node multiplies by, or None when the node does not qualify."""
         return node.input[1] if node.input[1] in initializers else None
+
+    def qualifies(self, node: onnx.NodeProto, initializers: dict) -> bool:
+        """Whether the node (of this kind's op type) is a layer of this kind."""
+        return self.weight_input(node, initializers) is not None
+
+    def runtime_inputs(self, node: onnx.NodeProto) -> list[str]:
+        """The inputs the layer takes at run time, each quantized dynamically (unless weight_only)."""
+        return [self.activation_input(node)]
+
+    def activation_input(self, node: onnx.NodeProto) -> str:
+        """The input the layer takes at run time (the one dynamic quantization measures, when it does)."""
+        return node.input[0]
 
     def bias_input(self, node: onnx.NodeProto) -> str | None:
         return node.input[2] if len(node.input) > 2 and node.input[2] != "" else None
@@ -52,6 +69,10 @@ class LayerKind:
     def output_channels(self, node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> int:
         return self.engine_shape(node, weight_shape)[self.output_axis]
 
+    def scale_axis(self, per_channel: bool) -> int | None:
+        """The engine weight's axis with one scale per slice, or None for one scale per tensor."""
+        return self.output_axis if per_channel else None
+
     def macs(self, node: onnx.NodeProto, weight_shape: tuple[int, ...], output_shape: tuple) -> int:
         """Multiply-accumulates per sample: every output element takes K products (engine weight [K, N])."""
         return _per_sample(output_shape) * self.engine_shape(node, weight_shape)[0]
@@ -59,6 +80,10 @@ class LayerKind:
     def along_output_channels(self, vector, output_rank: int):
         """A per-output-channel vector shaped to broadcast against the layer's output."""
         return vector.reshape(-1, *([1] * (output_rank - 2))) if self.channels_first else vector
+
+    def ort_extra_options(self) -> dict:
+        """quantize_dynamic's extra_options needed to quantize layers of this kind."""
+        return {}
 
     def ort_quantizer_name(self, name: str) -> str:
         """The name by which onnxruntime's quantize_dynamic selects the layer named `name`."""
@@ -76,7 +101,8 @@ class LayerKind:
 
 
 class ConvKind(LayerKind):
-    op_type = "Conv"
+    op_type = selector = "Conv"
+    description = "convolution with a constant weight"
     output_axis = 0  # weight [Cout, Cin / group, *kernel]
     channels_first = True
     matrix_kernel = False  # ConvInteger (im2col, then a u8 x u8 GEMM) is exact on every CPU
@@ -94,7 +120,8 @@ class ConvKind(LayerKind):
 
 
 class MatMulKind(LayerKind):
-    op_type = "MatMul"
+    op_type = selector = "MatMul"
+    description = "MatMul by a constant 2-D weight"
 
     def weight_input(self, node, initializers):
         weight = super().weight_input(node, initializers)
@@ -104,7 +131,8 @@ class MatMulKind(LayerKind):
 class GemmKind(LayerKind):
     """Y = A B + C with a constant B, [K, N], or [N, K] under transB=1 (as PyTorch exports Linear)."""
 
-    op_type = "Gemm"
+    op_type = selector = "Gemm"
+    description = "Gemm with a constant weight"
 
     def weight_input(self, node, initializers):
         # the integer rewrite multiplies A by a constant B; transA, alpha and beta other than 1 change that
@@ -121,7 +149,92 @@ class GemmKind(LayerKind):
         return f"{name}_MatMul"
 
 
-KINDS: dict[str, LayerKind] = {kind.op_type: kind for kind in (ConvKind(), MatMulKind(), GemmKind())}
+class EmbeddingKind(LayerKind):
+    """A Gather looking rows up in a constant table (token, position and segment embeddings): ORT's dynamic
+    quantization stores the table as asymmetric uint8 codes per tensor, whatever the weight type asked for
+    (arithmetic.table_codes), and dequantizes the rows gathered (Gather -> DequantizeLinear). Only the table
+    is quantized and nothing is multiplied, so it has no activation width and no MACs: its cost in BitOPs
+    is zero."""
+
+    op_type = "Gather"
+    selector = "embedding"
+    description = "embedding lookup (Gather on a constant table): uint8 table, no activation quantized"
+    weight_only = True
+    matrix_kernel = False
+
+    def weight_input(self, node, initializers):
+        table = node.input[0]
+        if table not in initializers or len(initializers[table].dims) != 2 or node_attribute(node, "axis", 0) != 0:
+            return None
+        return table
+
+    def activation_input(self, node):
+        return node.input[1]
+
+    def bias_input(self, node):
+        return None
+
+    def output_channels(self, node, weight_shape):
+        return 1  # one scale per table
+
+    def scale_axis(self, per_channel):
+        return None
+
+    def macs(self, node, weight_shape, output_shape):
+        return 0
+
+    def float_product(self, x, weight, bias, attrs):
+        """Rows of the (dequantized) table, differentiable in the table."""
+        return torch.nn.functional.embedding(x, weight)
+
+
+class ActivationMatMulKind(LayerKind):
+    """A MatMul of two activations: a transformer's attention scores (Q K^T) and context (P V). quantize_dynamic
+    leaves it in float unless its MatMulConstBOnly option is off; then both operands are quantized on the fly
+    (uint8, asymmetric, range over the tensor) and multiplied on the u8 x u8 kernel, exact on every CPU. A
+    policy's default does not reach it, as quantize_dynamic's default does not; a rule selecting it does, its
+    weight width then being operand B's."""
+
+    op_type = "MatMul"
+    selector = "attention"
+    description = "MatMul of two activations (attention scores and context); float unless a rule selects it"
+    quantized_by_default = False
+    matrix_kernel = False  # u8 x u8: exact on every CPU
+
+    def weight_input(self, node, initializers):
+        return None
+
+    def qualifies(self, node, initializers):
+        return len(node.input) == 2 and not any(name in initializers for name in node.input)
+
+    def runtime_inputs(self, node):
+        return list(node.input)
+
+    def bias_input(self, node):
+        return None
+
+    def output_channels(self, node, weight_shape):
+        return 1
+
+    def scale_axis(self, per_channel):
+        return None
+
+    def macs(self, node, weight_shape, output_shape):
+        """weight_shape is operand B's shape without the batch: each output element takes K = B's rows products."""
+        return _per_sample(output_shape) * weight_shape[-2]
+
+    def ort_extra_options(self) -> dict:
+        return {"MatMulConstBOnly": False}
+
+
+KINDS: dict[str, LayerKind] = {kind.selector: kind for kind in (ConvKind(), MatMulKind(), GemmKind(), EmbeddingKind(),
+                                                                ActivationMatMulKind())}
+
+
+def kind_of(node: onnx.NodeProto, initializers: dict) -> LayerKind | None:
+    """The layer kind of a node, or None when it is not a quantizable layer."""
+    return next((kind for kind in KINDS.values() if kind.op_type == node.op_type and kind.qualifies(node, initializers)),
+                None)
 
 
 def _per_sample(output_shape: tuple) -> int:

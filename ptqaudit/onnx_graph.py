@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +13,13 @@ import onnx
 
 from .data import format_dim, format_shape, is_free_dim
 from .errors import PtqauditError
-from .layer_kinds import KINDS, LayerKind
+from .layer_kinds import KINDS, LayerKind, kind_of
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One quantizable node: a Conv, MatMul or Gemm whose weight is a constant initializer."""
+    """One quantizable node: a Conv, MatMul or Gemm whose weight is a constant initializer, an embedding lookup,
+    or a MatMul of two activations (layer_kinds.py)."""
 
     name: str
     op_type: str
@@ -29,10 +30,23 @@ class Layer:
     macs: int  # multiply-accumulates for one input sample
     params: int  # weight and bias elements
     output_channels: int  # what a per-channel weight scale runs along: Conv filters, MatMul/Gemm columns (N)
+    kind_name: str = ""  # the kind's selector (layer_kinds.KINDS); "" for the kind named by op_type
 
     @property
     def kind(self) -> LayerKind:
-        return KINDS[self.op_type]
+        return KINDS[self.kind_name or self.op_type]
+
+
+TEXT_INPUT_TYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
+
+
+@dataclass(frozen=True)
+class TokenLimits:
+    """What a text model's embedding tables accept: for each input of token ids, the table's rows (ids run
+    0..rows-1) and name; and the rows of its position table, the longest sequence it takes (None: no table)."""
+
+    vocabulary: dict[str, tuple[int, str]]
+    positions: tuple[int, str] | None
 
 
 @dataclass
@@ -40,12 +54,28 @@ class LoadedModel:
     path: Path
     proto: onnx.ModelProto
     layers: list[Layer]
-    input_name: str
-    input_shape: tuple[int | str | None, ...]
+    input_names: list[str]  # one float32 image input, or the integer inputs of a text model, in graph order
+    input_shape: tuple[int | str | None, ...]  # every input's shape (a text model's inputs share [batch, sequence])
     num_classes: int | None  # None where the output width is only known at run time
+    input_dtypes: list[type] = field(default_factory=lambda: [np.float32])
+    token_limits: TokenLimits | None = None  # text models only
 
     def layer(self, name: str) -> Layer:
         return next(layer for layer in self.layers if layer.name == name)
+
+    @property
+    def input_name(self) -> str:
+        """The image input (the first input of a text model)."""
+        return self.input_names[0]
+
+    @property
+    def is_text(self) -> bool:
+        return self.token_limits is not None
+
+    @property
+    def inputs(self) -> list[tuple[str, type]]:
+        """(name, NumPy dtype) of each input, as ORT is fed them."""
+        return list(zip(self.input_names, self.input_dtypes))
 
     @property
     def total_macs(self) -> int:
@@ -114,18 +144,20 @@ def _dims(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | Non
     )
 
 
-def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs fed at run time (old exporters also list initializers as inputs)."""
     initializer_names = {init.name for init in model.graph.initializer}
-    return next(i for i in model.graph.input if i.name not in initializer_names)
+    return [i for i in model.graph.input if i.name not in initializer_names]
 
 
 def _with_input_shape(model: onnx.ModelProto, shape: Sequence) -> onnx.ModelProto:
-    """A copy of the model whose image input declares `shape` (where `shape` gives a number)."""
+    """A copy of the model whose inputs declare `shape` (where `shape` gives a number)."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
-    for dim, size in zip(_image_input(fixed).type.tensor_type.shape.dim, shape):
-        if not is_free_dim(size):
-            dim.dim_value = size
+    for graph_input in _graph_inputs(fixed):
+        for dim, size in zip(graph_input.type.tensor_type.shape.dim, shape):
+            if not is_free_dim(size):
+                dim.dim_value = size
     return fixed
 
 
@@ -146,8 +178,8 @@ def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str], 
     """Output shape of each named tensor: ONNX shape inference, or one ORT run of a zero input when
     inference leaves a non-batch dimension unknown (Slice/Reshape chains often defeat it).
     `input_shape` may fix dims the model leaves symbolic (from the data or --input-shape)."""
-    declared = _dims(_image_input(model)) or ()
-    sized = model if tuple(input_shape) == declared else _with_input_shape(model, input_shape)
+    inputs = _graph_inputs(model)
+    sized = model if all(tuple(input_shape) == (_dims(i) or ()) for i in inputs) else _with_input_shape(model, input_shape)
     try:
         inferred = onnx.shape_inference.infer_shapes(sized, data_prop=True)
         shapes = {vi.name: _dims(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
@@ -160,7 +192,7 @@ def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str], 
     if symbolic:
         example = ",".join(format_dim(d) for d in input_shape[1:])
         raise PtqauditError(
-            f"model input {_image_input(model).name!r} is {format_shape(input_shape)} with symbolic "
+            f"model input {inputs[0].name!r} is {format_shape(input_shape)} with symbolic "
             f"{', '.join(symbolic)}, and the layers' shapes and MACs depend on them: give one input's shape, "
             f"--input-shape {example} with numbers for {', '.join(symbolic)} (eval, search, distill and report "
             "take it from the data)"
@@ -172,10 +204,12 @@ def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str], 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # ORT's error log repeats the exception, which becomes the one line shown
+    # zeros of each input's type: black images, or token id 0 (padding) everywhere
+    feed = {i.name: np.zeros(sample_shape, dtype=TEXT_INPUT_TYPES.get(i.type.tensor_type.elem_type, np.float32))
+            for i in inputs}
     try:
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
-        outputs = session.run(names, {input_name: np.zeros(sample_shape, dtype=np.float32)})
+        outputs = session.run(names, feed)
     except ort_errors() as exc:
         raise ort_failure(exc, model_name, "finding its layers' shapes") from exc
     return {n: ("batch",) + tuple(int(d) for d in out.shape[1:]) for n, out in zip(names, outputs)}
@@ -208,10 +242,9 @@ def find_layers(model: onnx.ModelProto, input_shape, model_name: str = "the mode
     initializers = {init.name: init for init in model.graph.initializer}
     candidates = []
     for node in model.graph.node:
-        if node.op_type in KINDS:
-            weight = KINDS[node.op_type].weight_input(node, initializers)
-            if weight is not None:
-                candidates.append((node, weight))
+        kind = kind_of(node, initializers)
+        if kind is not None:
+            candidates.append((node, kind))
     unnamed = [n for n, _ in candidates if not n.name]
     if unnamed:
         raise PtqauditError(
@@ -225,11 +258,19 @@ def find_layers(model: onnx.ModelProto, input_shape, model_name: str = "the mode
             f"model has several quantizable nodes named {', '.join(map(repr, duplicates))}: policies address "
             "layers by ONNX node name, so names must be unique"
         )
-    shapes = _layer_output_shapes(model, input_shape, [n.output[0] for n, _ in candidates], model_name)
+    # an activation product's second operand plays the weight's part in shapes and MACs
+    operands = [name for n, kind in candidates if kind.weight_input(n, initializers) is None for name in n.input]
+    wanted = list(dict.fromkeys([n.output[0] for n, _ in candidates] + operands))
+    shapes = _layer_output_shapes(model, input_shape, wanted, model_name)
+    # a product of activations is a layer when batched (attention's [batch, heads, L, d]), not when it mixes
+    # the batch's inputs (a Gram matrix x^T x)
+    candidates = [(n, kind) for n, kind in candidates if kind.weight_input(n, initializers) is not None
+                  or all(len(shapes[name]) >= 3 for name in n.input)]
     layers = []
-    for index, (node, weight) in enumerate(candidates):
-        kind = KINDS[node.op_type]
-        weight_shape = tuple(int(d) for d in initializers[weight].dims)
+    for index, (node, kind) in enumerate(candidates):
+        weight = kind.weight_input(node, initializers) or ""
+        weight_shape = (tuple(int(d) for d in initializers[weight].dims) if weight
+                        else tuple(int(d) for d in shapes[node.input[1]][1:]))
         bias = kind.bias_input(node)
         bias_params = int(np.prod(initializers[bias].dims)) if bias in initializers else 0
         output_shape = ("batch",) + tuple(shapes[node.output[0]][1:])
@@ -242,8 +283,9 @@ def find_layers(model: onnx.ModelProto, input_shape, model_name: str = "the mode
                 weight_shape=weight_shape,
                 output_shape=output_shape,
                 macs=kind.macs(node, weight_shape, output_shape),
-                params=int(np.prod(weight_shape)) + bias_params,
+                params=(int(np.prod(weight_shape)) if weight else 0) + bias_params,
                 output_channels=kind.output_channels(node, weight_shape),
+                kind_name=kind.selector,
             )
         )
     return layers
@@ -255,19 +297,29 @@ SampleShape = Sequence[int] | Callable[[], Sequence[int]]
 def load_model(path: str | Path, sample_shape: SampleShape | None = None) -> LoadedModel:
     """Read an ONNX classifier and describe it; refuses models the audit cannot handle, with a reason.
 
-    sample_shape is one input's shape without the batch dim (C, H, W): the data's, or --input-shape.
-    It gives the dims the model leaves symbolic, on which layer shapes and MACs depend. It may be a
-    function returning it, called only when the model has such dims (so no data is loaded for nothing).
+    An image classifier takes one float32 input; a text classifier takes integer token inputs (int64 or
+    int32, [batch, sequence]: input_ids, and attention_mask or token_type_ids as it was exported with).
+    sample_shape is one input's shape without the batch dim: (C, H, W), or (sequence length,) for text; the
+    data's, or --input-shape. It gives the dims the model leaves symbolic, on which layer shapes and MACs
+    depend. It may be a function returning it, called only when the model has such dims (so no data is
+    loaded for nothing).
     """
     path = Path(path)
     proto = read_model(path)
-    initializer_names = {init.name for init in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in initializer_names]
-    if len(inputs) != 1:
-        raise PtqauditError(f"{path}: expected one image input, found {len(inputs)}: {[i.name for i in inputs]}")
-    if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise PtqauditError(f"{path}: input {inputs[0].name!r} must be float32")
-    input_shape = _dims(inputs[0]) or ()
+    inputs = _graph_inputs(proto)
+    types = [i.type.tensor_type.elem_type for i in inputs]
+    text = bool(inputs) and all(t in TEXT_INPUT_TYPES for t in types)
+    if not text and (len(inputs) != 1 or types[0] != onnx.TensorProto.FLOAT):
+        described = ", ".join(f"{i.name} ({onnx.TensorProto.DataType.Name(t).lower()})" for i, t in zip(inputs, types))
+        raise PtqauditError(
+            f"{path}: expected one float32 image input, or integer (int64/int32) token inputs of a text model; "
+            f"found {len(inputs)}: {described}"
+        )
+    shapes = {i.name: _dims(i) or () for i in inputs}
+    if text and any(len(shape) != 2 for shape in shapes.values()):
+        raise PtqauditError(f"{path}: a text model's inputs are [batch, sequence]; found "
+                            f"{', '.join(f'{name} {format_shape(shape)}' for name, shape in shapes.items())}")
+    input_shape = shapes[inputs[0].name]
     if len(proto.graph.output) != 1:
         raise PtqauditError(
             f"{path}: not a classifier: expected one output of class scores, found {len(proto.graph.output)}"
@@ -284,7 +336,46 @@ def load_model(path: str | Path, sample_shape: SampleShape | None = None) -> Loa
         raise PtqauditError(
             f"{path}: no quantizable layer (Conv, MatMul or Gemm with a constant weight) in the model"
         )
-    return LoadedModel(path, proto, layers, inputs[0].name, input_shape, num_classes)
+    dtypes = [TEXT_INPUT_TYPES.get(t, np.float32) for t in types]
+    limits = token_limits(proto) if text else None
+    return LoadedModel(path, proto, layers, [i.name for i in inputs], input_shape, num_classes, dtypes, limits)
+
+
+def token_limits(model: onnx.ModelProto) -> TokenLimits:
+    """The embedding tables of a text model and what they bound. A Gather on a constant table whose indices
+    depend on the values of one input is that input's vocabulary; one whose indices depend on no input's
+    values, only on shapes (positions 0..L-1), is the position table. Dependencies are traced through the
+    graph; Shape and Size outputs depend on their input's shape, not its values."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    depends: dict[str, frozenset[str]] = {i.name: frozenset([i.name]) for i in _graph_inputs(model)}
+    vocabulary: dict[str, tuple[int, str]] = {}
+    positions: tuple[int, str] | None = None
+    for node in model.graph.node:
+        if node.op_type in ("Shape", "Size"):
+            sources = frozenset()
+        else:
+            sources = frozenset().union(*(depends.get(name, frozenset()) for name in node.input))
+        for output in node.output:
+            depends[output] = sources
+        table = _embedding_table(node, initializers)
+        if table is None:
+            continue
+        rows = int(initializers[table].dims[0])
+        index_sources = depends.get(node.input[1], frozenset())
+        if len(index_sources) == 1:
+            (source,) = index_sources
+            vocabulary[source] = min(vocabulary.get(source, (rows, table)), (rows, table))
+        elif not index_sources:
+            positions = min(positions or (rows, table), (rows, table))
+    return TokenLimits(vocabulary, positions)
+
+
+def _embedding_table(node: onnx.NodeProto, initializers: dict) -> str | None:
+    """The constant table a Gather (axis 0) looks rows up in, or None."""
+    if node.op_type != "Gather" or node.input[0] not in initializers or len(initializers[node.input[0]].dims) != 2:
+        return None
+    axis = next((helper_attribute.i for helper_attribute in node.attribute if helper_attribute.name == "axis"), 0)
+    return node.input[0] if axis == 0 else None
 
 
 def _fill_input_shape(declared: tuple, sample_shape: SampleShape | None, path: Path) -> tuple:

@@ -28,7 +28,7 @@ WEIGHT_TYPES = ("int8", "uint8")  # the container of the weight codes in the qua
 OPTION_KEYS = ("weight_type", "x64_quant_precision")  # policy-wide settings of ORT's integer kernels
 FILE_KEYS = ("description", "default", "layers", *OPTION_KEYS)
 # selectors that name layers by position or op type instead of by node name
-SPECIAL_SELECTORS = ("@first", "@last", *(f"@{op_type}" for op_type in KINDS))
+SPECIAL_SELECTORS = ("@first", "@last", *(f"@{kind.selector}" for kind in KINDS.values()))
 # Policy files may come from others, so what one may ask of the parser is bounded. An explicit policy
 # naming 2,000 layers is ~230 KiB, and pure-Python YAML parses a few hundred KiB a second at best.
 MAX_FILE_BYTES = 256 * 1024
@@ -198,19 +198,25 @@ class Policy:
     options: KernelOptions = KernelOptions()  # policy-wide: which of ORT's integer kernels run the layers
 
     def _selected(self, selector: str, layers: list[Layer]) -> list[Layer]:
+        # first and last among the layers that compute (an embedding lookup is neither)
+        computing = [layer for layer in layers if not layer.kind.weight_only]
         if selector == "@first":
-            return layers[:1]
+            return computing[:1]
         if selector == "@last":
-            return layers[-1:]
+            return computing[-1:]
         if selector.startswith("@"):
-            return [layer for layer in layers if layer.op_type == selector[1:]]
+            return [layer for layer in layers if layer.kind.selector == selector[1:]]
         return [layer for layer in layers if fnmatch.fnmatchcase(layer.name, selector)]
 
     def resolve(self, layers: list[Layer]) -> "ResolvedPolicy":
-        """The setting of every layer of a model; a rule that matches no layer is an error."""
-        mapping = {layer.name: self.default for layer in layers}
+        """The setting of every layer of a model; a rule that matches no layer is an error, unless it selects a
+        kind of layer (@embedding, @attention, ...)."""
+        # the default reaches the kinds quantize_dynamic quantizes by default (not activation products)
+        mapping = {layer.name: self.default if layer.kind.quantized_by_default else None for layer in layers}
         for selector, raw in self.rules:
             selected = self._selected(selector, layers)
+            if not selected and selector[1:] in KINDS:
+                continue  # a kind the model has none of: a policy may be written for several kinds of model
             if not selected:
                 close = difflib.get_close_matches(selector, [layer.name for layer in layers], n=3, cutoff=0.3)
                 hint = f"; closest layer names: {', '.join(close)}" if close else ""

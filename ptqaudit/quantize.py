@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from .arithmetic import activation_code_max, quantize_weight
+from .arithmetic import activation_code_max, quantize_table, quantize_weight
 from .errors import PtqauditError
 from .layer_kinds import KINDS
 from .onnx_graph import Layer, LoadedModel, upgrade_opset
@@ -59,18 +59,25 @@ def ort_quantizer_applies(model: LoadedModel, policy: ResolvedPolicy) -> bool:
     int8 codes need the rewrite too."""
     if policy.options.weight_type != "int8":
         return False
-    settings = set(policy.quantized.values())
-    if len(settings) != 1:
+    kinds = {model.layer(name).kind.selector for name in policy.quantized}
+    # embedding tables: quantize_dynamic stores them at 8 bits whatever the weight width (reduce_range too)
+    tables = {q.weight_bits for name, q in policy.quantized.items() if model.layer(name).kind.weight_only}
+    settings = {q for name, q in policy.quantized.items() if not model.layer(name).kind.weight_only}
+    if len(settings) != 1 or not tables <= {8}:
         return False
     (setting,) = settings
-    if setting.per_channel and any(model.layer(name).op_type == "Conv" for name in policy.quantized):
+    if setting.per_channel and "Conv" in kinds:
         return False
-    return setting.weight_bits in (7, 8) and setting.activation_bits == 8
+    # an activation product's operand B is quantized as an activation: reduce_range (w7) does not reach it
+    return setting.weight_bits in ((8,) if "attention" in kinds else (7, 8)) and setting.activation_bits == 8
 
 
 def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedModel:
-    setting = next(iter(policy.quantized.values()))
+    setting = next(q for name, q in policy.quantized.items() if not model.layer(name).kind.weight_only)
     targets = [model.layer(name).kind.ort_quantizer_name(name) for name in policy.quantized]
+    extra_options = {}
+    for name in policy.quantized:
+        extra_options.update(model.layer(name).kind.ort_extra_options())
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "quantized.onnx"
         logging.disable(logging.WARNING)  # its advice to pre-process the model is noise in a CLI
@@ -81,13 +88,17 @@ def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedM
                 weight_type=QuantType.QInt8,
                 per_channel=setting.per_channel,
                 reduce_range=setting.weight_bits == 7,
-                op_types_to_quantize=list(KINDS),
+                op_types_to_quantize=sorted({kind.op_type for kind in KINDS.values()}),
                 nodes_to_quantize=targets,
+                extra_options=extra_options,
             )
         finally:
             logging.disable(logging.NOTSET)
         proto = onnx.load(str(out))
-    left_float = {n.name for n in proto.graph.node if n.op_type in KINDS} & set(targets)
+    # a quantized layer is renamed (Conv -> ConvInteger, MatMul -> MatMulInteger) or reads int8 codes (Gather)
+    floats = {init.name: init for init in proto.graph.initializer if init.data_type == TensorProto.FLOAT}
+    left_float = {n.name for n in proto.graph.node
+                  if n.name in set(targets) and n.op_type in KINDS and KINDS[n.op_type].weight_input(n, floats)}
     if left_float:
         raise PtqauditError(
             f"onnxruntime's quantize_dynamic left {len(left_float)} layer(s) of policy {policy.name} in float: "
@@ -150,14 +161,52 @@ class _Rewriter:
         ]
         return nodes, (codes, scale, zero_point)
 
+    def weight_only_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
+        """What quantize_dynamic makes of an embedding lookup: the same Gather on the table's uint8 codes (per
+        tensor, asymmetric: arithmetic.table_codes), then DequantizeLinear of the rows gathered."""
+        table = numpy_helper.to_array(self.initializers[layer.weight_name]).astype(np.float32)
+        codes, scale, zero_point = quantize_table(table, q.weight_bits)
+        stem = f"{node.name}_w{q.weight_bits}"
+        codes_name = self.constant(f"{stem}_weight_codes", codes)
+        scale_name = self.constant(f"{stem}_weight_scale", scale)
+        zero_point = self.constant(f"{stem}_weight_zero_point", zero_point)
+        gathered = f"{stem}_gathered"
+        gather = onnx.NodeProto()
+        gather.CopyFrom(node)
+        gather.input[0], gather.output[0] = codes_name, gathered
+        self.layer_tensors[node.name] = {"w_codes": codes_name, "w_scale": scale_name, "output": node.output[0]}
+        return [gather, helper.make_node("DequantizeLinear", [gathered, scale_name, zero_point], [node.output[0]],
+                                         name=f"{stem}_dequantize")]
+
+    def activation_product(self, node: onnx.NodeProto, q: LayerQuant) -> list[onnx.NodeProto]:
+        """What quantize_dynamic makes of a MatMul of two activations with MatMulConstBOnly off: both operands
+        quantized on the fly (A at the activation width, B at the weight width), MatMulInteger on the u8 x u8
+        kernel, then Cast(int32) * (a_scale * b_scale)."""
+        stem = f"{node.name}_w{q.weight_bits}a{q.activation_bits}"
+        nodes, (a_codes, a_scale, a_zero_point) = self.quantize_activation(node.input[0], q.activation_bits)
+        b_nodes, (b_codes, b_scale, b_zero_point) = self.quantize_activation(node.input[1], q.weight_bits)
+        acc, acc_float, scales = f"{stem}_acc_int32", f"{stem}_acc_float", f"{stem}_scales"
+        nodes += b_nodes + [
+            helper.make_node("Mul", [a_scale, b_scale], [scales], name=f"{stem}_scales"),
+            helper.make_node("MatMulInteger", [a_codes, b_codes, a_zero_point, b_zero_point], [acc],
+                             name=f"{stem}_matmul_integer"),
+            helper.make_node("Cast", [acc], [acc_float], to=TensorProto.FLOAT, name=f"{stem}_cast"),
+            helper.make_node("Mul", [acc_float, scales], [node.output[0]], name=f"{stem}_rescale"),
+        ]
+        self.layer_tensors[node.name] = {"x_codes": a_codes, "x_scale": a_scale, "x_zero_point": a_zero_point,
+                                         "w_codes": b_codes, "w_scale": b_scale, "acc": acc, "output": node.output[0]}
+        return nodes
+
     def integer_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
         """The layer kind's integer op (ConvInteger, MatMulInteger) followed by ORT's float epilogue:
         Cast(int32 accumulator) * (x_scale * w_scale) + bias."""
         kind = layer.kind
+        if not layer.weight_name:  # a product of two activations: operand B is quantized as one too
+            return self.activation_product(node, q)
         # ORT's Gemm rewrite also multiplies by the transposed weight
         stored = numpy_helper.to_array(self.initializers[layer.weight_name]).astype(np.float32)
         weight = kind.engine_weight(node, stored)
-        w_codes, w_scale = quantize_weight(weight, q.weight_bits, kind.output_axis if q.per_channel else None)
+        w_codes, w_scale = quantize_weight(weight, q.weight_bits, kind.scale_axis(q.per_channel))
         w_zero_point = np.array(0, dtype=np.int8)
         if self.uint8_weights:
             # the same codes shifted into uint8, so ORT runs its exact u8 x u8 kernels; one scalar zero
@@ -198,7 +247,12 @@ class _Rewriter:
         new_nodes = []
         for node in graph.node:
             q = policy.mapping.get(node.name)
-            new_nodes += self.integer_layer(node, layers[node.name], q) if q is not None else [node]
+            if q is None:
+                new_nodes.append(node)
+            elif layers[node.name].kind.weight_only:
+                new_nodes += self.weight_only_layer(node, layers[node.name], q)
+            else:
+                new_nodes += self.integer_layer(node, layers[node.name], q)
         used = {name for node in new_nodes for name in node.input}
         kept = [init for init in graph.initializer if init.name in used]
         dropped = {init.name for init in graph.initializer} - used

@@ -103,7 +103,8 @@ def input_identity(model_path: str | Path, datasets) -> dict:
         raise PtqauditError(f"cannot read {model_path}: {exc.strerror or exc}") from exc
     data = hashlib.sha256()
     for dataset in datasets:
-        for array in (dataset.x, dataset.y):
+        arrays = dataset.x.digest_arrays() if dataset.is_text else [dataset.x]
+        for array in (*arrays, dataset.y):
             data.update(f"{array.dtype.str}{array.shape};".encode())
             data.update(np.ascontiguousarray(array))
     return {"model_sha256": model.hexdigest(), "data_sha256": data.hexdigest()}

@@ -195,7 +195,7 @@ def test_npz_that_is_not_an_archive(tmp_path):
 
 
 def test_unknown_name_lists_accepted_values(tmp_path):
-    with pytest.raises(PtqauditError, match="expected digits, cifar10, the path of an image folder"):
+    with pytest.raises(PtqauditError, match="expected digits, cifar10, sst2, the path of an image folder"):
         load_dataset(DataConfig("imagenet"))
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(PtqauditError, match="is not a folder or a .npz file"):

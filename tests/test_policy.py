@@ -321,8 +321,10 @@ def test_op_selector_matching_no_layer(tmp_path):
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "m.onnx"))
     loaded = load_model(tmp_path / "m.onnx")
-    for selector in ("@Conv", "@Gemm"):
-        _error("matches no layer", _resolve, loaded, {"default": W4A8, "layers": {selector: "fp32"}})
+    # a kind the model lacks selects nothing (one policy serves image and text models); a name must match
+    for selector in ("@Conv", "@Gemm", "@embedding", "@attention"):
+        assert _settings(_resolve(loaded, {"default": W4A8, "layers": {selector: "fp32"}})) == {"only": (4, 8, False)}
+    _error("matches no layer", _resolve, loaded, {"default": W4A8, "layers": {"conv*": "fp32"}})
     # on a one-layer model @first and @last are that layer
     resolved = _resolve(loaded, {"default": W4A8, "layers": {"@first": {"weight_bits": 2}, "@last": {"activation_bits": 3}}})
     assert _settings(resolved) == {"only": (4, 3, False)}

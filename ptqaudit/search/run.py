@@ -250,9 +250,12 @@ def _without_empty(values: dict, keys) -> dict:
 
 
 def _searched_layers(model: LoadedModel, globs: tuple[str, ...]) -> list[str]:
+    """The layers matching --layers (default: all) that cost BitOPs: an embedding lookup costs none, so a
+    budget could not hold it back and it keeps the base policy's setting."""
+    computing = [layer for layer in model.layers if not layer.kind.weight_only]
     if not globs:
-        return [layer.name for layer in model.layers]
-    names = [layer.name for layer in model.layers if any(fnmatch.fnmatchcase(layer.name, g) for g in globs)]
+        return [layer.name for layer in computing]
+    names = [layer.name for layer in computing if any(fnmatch.fnmatchcase(layer.name, g) for g in globs)]
     if not names:
         raise PtqauditError(f"--layers {', '.join(globs)} matches no layer (`ptqaudit layers MODEL` lists them)")
     return names
@@ -277,9 +280,9 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
     config.validate()
     check_model_fits_data(model, dataset, config.batch_size)
     base = load_policy(config.base_policy).resolve(model.layers)
-    budget = (Budget(config.budget_bitops) if config.budget_bitops is not None
-              else Budget.from_average_bits(config.budget_avg_bits, model.total_macs))
-    space = SearchSpace(model.layers, base, config.bits, _searched_layers(model, config.layers), budget)
+    space = SearchSpace(model.layers, base, config.bits, _searched_layers(model, config.layers),
+                        Budget(config.budget_bitops) if config.budget_bitops is not None else config.budget_avg_bits)
+    budget = space.budget
     objectives = OBJECTIVES if config.objective == "both" else (Objective(config.objective),)
     for objective in objectives:
         space.check_budget(objective)
@@ -305,7 +308,7 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
     search_set = (search_data if search_data is not None else dataset).subset(config.search_limit)
     fleet = "" if config.fleet == (native,) else f" | kernels {', '.join(config.fleet)} (score: the lowest)"
     echo(f"model {config.model} | data {dataset.name}, {len(dataset)} images (search on {len(search_set)} of "
-         f"{search_set.name}) | batch size {config.batch_size} | budget {budget.effective_bits(model.total_macs):.2f} "
+         f"{search_set.name}) | batch size {config.batch_size} | budget {budget.effective_bits(space.macs):.2f} "
          f"effective bits | {config.method}, seed {config.seed}{fleet}")
     features = layer_features(space.searched, [sim.quant_layer(layer.name).weight.detach().numpy()
                                                for layer in space.searched])
@@ -324,7 +327,7 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
     summary = SearchSummary(
         model=config.model, dataset=dataset.name, images=len(dataset), search_dataset=search_set.name,
         search_images=len(search_set), batch_size=config.batch_size, seed=config.seed, method=config.method,
-        budget={"bitops": budget.bitops, "effective_bits": budget.effective_bits(model.total_macs),
+        budget={"bitops": budget.bitops, "effective_bits": budget.effective_bits(space.macs),
                 "worst": "policies at or above it", "best": "policies at or below it"},
         bits=list(space.bits), searched_layers=[layer.name for layer in space.searched],
         base_policy=config.base_policy, fp32_accuracy=fp32_accuracy,

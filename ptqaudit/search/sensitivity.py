@@ -65,8 +65,14 @@ def gradient_sensitivity(space: SearchSpace, sim: SimModel, dataset: Dataset, ba
     inputs: dict[str, torch.Tensor] = {}
 
     def keep_input(module, args):
-        args[0].retain_grad()
-        inputs[module.name] = args[0]
+        x = args[0]
+        if not x.is_floating_point():  # token ids: nothing to quantize there
+            return None
+        if not x.requires_grad:  # computed from constants only (a text model's embeddings): a leaf of its own
+            x = x.detach().requires_grad_(True)
+        x.retain_grad()
+        inputs[module.name] = x
+        return (x, *args[1:])
 
     # the weight's error does not change between batches: only its gradient does
     weight_errors = [_weight_error(layer, lowest, space.base.mapping[searched.name].per_channel)
@@ -79,7 +85,7 @@ def gradient_sensitivity(space: SearchSpace, sim: SimModel, dataset: Dataset, ba
     try:
         with torch.enable_grad():
             for x, y in dataset.subset(min(images, len(dataset))).batches(GRADIENT_BATCH):
-                x = torch.from_numpy(x).to(sim.device).requires_grad_(True)
+                x = torch.from_numpy(x).to(sim.device).requires_grad_(True) if not dataset.is_text else sim.feed(x)
                 sim.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(sim(x), torch.from_numpy(y).to(sim.device))
                 loss.backward()
@@ -99,7 +105,7 @@ def gradient_sensitivity(space: SearchSpace, sim: SimModel, dataset: Dataset, ba
 def _weight_error(layer, bits: int, per_channel: bool) -> torch.Tensor:
     """dequantized w - w for this layer's weight at `bits`."""
     with torch.no_grad():
-        codes, scale = weight_codes(layer.weight, bits, layer.kind.output_axis if per_channel else None)
+        codes, scale = weight_codes(layer.weight, bits, layer.kind.scale_axis(per_channel))
         return codes * scale - layer.weight
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import PtqauditError
 from ..onnx_graph import Layer
-from ..policy import MAX_BITS, MIN_BITS, LayerQuant, ResolvedPolicy, bitops_of, effective_bits_of, operand_bits
+from ..policy import MAX_BITS, MIN_BITS, LayerQuant, ResolvedPolicy, bitops_of, effective_bits_of
 
 
 
@@ -81,22 +81,24 @@ class Budget:
 class SearchSpace:
     """Layers whose bits are searched, each operand choosing from `bits`; the base policy fixes the
     weight granularity and the kernel options, and pins layers (fp32 layers, and layers outside --layers)
-    to its setting.
+    to its setting. The budget holds the searched layers: a policy's cost is their BitOPs, and a budget in
+    effective bits is of their MACs (pinned layers cost the same in every policy, and an fp32 one, such as a
+    transformer's float attention, would otherwise meet any floor by itself).
     A choice is an int array [searched layers, 2] of indices into `bits` (weight, activation)."""
 
     def __init__(self, layers: list[Layer], base: ResolvedPolicy, bits: tuple[int, ...], searched: list[str],
-                 budget: Budget):
+                 budget: Budget | float):
+        """budget: in BitOPs, or a number of effective bits over the searched layers."""
         self.layers = layers
         self.base = base
         self.bits = tuple(sorted(set(bits)))
-        self.budget = budget
         self.searched = [layer for layer in layers if layer.name in set(searched) and base.mapping[layer.name] is not None]
         if not self.searched:
             raise PtqauditError("nothing to search: every selected layer is fp32 in the base policy")
         self._macs = np.array([layer.macs for layer in self.searched], dtype=np.int64)
+        self.macs = int(self._macs.sum())  # what the budget's effective bits are of
+        self.budget = budget if isinstance(budget, Budget) else Budget.from_average_bits(budget, self.macs)
         self._bits = np.array(self.bits, dtype=np.int64)
-        pinned = [layer for layer in layers if layer not in self.searched]
-        self._pinned_bitops = sum(bitops_of(layer.macs, *operand_bits(base.mapping[layer.name])) for layer in pinned)
         self.bitops_range = (self.bitops(self.uniform(0)), self.bitops(self.uniform(len(self.bits) - 1)))
 
     @property
@@ -135,11 +137,11 @@ class SearchSpace:
 
     def bitops(self, choice: np.ndarray) -> int:
         chosen = self._bits[choice]
-        return int(self._pinned_bitops + np.sum(bitops_of(self._macs, chosen[:, WEIGHT], chosen[:, ACTIVATION])))
+        return int(np.sum(bitops_of(self._macs, chosen[:, WEIGHT], chosen[:, ACTIVATION])))
 
     def check_budget(self, objective: Objective) -> None:
         low, high = self.bitops_range
-        total = sum(layer.macs for layer in self.layers)
+        total = self.macs
         reachable, side = (high, "above") if objective is Objective.WORST else (low, "below")  # nearest the budget's side
         if not objective.admits(reachable, self.budget.bitops):
             raise PtqauditError(

@@ -23,20 +23,37 @@ def simulation_plan(batch_size: int) -> tuple[str, int]:
     return ("sample", SAMPLE_RANGE_CHUNK) if batch_size == 1 else ("batch", batch_size)
 
 
+def simulation_batches(dataset: Dataset, batch_size: int) -> list[np.ndarray]:
+    """The example indices of each simulator call reproducing ORT at `batch_size` (simulation_plan). Text padded
+    per batch at batch size 1 is fed unpadded, one sentence at a time: it is simulated in groups of sentences of
+    one length, which need no padding either."""
+    ranges, chunk = simulation_plan(batch_size)
+    if not (ranges == "sample" and dataset.is_text and dataset.x.padding == "longest"):
+        return [np.arange(start, min(start + chunk, len(dataset))) for start in range(0, len(dataset), chunk)]
+    order = np.argsort(dataset.x.lengths, kind="stable")
+    lengths = dataset.x.lengths[order]
+    groups = np.split(order, np.flatnonzero(np.diff(lengths)) + 1)
+    return [group[start:start + chunk] for group in groups for start in range(0, len(group), chunk)]
+
+
 def sim_predict_many(sim: SimModel, dataset: Dataset, policies: list, batch_size: int, desc: str = "sim",
                      progress: bool = True) -> list[Predictions]:
     """Logits of every policy on every example, sharing the work policies have in common."""
-    ranges, chunk = simulation_plan(batch_size)
-    outputs: list[list[np.ndarray]] = [[] for _ in policies]
+    ranges, _ = simulation_plan(batch_size)
+    calls = simulation_batches(dataset, batch_size)
+    outputs: list[np.ndarray | None] = [None] * len(policies)
     start = time.perf_counter()
-    total = -(-len(dataset) // chunk)
     with torch.inference_mode():
-        for x, _ in track(dataset.batches(chunk), desc, "batch", progress, total):
-            for out, logits in zip(outputs, sim.forward_many(torch.from_numpy(x).to(sim.device), policies, ranges)):
-                out.append(logits.cpu().numpy())
+        for indices in track(calls, desc, "batch", progress, len(calls)):
+            x = dataset.x[indices]
+            x = x.trimmed() if dataset.is_text else x
+            for p, logits in enumerate(sim.forward_many(sim.feed(x), policies, ranges)):
+                if outputs[p] is None:
+                    outputs[p] = np.empty((len(dataset), logits.shape[1]), dtype=np.float32)
+                outputs[p][indices] = logits.cpu().numpy()
     seconds = time.perf_counter() - start
     # throughput per policy: the shared pass divided evenly, which is what a search pays per policy
-    return [Predictions(np.concatenate(out), seconds / len(policies)) for out in outputs]
+    return [Predictions(out, seconds / len(policies)) for out in outputs]
 
 
 def sim_predict(sim: SimModel, dataset: Dataset, policy, batch_size: int, desc: str = "sim", progress: bool = True) -> Predictions:

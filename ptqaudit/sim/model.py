@@ -12,11 +12,13 @@ import torch
 import torch.nn as nn
 from onnx import numpy_helper
 
-from ..arithmetic import activation_code_max, activation_scale_zero_point, centered_activation_codes, weight_codes
+from ..arithmetic import (activation_code_max, activation_scale_zero_point, centered_activation_codes, table_codes,
+                          weight_codes)
 from ..errors import PtqauditError
 from ..kernels import AVX2_U8S8, EXACT, INT16_MAX, detect_kernel_family, largest_pair_sum, saturating_matmul
 from ..onnx_graph import Layer, LoadedModel, upgrade_opset
 from ..policy import LayerQuant, ResolvedPolicy
+from ..text_data import feeds
 from .ops import OPS, attributes
 
 OPS_OPSET = 13  # the op handlers follow opset-13+ semantics; older graphs are converted first
@@ -54,7 +56,10 @@ class QuantLayer(nn.Module):
     def _weight_at(self, setting: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
         """Codes, scale, whether float32 sums stay exact, and whether this CPU's kernel saturates here."""
         output_axis = self.kind.output_axis
-        codes, scale = weight_codes(self.weight, setting.weight_bits, output_axis if setting.per_channel else None)
+        if self.kind.weight_only:
+            codes, scale, _ = table_codes(self.weight, setting.weight_bits)
+            return codes, scale, True, False
+        codes, scale = weight_codes(self.weight, setting.weight_bits, self.kind.scale_axis(setting.per_channel))
         exact = accumulator_bound(codes, setting.activation_bits, output_axis) < EXACT_FLOAT32_LIMIT
         saturates = (self.kernel_family == AVX2_U8S8 and self.kind.matrix_kernel
                      and largest_pair_sum(codes, setting.activation_bits) > INT16_MAX)
@@ -79,6 +84,9 @@ class QuantLayer(nn.Module):
         (policy.KernelOptions), so the kernel family's saturation does not apply."""
         if setting is None:
             return self._linear(x, self.weight, self.bias)
+        if self.kind.weight_only:  # DequantizeLinear of the codes looked up: (code - zero point) * scale, as ORT
+            w_codes, w_scale, _, _ = self._quantized_weight(setting)
+            return self._linear(x, w_codes * w_scale, self.bias)
         x_scale, x_zero_point = activation_scale_zero_point(x, setting.activation_bits, ranges == "sample",
                                                             self.nonnegative_input)
         x_codes = centered_activation_codes(x, x_scale, x_zero_point, setting.activation_bits, self.nonnegative_input)
@@ -98,6 +106,38 @@ class QuantLayer(nn.Module):
         # in place: acc is a fresh tensor and neither op needs it for its gradient
         y = acc.mul_(x_scale * w_scale)
         return y if bias is None else y.add_(bias)
+
+
+class ActivationProduct(nn.Module):
+    """A MatMul of two activations (attention scores, context); forward(a, b, setting) runs it in float (setting
+    None) or as ORT's u8 x u8 MatMulInteger would with MatMulConstBOnly off: both operands quantized on the fly
+    (A at the activation width, B at the weight width), exact integer product (the u8 x u8 kernel is exact on
+    every CPU), float32(acc) * (a_scale * b_scale)."""
+
+    weight = bias = None  # nothing constant to quantize or train
+
+    def __init__(self, layer: Layer):
+        super().__init__()
+        self.name = layer.name
+        self.kind = layer.kind
+        self.nonnegative_input = False
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, setting: LayerQuant | None, ranges: str = "batch",
+                exact_products: bool = False) -> torch.Tensor:
+        if setting is None:
+            return torch.matmul(a, b)
+        per_sample = ranges == "sample"
+        a_scale, a_zero_point = activation_scale_zero_point(a, setting.activation_bits, per_sample)
+        b_scale, b_zero_point = activation_scale_zero_point(b, setting.weight_bits, per_sample)
+        a_codes = centered_activation_codes(a, a_scale, a_zero_point, setting.activation_bits)
+        b_codes = centered_activation_codes(b, b_scale, b_zero_point, setting.weight_bits)
+        bound = a.shape[-1] * activation_code_max(setting.activation_bits) * activation_code_max(setting.weight_bits)
+        if bound < EXACT_FLOAT32_LIMIT:
+            acc = torch.matmul(a_codes, b_codes)
+        else:  # sums could pass 2^24: accumulate in float64, exact like ORT's int32, then round as its Cast does
+            acc = torch.matmul(a_codes.double(), b_codes.double()).float()
+        scales = (a_scale * b_scale).reshape(a_scale.shape[0], *([1] * (acc.dim() - 1)))
+        return acc * scales
 
 
 # ops whose output is >= 0 whenever their first input is (so a ReLU's sign survives them)
@@ -150,7 +190,7 @@ class SimModel(nn.Module):
         super().__init__()
         self.kernel_family = kernel_family or detect_kernel_family()
         graph = upgrade_opset(model.proto, OPS_OPSET).graph
-        self.input_name = model.input_name
+        self.inputs = model.inputs  # (name, NumPy dtype) of each graph input
         self.output_name = graph.output[0].name
         self.layer_names = [layer.name for layer in model.layers]
         initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
@@ -166,17 +206,25 @@ class SimModel(nn.Module):
         layer_weights = set()
         steps: list[_Step] = []
         for node in graph.node:
+            if node.name in layer_by_name and not layer_by_name[node.name].weight_name:
+                layer = layer_by_name[node.name]
+                key = f"layer{layer.index}"
+                self.quant_layers[key] = ActivationProduct(layer)
+                self._module_key[layer.name] = key
+                steps.append(_Step(node.op_type, list(node.input), [node.output[0]], {}, layer=layer.name))
+                continue
             if node.name in layer_by_name:
                 layer = layer_by_name[node.name]
                 weight = layer.kind.engine_weight(node, initializers[layer.weight_name])
                 bias_name = layer.kind.bias_input(node)
                 bias = initializers[bias_name] if bias_name else None
                 key = f"layer{layer.index}"
-                self.quant_layers[key] = QuantLayer(layer, attributes(node), weight, bias, node.input[0] in nonnegative,
+                activation = layer.kind.activation_input(node)
+                self.quant_layers[key] = QuantLayer(layer, attributes(node), weight, bias, activation in nonnegative,
                                                        self.kernel_family)
                 self._module_key[layer.name] = key
-                layer_weights.update(node.input[1:])
-                steps.append(_Step(node.op_type, [node.input[0]], [node.output[0]], {}, layer=layer.name))
+                layer_weights.update(name for name in node.input if name != activation)
+                steps.append(_Step(node.op_type, [activation], [node.output[0]], {}, layer=layer.name))
                 continue
             step = _Step(node.op_type, list(node.input), list(node.output), attributes(node))
             if all(name == "" or name in initializers or name in constants for name in step.inputs):
@@ -200,6 +248,17 @@ class SimModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def feed(self, x) -> dict[str, torch.Tensor]:
+        """A batch from a Dataset (an image array, or TextInputs) as the graph's named input tensors."""
+        return {name: torch.from_numpy(value).to(self.device) for name, value in feeds(x, self.inputs).items()}
+
+    def _environment(self, x) -> dict[str, torch.Tensor]:
+        """The tensors a forward starts from: x is the image tensor, or the named input tensors."""
+        if isinstance(x, torch.Tensor):
+            ((name, _),) = self.inputs
+            return {name: _preferred_layout(x)}
+        return dict(x)
 
     @staticmethod
     def _fold(step: _Step, initializers, constants) -> None:
@@ -225,7 +284,8 @@ class SimModel(nn.Module):
     def _run_step(self, step: _Step, env: dict, setting: LayerQuant | None, ranges: str,
                   exact_products: bool = False) -> None:
         if step.layer is not None:
-            env[step.outputs[0]] = self.quant_layers[self._module_key[step.layer]](env[step.inputs[0]], setting, ranges,
+            inputs = [env[name] if name in env else self._constants[name] for name in step.inputs]
+            env[step.outputs[0]] = self.quant_layers[self._module_key[step.layer]](*inputs, setting, ranges,
                                                                                    exact_products)
         else:
             args = [None if n == "" else env[n] if n in env else self._constants[n] for n in step.inputs]
@@ -244,18 +304,19 @@ class SimModel(nn.Module):
             return policy.mapping, policy.options.exact_products
         return policy, False
 
-    def forward(self, x: torch.Tensor, policy: ResolvedPolicy | Mapping | None = None, ranges: str = "batch") -> torch.Tensor:
-        """Logits of x under a policy (None or a layer missing from it: fp32). ranges="batch" measures each
+    def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor], policy: ResolvedPolicy | Mapping | None = None,
+                ranges: str = "batch") -> torch.Tensor:
+        """Logits of x (an image batch, or named input tensors: feed) under a policy (None or a layer missing from it: fp32). ranges="batch" measures each
         activation range over the whole batch, as ORT does for that batch; "sample" per input."""
         if ranges not in RANGES:
             raise ValueError(f"ranges must be one of {RANGES}, got {ranges!r}")
         settings, exact_products = self._settings(policy)
-        env = {self.input_name: _preferred_layout(x)}
+        env = self._environment(x)
         for step in self.steps:
             self._run_step(step, env, settings.get(step.layer) if step.layer else None, ranges, exact_products)
         return env[self.output_name]
 
-    def forward_many(self, x: torch.Tensor, policies: Sequence, ranges: str = "batch") -> list[torch.Tensor]:
+    def forward_many(self, x: torch.Tensor | Mapping[str, torch.Tensor], policies: Sequence, ranges: str = "batch") -> list[torch.Tensor]:
         """Logits of x under each policy, computing once what policies share: the input and every
         activation before the first layer where their settings (or kernel options) differ (a depth-first
         walk of the policies' common prefixes)."""
@@ -285,5 +346,5 @@ class SimModel(nn.Module):
             for m in members:
                 results[m] = env[self.output_name]
 
-        walk(0, {self.input_name: _preferred_layout(x)}, list(range(len(policies))))
+        walk(0, self._environment(x), list(range(len(policies))))
         return results
