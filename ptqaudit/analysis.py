@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .data import DataConfig, Dataset, load_dataset
+from .text_data import PADDINGS, TEXT_PERTURBATIONS, describe_padding, feeds, perturb, tokenize
 from .distill import DistillSummary
 from .errors import PtqauditError
 from .evaluate import KernelEngines, make_session, predict
@@ -87,6 +88,29 @@ class FlippedInput:
     fp32_label: str
     worst_label: str
     range_score: float
+    text: str | None = None  # the sentence, for text data
+
+
+@dataclass
+class LengthRow:
+    """Text: accuracy over the sentences of one length band (in tokens, special tokens included)."""
+
+    tokens: str  # e.g. "11-20"
+    sentences: int
+    fp32_accuracy: float
+    worst_accuracy: float
+    drop_points: float
+
+
+@dataclass
+class PaddingRow:
+    """Text: the worst policy under one padding scenario (padded positions enter the activation ranges)."""
+
+    padding: str  # text_data.PADDINGS
+    scenario: str  # in words
+    fp32_accuracy: float
+    worst_accuracy: float
+    drop_points: float
 
 
 RANGE_SCORE = "an input's largest activation range at a quantized layer's input, over that layer's median"
@@ -224,8 +248,11 @@ class Analysis:
     per_input: PerInput
     batch_sizes: list[BatchSizeRow]
     batch_composition: BatchComposition
-    corruptions: list[CorruptionRow]
+    corruptions: list[CorruptionRow]  # image corruptions, or text perturbations (text_data.TEXT_PERTURBATIONS)
     corruptions_skipped: str | None = None  # why no corruption was measured
+    unit: str = "images"  # what an example is: images, sentences, or (pre-tokenized) examples
+    by_length: list[LengthRow] = dataclasses.field(default_factory=list)  # text
+    padding: list[PaddingRow] = dataclasses.field(default_factory=list)  # text
     budget_curves: dict[str, list[BudgetPoint]]  # objective -> points, lowest budget first
     ship_policy: ShipPolicy | None = None
     kernel_family: str = ""  # the family of the machine whose ORT kernels measured the analysis
@@ -395,21 +422,23 @@ def low_bit_frequency(run: SearchRun, count: int) -> LowBitFrequency:
 
 
 def activation_ranges(model: LoadedModel, dataset: Dataset) -> np.ndarray:
-    """[inputs, layers]: each input's activation range (max - min) at the input of every quantized layer,
-    in full precision (ORT, the tensors made graph outputs), divided by that layer's median range."""
+    """[inputs, layers]: each input's activation range (max - min) at the input of every layer that quantizes
+    one (embeddings do not), in full precision (ORT, the tensors made graph outputs), divided by that layer's
+    median range."""
     nodes = {node.name: node for node in model.proto.graph.node}
-    names = list(dict.fromkeys(nodes[layer.name].input[0] for layer in model.layers))
+    measured = [layer for layer in model.layers if not layer.kind.weight_only]
+    inputs = [layer.kind.activation_input(nodes[layer.name]) for layer in measured]
+    names = list(dict.fromkeys(inputs))
     session = make_session(with_outputs(model.proto, names))
-    input_name = session.get_inputs()[0].name
     outputs = [o.name for o in session.get_outputs()]
     index = [outputs.index(n) for n in names]
     ranges = []
     for x, _ in dataset.batches(100):
-        values = session.run(None, {input_name: x})
+        values = session.run(None, feeds(x, model.inputs))
         ranges.append(np.stack([np.ptp(values[i].reshape(len(x), -1), axis=1) for i in index], axis=1))
     ranges = np.concatenate(ranges)
     column = {n: i for i, n in enumerate(names)}
-    per_layer = ranges[:, [column[nodes[layer.name].input[0]] for layer in model.layers]]
+    per_layer = ranges[:, [column[name] for name in inputs]]
     return per_layer / np.maximum(np.median(per_layer, axis=0, keepdims=True), 1e-12)
 
 
@@ -431,7 +460,7 @@ def per_input(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, relative_ran
     return PerInput(
         images=len(data), flipped=int(flipped.sum()), flipped_fraction=float(flipped.mean()),
         flipped_inputs=[FlippedInput(int(i), data.classes[data.y[i]], data.classes[fp32[i]], data.classes[low[i]],
-                                     float(range_score[i])) for i in flipped_index[:50]],
+                                     float(range_score[i]), _sentence(data, i)) for i in flipped_index[:50]],
         mean_range_score_flipped=float(range_score[flipped].mean()) if flipped.any() else None,
         mean_range_score_kept=float(range_score[~flipped].mean()) if (~flipped).any() else None,
         per_class=classes)
@@ -441,6 +470,41 @@ def batch_sizes(meter: _Meter, worst: ResolvedPolicy, sizes: tuple[int, ...]) ->
     return [BatchSizeRow(b, meter.accuracy(worst, batch_size=b)) for b in sizes]
 
 
+def _sentence(data: Dataset, index: int) -> str | None:
+    return data.x.texts[index] if data.is_text and data.x.texts is not None else None
+
+
+LENGTH_BANDS = (10, 20, 30, 40)  # upper ends of the sentence-length bands, in tokens; the last band is open
+
+
+def by_length(meter: _Meter, worst: ResolvedPolicy) -> list[LengthRow]:
+    """Text: FP32 and worst-case accuracy by sentence length (tokens), on the analysis data."""
+    data = meter.dataset
+    fp32, low = meter.labels(None), meter.labels(worst)
+    rows, start = [], 1
+    for end in (*LENGTH_BANDS, None):
+        members = (data.x.lengths >= start) & (data.x.lengths <= (end if end is not None else np.inf))
+        if members.any():
+            fp_acc = float(np.mean(fp32[members] == data.y[members]))
+            low_acc = float(np.mean(low[members] == data.y[members]))
+            rows.append(LengthRow(f"{start}-{end}" if end is not None else f"{start}+", int(members.sum()), fp_acc,
+                                  low_acc, drop_points(fp_acc, low_acc)))
+        start = (end or 0) + 1
+    return rows
+
+
+def padding_scenarios(meter: _Meter, run: SearchRun, worst: ResolvedPolicy) -> list[PaddingRow]:
+    """Text: the worst policy with each batch padded to its longest sentence and with every sentence padded to
+    --max-length, at the run's batch size (the same sentences; only the padded positions differ)."""
+    rows = []
+    for padding in PADDINGS:
+        inputs = meter.dataset.x.with_padding(padding, run.data.text.max_length)
+        padded = dataclasses.replace(meter.dataset, name=f"{meter.dataset.name} ({padding})", x=inputs)
+        fp_acc, low_acc = meter.accuracy(None, padded), meter.accuracy(worst, padded)
+        rows.append(PaddingRow(padding, describe_padding(inputs), fp_acc, low_acc, drop_points(fp_acc, low_acc)))
+    return rows
+
+
 def batch_composition(meter: _Meter, worst: ResolvedPolicy, relative_ranges: np.ndarray, size: int) -> BatchComposition:
     """Per-tensor dynamic ranges are shared by a batch: the accuracy of the other inputs when the
     highest-range input joins each batch, against the same inputs in ordinary batches and alone."""
@@ -448,15 +512,15 @@ def batch_composition(meter: _Meter, worst: ResolvedPolicy, relative_ranges: np.
     outlier = int(np.argmax(relative_ranges.max(axis=1)))
     others = np.flatnonzero(np.arange(len(data)) != outlier)
     chunks = [others[i:i + size - 1] for i in range(0, len(others), size - 1)]
-    session, name = meter.session(worst), meter.session(worst).get_inputs()[0].name
-    with_outlier, ordinary = [], []
-    for chunk in chunks:
-        batch = np.concatenate([data.x[chunk], data.x[outlier:outlier + 1]])
-        with_outlier.append(session.run(None, {name: batch})[0][:-1].argmax(axis=1))
+    session = meter.session(worst)
+
+    def labels(indices: np.ndarray) -> np.ndarray:
+        x = data.x[indices]
+        return session.run(None, feeds(x.trimmed() if data.is_text else x, meter.run.model.inputs))[0].argmax(axis=1)
+
+    with_outlier = [labels(np.append(chunk, outlier))[:-1] for chunk in chunks]
     meter.bar.update(1)
-    for start in range(0, len(others), size):
-        chunk = others[start:start + size]
-        ordinary.append(session.run(None, {name: data.x[chunk]})[0].argmax(axis=1))
+    ordinary = [labels(others[start:start + size]) for start in range(0, len(others), size)]
     meter.bar.update(1)
     alone = meter.labels(worst, batch_size=1)[others]
     y = data.y[others]
@@ -493,12 +557,16 @@ def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
 
 
 CORRUPTIONS_NEED = "the data's pixels are not scaled to [0, 1], so the corruptions do not apply"
+PERTURBATIONS_NEED = "the data is pre-tokenized (no sentences), so the text perturbations do not apply"
 
 
 def corrupted_datasets(run: SearchRun, limit: int, severities: tuple[int, ...]) -> list[tuple[str, int, Dataset]] | None:
-    """(corruption, severity, images) for each corruption of the analysis subset, on the raw [0, 1] images
-    (normalised after); None when the data's pixels are not in [0, 1]."""
+    """(corruption, severity, data) for each corruption of the analysis subset: image corruptions on the raw
+    [0, 1] images (normalised after), None when the pixels are not in [0, 1]; text perturbations of the
+    sentences, tokenized as the run's data, None for pre-tokenized data."""
     raw = load_dataset(dataclasses.replace(run.data, mean=None, std=None, limit=limit))
+    if raw.is_text:
+        return _perturbed_datasets(run, raw, severities)
     if raw.x.min() < 0 or raw.x.max() > 1:
         return None
     channels = raw.x.shape[1]
@@ -511,6 +579,17 @@ def corrupted_datasets(run: SearchRun, limit: int, severities: tuple[int, ...]) 
         for severity in severities:
             x = (corrupt(raw.x, kind, severity) - mean) / std
             sets.append((kind, severity, Dataset(f"{raw.name}+{kind}{severity}", x.astype(np.float32), raw.y, raw.classes)))
+    return sets
+
+
+def _perturbed_datasets(run: SearchRun, raw: Dataset, severities: tuple[int, ...]) -> list[tuple[str, int, Dataset]] | None:
+    if raw.x.texts is None:
+        return None
+    sets = []
+    for kind in TEXT_PERTURBATIONS:
+        for severity in severities:
+            inputs = tokenize(perturb(raw.x.texts, kind, severity), run.data.text)
+            sets.append((kind, severity, Dataset(f"{raw.name}+{kind}{severity}", inputs, raw.y, raw.classes)))
     return sets
 
 
@@ -596,13 +675,14 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
     dataset = load_dataset(dataclasses.replace(run.data, limit=settings.limit))
     base = load_policy(run.config.base_policy).resolve(run.model.layers)
     fleet = settings.kernels or tuple(run.summary.kernels) or (detect_kernel_family(),)
-    corruption_runs = (4 if dataset.x.shape[1] in (1, 3) else 3) * len(settings.severities)
+    kinds = len(TEXT_PERTURBATIONS) if dataset.is_text else 4 if dataset.x.shape[1] in (1, 3) else 3
+    corruption_runs = kinds * len(settings.severities)
     total = (len(run.model.layers) * len(_low_bits(run)) + 4 + len(settings.batch_sizes) + 3
-             + 2 * corruption_runs + 2 * settings.budget_points
+             + 2 * corruption_runs + 2 * settings.budget_points + 2 * len(PADDINGS) * dataset.is_text
              + len(fleet) * (1 + len(settings.batch_sizes) + corruption_runs + MITIGATIONS))
     meter = _Meter(run, dataset, settings.limit, progress, total)
-    echo(f"analysing {run.model.path.name} on {len(dataset)} images of {dataset.name} with ONNX Runtime "
-         f"(batch size {run.batch_size}); cached in {run.path / ANALYSIS_FILE}")
+    echo(f"analysing {run.model.path.name} on {len(dataset)} {dataset.unit} of {dataset.name} with ONNX Runtime "
+         f"({dataset.padding_note}batch size {run.batch_size}); cached in {run.path / ANALYSIS_FILE}")
     fp32 = meter.accuracy(None)
     relative_ranges = activation_ranges(run.model, dataset)
     corrupted = corrupted_datasets(run, settings.limit, settings.severities)
@@ -616,7 +696,12 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
         per_input=per_input(meter, run, worst, relative_ranges),
         batch_sizes=batch_sizes(meter, worst, settings.batch_sizes),
         batch_composition=batch_composition(meter, worst, relative_ranges, settings.composition_batch),
-        corruptions=corruption_rows or [], corruptions_skipped=None if corruption_rows is not None else CORRUPTIONS_NEED,
+        corruptions=corruption_rows or [],
+        corruptions_skipped=(None if corruption_rows is not None else PERTURBATIONS_NEED if dataset.is_text
+                             else CORRUPTIONS_NEED),
+        unit=dataset.unit,
+        by_length=by_length(meter, worst) if dataset.is_text else [],
+        padding=padding_scenarios(meter, run, worst) if dataset.is_text else [],
         budget_curves=budget_curves(meter, run, settings.budget_points),
         ship_policy=measure_ship_policy(meter, run, settings, fleet, corrupted, corruption_rows or []),
         kernel_family=detect_kernel_family())

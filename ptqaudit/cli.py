@@ -152,8 +152,9 @@ def _positive_int(text: str) -> int:
 def input_shape_option(f):
     """--input-shape, for commands that describe a model without data to take the shape from."""
     return click.option("--input-shape", callback=_comma_list(_positive_int, "3,32,32"), default=None,
-                        help="One input's shape without the batch, e.g. 3,32,32: fills the dims the model's input "
-                             "leaves symbolic (such as H and W), on which layer shapes and MACs depend.")(f)
+                        help="One input's shape without the batch, e.g. 3,32,32, or a text model's sequence length, "
+                             "e.g. 128: fills the dims the model's input leaves symbolic (such as H and W), on which "
+                             "layer shapes and MACs depend.")(f)
 
 
 def _parse_kernels(ctx, param, value):
@@ -209,24 +210,34 @@ def _print_json(value) -> None:
 @json_option
 @debug_option
 def layers(model, input_shape, as_json):
-    """List the quantizable layers of MODEL (Conv, MatMul, Gemm with constant weights) with shapes,
-    MACs per input and parameter counts. Policies name layers by these ONNX node names.
+    """List the quantizable layers of MODEL with their kind, shapes, MACs per input and parameter counts.
+    Policies name layers by these ONNX node names, or a whole kind by its selector (@kind).
+
+    Kinds: Conv, MatMul and Gemm with a constant weight; embedding (a Gather on a constant table: its table
+    is quantized, it costs no MACs); attention (a MatMul of two activations, as in attention scores and
+    context: float unless a policy rule selects it, as quantize_dynamic leaves it by default). A text
+    model's MACs depend on the sequence length: give it as --input-shape L (a length, e.g. 128).
 
     Example:
 
     \b
       ptqaudit layers sample_models/digits_cnn.onnx
+      ptqaudit layers sample_models/sst2_bert.onnx --input-shape 64
     """
     loaded = load_model(model, input_shape)
+    at_length = f" at sequence length {loaded.sequence_length}" if loaded.is_text else ""
     if as_json:
-        _print_json({"model": model, "total_macs": loaded.total_macs, "layers": [
-            {"index": l.index, "name": l.name, "op_type": l.op_type, "weight_shape": list(l.weight_shape),
-             "output_shape": list(l.output_shape), "macs": l.macs, "params": l.params} for l in loaded.layers]})
+        _print_json({"model": model, "total_macs": loaded.total_macs,
+                     **({"sequence_length": loaded.sequence_length} if loaded.is_text else {}), "layers": [
+            {"index": l.index, "name": l.name, "op_type": l.op_type, "kind": l.kind.selector,
+             "weight_shape": list(l.weight_shape), "output_shape": list(l.output_shape), "macs": l.macs,
+             "params": l.params} for l in loaded.layers]})
         return
-    rows = [[l.index, l.name, l.op_type, "x".join(map(str, l.weight_shape)), "x".join(map(str, l.output_shape)),
+    rows = [[l.index, l.name, f"@{l.kind.selector}", "x".join(map(str, l.weight_shape)) if l.weight_name else
+             f"activation {'x'.join(map(str, l.weight_shape))}", "x".join(map(str, l.output_shape)),
              f"{l.macs:,}", f"{l.params:,}"] for l in loaded.layers]
-    click.echo(table(["#", "layer", "op", "weight", "output", "MACs", "params"], rows, right={0, 5, 6}))
-    click.echo(f"\n{len(loaded.layers)} quantizable layers, {loaded.total_macs:,} MACs per input")
+    click.echo(table(["#", "layer", "kind", "weight", "output", "MACs", "params"], rows, right={0, 5, 6}))
+    click.echo(f"\n{len(loaded.layers)} quantizable layers, {loaded.total_macs:,} MACs per input{at_length}")
 
 
 @cli.command()
@@ -362,7 +373,8 @@ def eval_command(model, data_config, policy_specs, batch_size, engine, device, t
 
     if not as_json:
         source = {"ort": "ONNX Runtime", "sim": "the simulator (not ORT)", "both": "ONNX Runtime, simulator checked"}[engine]
-        click.echo(f"model {model} | data {dataset.name}, {len(dataset)} images | batch size {batch_size} | "
+        click.echo(f"model {model} | data {dataset.name}, {len(dataset)} {dataset.unit} | "
+                   f"{dataset.padding_note}batch size {batch_size} | "
                    f"numbers from {source}\n")
     report = evaluate(loaded, dataset, chosen, batch_size=batch_size, engine=engine, device=device, threads=threads,
                       progress=not no_progress, on_update=None if as_json else print_new_rows, kernels=kernels)

@@ -28,7 +28,8 @@ from PIL import Image
 
 from ptqaudit.errors import PtqauditError
 from ptqaudit.progress import Progress, track
-from ptqaudit.text_data import TextConfig, TextInputs, is_text_source, load_sst2, load_text_file, load_token_npz
+from ptqaudit.text_data import (TextConfig, TextInputs, describe_padding, is_text_source, load_sst2, load_text_file,
+                                load_token_npz)
 
 SPLITS = ("test", "train")
 SST2_CLASSES = ("negative", "positive")  # GLUE SST-2's labels 0 and 1
@@ -89,6 +90,18 @@ class Dataset:
     @property
     def is_text(self) -> bool:
         return isinstance(self.x, TextInputs)
+
+    @property
+    def unit(self) -> str:
+        """What one example is, in results: images, sentences, or (pre-tokenized) examples."""
+        if not self.is_text:
+            return "images"
+        return "sentences" if self.x.texts is not None else "examples"
+
+    @property
+    def padding_note(self) -> str:
+        """The padding scenario of text data, as results state it ("" for images), ending in " | "."""
+        return f"{describe_padding(self.x)} | " if self.is_text else ""
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

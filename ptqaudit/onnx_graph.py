@@ -59,6 +59,12 @@ class LoadedModel:
     num_classes: int | None  # None where the output width is only known at run time
     input_dtypes: list[type] = field(default_factory=lambda: [np.float32])
     token_limits: TokenLimits | None = None  # text models only
+    counted_shape: tuple = ()  # the input shape layer shapes and MACs are counted at (symbolic dims filled)
+
+    @property
+    def sequence_length(self) -> int | str | None:
+        """A text model's sequence length its MACs are counted at."""
+        return self.counted_shape[1] if self.is_text and len(self.counted_shape) > 1 else None
 
     def layer(self, name: str) -> Layer:
         return next(layer for layer in self.layers if layer.name == name)
@@ -189,6 +195,12 @@ def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str], 
     if all(s is not None and all(isinstance(d, int) for d in s[1:]) for s in wanted.values()):
         return wanted
     symbolic = [format_dim(d) for d in input_shape[1:] if is_free_dim(d)]
+    if symbolic and all(i.type.tensor_type.elem_type in TEXT_INPUT_TYPES for i in inputs):
+        raise PtqauditError(
+            f"model input {inputs[0].name!r} is {format_shape(input_shape)}: a text model's layer shapes and MACs "
+            "depend on the sequence length; give the length to count them at, e.g. --input-shape 128 (eval, "
+            "search, distill and report take it from the data)"
+        )
     if symbolic:
         example = ",".join(format_dim(d) for d in input_shape[1:])
         raise PtqauditError(
@@ -331,14 +343,16 @@ def load_model(path: str | Path, sample_shape: SampleShape | None = None) -> Loa
             f"{list(output_shape)}, expected [batch, classes]"
         )
     num_classes = output_shape[1] if output_shape and isinstance(output_shape[1], int) else None
-    layers = find_layers(proto, _fill_input_shape(input_shape, sample_shape, path), str(path))
+    counted_shape = _fill_input_shape(input_shape, sample_shape, path)
+    layers = find_layers(proto, counted_shape, str(path))
     if not layers:
         raise PtqauditError(
             f"{path}: no quantizable layer (Conv, MatMul or Gemm with a constant weight) in the model"
         )
     dtypes = [TEXT_INPUT_TYPES.get(t, np.float32) for t in types]
     limits = token_limits(proto) if text else None
-    return LoadedModel(path, proto, layers, [i.name for i in inputs], input_shape, num_classes, dtypes, limits)
+    return LoadedModel(path, proto, layers, [i.name for i in inputs], input_shape, num_classes, dtypes, limits,
+                       counted_shape)
 
 
 def token_limits(model: onnx.ModelProto) -> TokenLimits:

@@ -21,6 +21,7 @@ from .distill import DistillSummary
 from .errors import PtqauditError
 from .gate import Check, Gate, GateResult
 from .predictions import drop_points
+from .text_data import is_text_source
 
 FORMATS = ("md", "html", "json", "junit")
 
@@ -65,10 +66,23 @@ class Headline:
     best_by_kernels: dict[str, float] = field(default_factory=dict)
     worst_uniform: UniformBaseline | None = None  # the run's most extreme uniform policies, on the run's kernels
     best_uniform: UniformBaseline | None = None
+    unit: str = "images"  # what one example is: images, sentences, or (pre-tokenized) examples
+    scenario: str = ""  # text: the padding scenario, in words
 
     @property
     def shows_kernels(self) -> bool:
         return list(self.kernels) not in ([], [self.kernel_family])
+
+
+def _padding_scenario(run: SearchRun) -> str:
+    """A text run's padding, as its data settings give it (pre-tokenized data is fed as it is)."""
+    if not run.model.is_text:
+        return ""
+    if not is_text_source(run.data.name):
+        return "as the .npz holds it"
+    text = run.data.text
+    return (f"each batch padded to its longest sentence, truncated at {text.max_length} tokens"
+            if text.padding == "longest" else f"every sentence padded to {text.max_length} tokens")
 
 
 def headline(run: SearchRun, gate: Gate, kernels: tuple[str, ...] | None = None, progress: bool = True) -> Headline:
@@ -98,6 +112,8 @@ def headline(run: SearchRun, gate: Gate, kernels: tuple[str, ...] | None = None,
         worst_policy=summary.worst.policy, worst_policy_file=str(run.path / summary.worst.policy_file),
         gate=gate.result(fp32, worst), kernel_family=summary.kernel_family, kernels=fleet,
         worst_by_kernels=by_kernels["worst"], best_by_kernels=by_kernels.get("best", {}),
+        unit=("images" if not run.model.is_text else "sentences" if is_text_source(run.data.name) else "examples"),
+        scenario=_padding_scenario(run),
         worst_uniform=summary.worst.uniform, best_uniform=summary.best.uniform if summary.best else None)
 
 
@@ -250,7 +266,8 @@ def tables(report: Report) -> list[Section]:
     title = "Budget search (whole evaluation data; " + ("per kernel family: ORT for this machine's, emulated for others)"
                                                         if h.shows_kernels else "ONNX Runtime)")
     sections.append(("headline", title, ["figure", "value"], [
-        ["model", h.model], ["data", f"{h.dataset}, {h.images} images"], ["batch size", str(h.batch_size)],
+        ["model", h.model], ["data", f"{h.dataset}, {h.images} {h.unit}"], ["batch size", str(h.batch_size)],
+    ] + [["padding", h.scenario]] * bool(h.scenario) + [
         ["integer kernels", ", ".join(f"{family} ({source})" for family, source in h.kernels.items())],
         ["budget", f"{h.budget_effective_bits:.2f} effective bits (bits {','.join(map(str, h.bits))})"],
         ["fp32 accuracy", _pct(h.fp32_accuracy)],
@@ -304,7 +321,7 @@ def _ship_sections(ship: ShipPolicy, a: Analysis, h: Headline) -> list[Section]:
                          [[str(row.batch_size)] + [_pct(k.batch_sizes[i].worst_accuracy) for k in ship.kernels]
                           for i, row in enumerate(subset)], None))
     if ship.kernels[0].corruptions:
-        sections.append(("ship-corruptions", f"Shipping {ship.policy}: common corruptions ({_images(a, h)})",
+        sections.append(("ship-corruptions", f"Shipping {ship.policy}: {_corruptions_title(a).lower()} ({_images(a, h)})",
                          ["corruption", "severity", "fp32"] + families,
                          [[row.corruption, str(row.severity), _pct(row.fp32_accuracy)]
                           + [_pct(k.corruptions[i].worst_accuracy) for k in ship.kernels]
@@ -339,10 +356,21 @@ def _analysis_sections(a: Analysis, h: Headline) -> list[Section]:
     if pi.flipped_inputs:
         ratio = (f"; mean range score {pi.mean_range_score_flipped:.2f} for flipped inputs against "
                  f"{pi.mean_range_score_kept:.2f} for the others" if pi.mean_range_score_kept is not None else "")
+        texts = any(f.text is not None for f in pi.flipped_inputs)
         sections.append(("flipped", f"Inputs the worst policy flips, highest range score first ({note}{ratio})",
-                         ["index", "class", "fp32 says", "worst case says", "range score"],
+                         ["index", "class", "fp32 says", "worst case says", "range score"] + ["sentence"] * texts,
                          [[str(f.index), f.class_name, f.fp32_label, f.worst_label, f"{f.range_score:.2f}"]
-                          for f in pi.flipped_inputs[:20]], None))
+                          + [f.text or ""] * texts for f in pi.flipped_inputs[:20]], None))
+    if a.by_length:
+        sections.append(("length", f"Accuracy by sentence length under the worst policy ({note})",
+                         ["tokens", "sentences", "fp32", "worst case", "drop (pts)"],
+                         [[r.tokens, str(r.sentences), _pct(r.fp32_accuracy), _pct(r.worst_accuracy), _pts(r.drop_points)]
+                          for r in a.by_length], None))
+    if a.padding:
+        sections.append(("padding", f"Padding: the same sentences, padded per batch or to a fixed length ({note})",
+                         ["padding", "fp32", "worst case", "drop (pts)"],
+                         [[r.scenario, _pct(r.fp32_accuracy), _pct(r.worst_accuracy), _pts(r.drop_points)]
+                          for r in a.padding], None))
     sections.append(("batch-size", f"Worst-case accuracy versus batch size ({on_images})", ["batch size", "accuracy"],
                      [[str(s.batch_size), _pct(s.worst_accuracy)] for s in a.batch_sizes], "batch_size"))
     c = a.batch_composition
@@ -353,21 +381,25 @@ def _analysis_sections(a: Analysis, h: Headline) -> list[Section]:
                       ["in ordinary batches", _pct(c.ordinary_batches_accuracy)],
                       ["beside the high-range input", _pct(c.with_outlier_accuracy)]], None))
     if a.corruptions:
-        sections.append(("corruptions", f"Common corruptions ({note})",
+        sections.append(("corruptions", f"{_corruptions_title(a)} ({note})",
                          ["corruption", "severity", "fp32", "worst case", "drop (pts)"],
                          [[r.corruption, str(r.severity), _pct(r.fp32_accuracy), _pct(r.worst_accuracy),
                            _pts(r.drop_points)] for r in a.corruptions], "corruptions"))
     return sections
 
 
+def _corruptions_title(a: Analysis) -> str:
+    return "Common corruptions" if a.unit == "images" else "Text perturbations (typos, dropped words, casing)"
+
+
 def _images(a: Analysis, h: Headline) -> str:
-    """The images an analysis figure comes from, said against the headline's (the whole evaluation data)."""
-    count, everything = a.images, h.images
+    """The examples an analysis figure comes from, said against the headline's (the whole evaluation data)."""
+    count, everything, unit = a.images, h.images, a.unit
     if count == everything:
-        return f"all {everything:,} evaluation images"
+        return f"all {everything:,} evaluation {unit}"
     if count < everything:
-        return f"{count:,} of the {everything:,} evaluation images"
-    return f"{count:,} images of {a.dataset}, not the headline's {everything:,}"
+        return f"{count:,} of the {everything:,} evaluation {unit}"
+    return f"{count:,} {unit} of {a.dataset}, not the headline's {everything:,}"
 
 
 def _budget_rows(curves: dict[str, list[BudgetPoint]]) -> list[list[str]]:
@@ -419,6 +451,13 @@ GLOSSARY = [
                     "layer's input (max - min, in FP32) to that layer's median range over the analysed images. "
                     "A score of 5 means some layer sees five times its usual range: in a batch, that input widens "
                     "the shared quantization range and coarsens every other input's steps."),
+    ("padding (text)", "how sentences of different lengths are made one batch: padded to the batch's longest "
+                       "sentence (as Hugging Face pipelines do) or to a fixed length. Padded positions are computed "
+                       "like real ones and enter the activation ranges dynamic quantization measures, so padding can "
+                       "change the quantized result; the analysis measures both."),
+    ("text perturbations", "the text counterpart of image corruptions, each at severities 1-5 touching 5-30% of a "
+                           "sentence's words: typos (one letter swapped, dropped, repeated or replaced), dropped "
+                           "words, and casing (words upper-cased; an uncased tokenizer undoes it)."),
     ("low bits in worst policies", "the share of the worst policies the search found (its verified candidates "
                                    "and its lowest-scoring worst-case policies) that give the layer a weight or "
                                    "activation width below the largest of --bits."),

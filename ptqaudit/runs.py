@@ -401,7 +401,9 @@ def read_checked(path: Path, schema, hint: str = ""):
 
 NAMES = MapOf(str)  # layer name -> setting label
 DATA_SETTINGS = {"name": str, "root": (str, None), "split": str, "limit": (int, None), "mean": (ListOf(float), None),
-                 "std": (ListOf(float), None), "download": bool}
+                 "std": (ListOf(float), None), "download": bool,
+                 "text?": {"tokenizer": (str, None), "max_length": int, "padding": str, "text_column": (str, None),
+                           "label_column": str}}
 RUN_FILE = {"config": {}, "inputs": {"model_sha256": str, "data_sha256": str}}  # what --resume compares
 SEARCH_RUN_FILE = {"config": {"model": str, "data": DATA_SETTINGS, "output": str, "batch_size": int,
                               "bits": ListOf(int, 1), "base_policy?": str}}
@@ -435,11 +437,13 @@ ANALYSIS = {
                   "mean_range_score_kept": (float, None),
                   "per_class": ListOf({"class_name": str, "images": int, **_ACCURACIES}),
                   "flipped_inputs": ListOf({"index": int, "class_name": str, "fp32_label": str, "worst_label": str,
-                                            "range_score": float})},
+                                            "range_score": float, "text?": (str, None)})},
     "batch_sizes": _BATCH_SIZES,
     "batch_composition": {"batch_size": int, "outlier_index": int, "outlier_class": str, "outlier_range_score": float,
                           "alone_accuracy": float, "ordinary_batches_accuracy": float, "with_outlier_accuracy": float},
     "corruptions": _CORRUPTIONS, "corruptions_skipped?": str,
+    "unit?": str, "by_length?": ListOf({"tokens": str, "sentences": int, **_ACCURACIES}),
+    "padding?": ListOf({"padding": str, "scenario": str, **_ACCURACIES}),
     "kernel_family?": str,
     "ship_policy?": {"policy": str, "description": str, "effective_bits": float, "images": int, "fp32_accuracy": float,
                      "kernels": ListOf({"kernel_family": str, "source": str, "accuracy": float, "drop_points": float,

@@ -74,6 +74,18 @@ class TextInputs:
         return TextInputs({name: array[:, :longest] for name, array in self.arrays.items()}, self.lengths,
                           self.padding, self.texts, self.pad_id)
 
+    def with_padding(self, padding: str, max_length: int) -> "TextInputs":
+        """The same sentences under another padding scenario: "max-length" pads every one to max_length."""
+        width = max_length if padding == "max-length" else max(1, int(self.lengths.max(initial=1)))
+        arrays = {}
+        for name, array in self.arrays.items():
+            fill = self.pad_id if name == INPUT_IDS else 0
+            resized = np.full((len(array), width), fill, dtype=array.dtype)
+            keep = min(width, array.shape[1])
+            resized[:, :keep] = array[:, :keep]
+            arrays[name] = resized
+        return TextInputs(arrays, self.lengths, padding, self.texts, self.pad_id)
+
     def digest_arrays(self) -> list[np.ndarray]:
         """The arrays that identify these inputs, in a fixed order (for a run's data fingerprint)."""
         return [self.arrays[name] for name in sorted(self.arrays)] + [self.lengths]
@@ -271,3 +283,44 @@ def feeds(x, inputs: Sequence[tuple[str, np.dtype]]) -> dict[str, np.ndarray]:
         ((name, _),) = inputs
         return {name: x}
     return {name: x.arrays[name].astype(dtype, copy=False) for name, dtype in inputs}
+
+
+TEXT_PERTURBATIONS = ("typos", "dropped_words", "casing")
+# severity 1..5: the share of a sentence's words each perturbation touches
+PERTURBATION_RATES = (0.05, 0.10, 0.15, 0.20, 0.30)
+
+
+def perturb(texts: list[str], kind: str, severity: int, seed: int = 0) -> list[str]:
+    """Sentences under a text perturbation at severity 1..5, the counterpart of image corruptions: "typos" edits
+    one character of a share of the words (swap, drop, repeat or replace a letter), "dropped_words" removes a
+    share of the words (never all), "casing" upper-cases a share of the words (an uncased tokenizer undoes it,
+    which the numbers then show)."""
+    rate = PERTURBATION_RATES[severity - 1]
+    rng = np.random.default_rng([seed, TEXT_PERTURBATIONS.index(kind), severity])
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = []
+    for text in texts:
+        words = text.split(" ")
+        touched = rng.random(len(words)) < rate
+        if kind == "dropped_words":
+            kept = [w for w, t in zip(words, touched) if not t]
+            out.append(" ".join(kept or words[:1]))
+            continue
+        changed = []
+        for word, touch in zip(words, touched):
+            if touch and kind == "casing":
+                word = word.upper()
+            elif touch and len(word) > 1:
+                i = int(rng.integers(len(word) - 1))
+                edit = int(rng.integers(4))
+                if edit == 0:
+                    word = word[:i] + word[i + 1] + word[i] + word[i + 2:]
+                elif edit == 1:
+                    word = word[:i] + word[i + 1:]
+                elif edit == 2:
+                    word = word[:i] + word[i] + word[i:]
+                else:
+                    word = word[:i] + letters[int(rng.integers(26))] + word[i + 1:]
+            changed.append(word)
+        out.append(" ".join(changed))
+    return out

@@ -22,6 +22,17 @@ def cifar10_root() -> str:
 
 
 @pytest.fixture(scope="session")
+def sst2_root() -> str:
+    """GLUE's SST-2 folder (train.tsv, dev.tsv) named by $PTQAUDIT_TEST_SST2_ROOT (that folder or the one holding
+    SST-2/); skips the test when it is not available."""
+    root = os.environ.get("PTQAUDIT_TEST_SST2_ROOT")
+    if root and any((Path(root) / sub / "dev.tsv").is_file() for sub in ("", "SST-2")):
+        return root
+    pytest.skip("SST-2 folder not available: set PTQAUDIT_TEST_SST2_ROOT to a folder holding SST-2's train.tsv and "
+                "dev.tsv (e.g. ../shared/data/SST-2.tar.gz extracted)")
+
+
+@pytest.fixture(scope="session")
 def resnet20_path() -> Path:
     """The shared pretrained CIFAR-10 ResNet-20: $PTQAUDIT_TEST_RESNET20, else
     ../shared/models/cifar10_resnet20.onnx next to the repository; skips the test when absent."""
