@@ -1,8 +1,11 @@
 """Benchmark: FP32 and per-policy accuracy and images/s on ONNX Runtime, and ptqaudit's W8A8 graph
-against a direct onnxruntime.quantization.quantize_dynamic run (must agree 100%), in one run.
+against a direct onnxruntime.quantization.quantize_dynamic run with its defaults (must agree 100%), in one run;
+for a text model also W8A8 with the attention MatMuls quantized against quantize_dynamic with MatMulConstBOnly off.
 
     python benchmarks/bench_eval.py [--model ../shared/models/cifar10_resnet20.onnx]
         [--data cifar10 --data-root DIR] [--batch-size 250] [--limit N] [--threads 0]
+    python benchmarks/bench_eval.py --model sample_models/sst2_bert.onnx --data sst2 --data-root SST-2
+        --tokenizer sample_models/sst2_tokenizer.json [--padding longest|max-length] [--batch-size 1]
 
 Speeds are printed as a ratio to the FP32 baseline measured in the same run on the same data.
 """
@@ -26,20 +29,36 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.evaluate import evaluate, make_session, predict
 from ptqaudit.onnx_graph import load_model
-from ptqaudit.policy import builtin_policy_names, load_policy
+from ptqaudit.policy import builtin_policy_names, load_policy, parse_policy
 from ptqaudit.quantize import quantize
+from ptqaudit.text_data import PADDINGS, TextConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def direct_quantize_dynamic(model_path: str) -> onnx.ModelProto:
-    """What a user gets from ORT's own tool with its defaults (int8 weights, all Conv/MatMul/Gemm)."""
+ATTENTION_W8A8 = {"default": {"weight_bits": 8, "activation_bits": 8}, "layers": {"@attention": {}}}
+
+
+def direct_quantize_dynamic(model_path: str, **extra_options) -> onnx.ModelProto:
+    """What a user gets from ORT's own tool with its defaults (int8 weights, every op type it quantizes)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "direct.onnx"
         logging.disable(logging.WARNING)  # its advice to pre-process the model
-        quantize_dynamic(model_path, out, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+        quantize_dynamic(model_path, out, weight_type=QuantType.QInt8, extra_options=extra_options)
         logging.disable(logging.NOTSET)
         return onnx.load(str(out))
+
+
+def compare(label: str, model, policy, direct: onnx.ModelProto, dataset, args) -> bool:
+    """ptqaudit's graph for `policy` against a direct quantize_dynamic graph on the same inputs."""
+    ours = predict(make_session(quantize(model, policy.resolve(model.layers)), threads=args.threads), dataset,
+                   args.batch_size, label, progress=False)
+    theirs = predict(make_session(direct, threads=args.threads), dataset, args.batch_size, "direct", progress=False)
+    agreement = float(np.mean(ours.labels == theirs.labels))
+    print(f"ptqaudit {label} vs direct quantize_dynamic: top-1 agreement {100 * agreement:.2f}% "
+          f"(ratio {agreement:.4f}), logits bitwise identical: {bool(np.array_equal(ours.logits, theirs.logits))}, "
+          f"max |logit diff| {np.abs(ours.logits - theirs.logits).max():.3g}")
+    return agreement == 1.0
 
 
 def main() -> int:
@@ -50,12 +69,16 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--tokenizer", default=None, help="text data: the model's tokenizer.json")
+    parser.add_argument("--padding", default=TextConfig.padding, choices=PADDINGS)
+    parser.add_argument("--max-length", type=int, default=TextConfig.max_length)
     args = parser.parse_args()
 
-    model = load_model(args.model)
-    dataset = load_dataset(DataConfig(name=args.data, root=args.data_root, limit=args.limit))
+    text = TextConfig(tokenizer=args.tokenizer, padding=args.padding, max_length=args.max_length)
+    dataset = load_dataset(DataConfig(name=args.data, root=args.data_root, limit=args.limit, text=text))
+    model = load_model(args.model, dataset.sample_shape)
     print(f"model {args.model} ({len(model.layers)} quantizable layers)")
-    print(f"data {dataset.name}: {len(dataset)} images, batch size {args.batch_size}")
+    print(f"data {dataset.name}: {len(dataset)} {dataset.unit}, {dataset.padding_note}batch size {args.batch_size}")
     print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"python {platform.python_version()}, onnxruntime {ort.__version__}, onnx {onnx.__version__}, numpy {np.__version__}")
 
@@ -68,17 +91,13 @@ def main() -> int:
         print(f"{r.policy:22s} {100 * r.accuracy:8.2f}% {r.drop_points:+7.2f} {100 * r.agreement_with_fp32:7.2f}% "
               f"{r.images_per_second:9.0f} {r.images_per_second / report.fp32_images_per_second:13.2f}x  {r.method}")
 
-    w8a8 = quantize(model, load_policy("w8a8").resolve(model.layers))
-    ours = predict(make_session(w8a8.proto, threads=args.threads), dataset, args.batch_size, "w8a8", progress=False)
-    direct = predict(make_session(direct_quantize_dynamic(args.model), threads=args.threads), dataset, args.batch_size,
-                     "direct", progress=False)
-    agreement = float(np.mean(ours.labels == direct.labels))
-    identical = bool(np.array_equal(ours.logits, direct.logits))
-    print(f"\nptqaudit w8a8 vs direct quantize_dynamic: top-1 agreement {100 * agreement:.2f}% "
-          f"(ratio {agreement:.4f}), logits bitwise identical: {identical}, "
-          f"max |logit diff| {np.abs(ours.logits - direct.logits).max():.3g}")
+    print()
+    same = compare("w8a8", model, load_policy("w8a8"), direct_quantize_dynamic(args.model), dataset, args)
+    if any(layer.kind.selector == "attention" for layer in model.layers):
+        same &= compare("w8a8 + attention MatMuls", model, parse_policy(ATTENTION_W8A8, "w8a8-attention", "bench"),
+                        direct_quantize_dynamic(args.model, MatMulConstBOnly=False), dataset, args)
     print(f"total wall time {time.perf_counter() - started:.0f} s")
-    return 0 if agreement == 1.0 else 1
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ measured in the same run (the ratio is the simulator's speed-up over ORT's quant
 
     python benchmarks/bench_sim.py [--data-root DIR] [--limit N] [--batch-sizes 1,250]
         [--models ../shared/models/cifar10_resnet20.onnx,sample_models/cifar10_cnn.onnx,sample_models/digits_cnn.onnx]
+    python benchmarks/bench_sim.py --models sample_models/sst2_bert.onnx,sample_models/sst2_lstm.onnx
+        --sst2-root SST-2 [--padding longest|max-length] [--batch-sizes 1,32]
+
+A text model runs on SST-2's dev split, tokenized with sample_models/sst2_tokenizer.json (or --tokenizer).
 
 Targets: 100% agreement at W8A8, >= 99.9% for every other policy, simulator >= 5x ORT's quantized
 throughput. Exit code 1 when an agreement target is missed.
@@ -19,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -26,10 +31,22 @@ from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.evaluate import evaluate
 from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import builtin_policy_names, load_policy
+from ptqaudit.text_data import PADDINGS, TextConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = [REPO.parent / "shared/models/cifar10_resnet20.onnx", REPO / "sample_models/cifar10_cnn.onnx",
                   REPO / "sample_models/digits_cnn.onnx"]
+
+
+def data_for(model_path: str, args) -> DataConfig:
+    """SST-2's dev split for a text model (integer inputs), digits or CIFAR-10's test split for an image model
+    (by its channels)."""
+    first = onnx.load(model_path, load_external_data=False).graph.input[0].type.tensor_type
+    if first.elem_type != onnx.TensorProto.FLOAT:
+        return DataConfig(name="sst2", root=args.sst2_root, limit=args.limit,
+                          text=TextConfig(tokenizer=args.tokenizer, padding=args.padding))
+    return DataConfig(name="digits" if first.shape.dim[1].dim_value == 1 else "cifar10", root=args.data_root,
+                      limit=args.limit)
 
 
 def main() -> int:
@@ -38,6 +55,9 @@ def main() -> int:
     parser.add_argument("--data-root", default=os.environ.get("PTQAUDIT_TEST_CIFAR10_ROOT"))
     parser.add_argument("--batch-sizes", default="1,250")
     parser.add_argument("--limit", type=int, default=None, help="class-balanced subset of the test split")
+    parser.add_argument("--sst2-root", default=os.environ.get("PTQAUDIT_TEST_SST2_ROOT"), help="text models' data")
+    parser.add_argument("--tokenizer", default=str(REPO / "sample_models/sst2_tokenizer.json"))
+    parser.add_argument("--padding", default=TextConfig.padding, choices=PADDINGS)
     args = parser.parse_args()
 
     print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
@@ -47,11 +67,11 @@ def main() -> int:
     missed, speedups = [], []
     started = time.perf_counter()
     for model_path in args.models.split(","):
-        model = load_model(model_path)
-        data = "digits" if model.input_shape[1] == 1 else "cifar10"
-        dataset = load_dataset(DataConfig(name=data, root=args.data_root, limit=args.limit))
+        dataset = load_dataset(data_for(model_path, args))
+        model = load_model(model_path, dataset.sample_shape)
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            print(f"\n{Path(model_path).name} on {dataset.name} ({len(dataset)} images), batch size {batch_size}")
+            print(f"\n{Path(model_path).name} on {dataset.name} ({len(dataset)} {dataset.unit}, "
+                  f"{dataset.padding_note}batch size {batch_size})")
             print(f"{'policy':22s} {'ORT acc':>8s} {'sim = ORT':>10s} {'max|dlogit|':>12s} {'mean|dlogit|':>13s} "
                   f"{'ORT img/s':>10s} {'sim img/s':>10s} {'sim/ORT':>8s}")
             report = evaluate(model, dataset, policies, batch_size=batch_size, engine="both", progress=False)

@@ -238,6 +238,8 @@ def layers(model, input_shape, as_json):
              f"{l.macs:,}", f"{l.params:,}"] for l in loaded.layers]
     click.echo(table(["#", "layer", "kind", "weight", "output", "MACs", "params"], rows, right={0, 5, 6}))
     click.echo(f"\n{len(loaded.layers)} quantizable layers, {loaded.total_macs:,} MACs per input{at_length}")
+    if loaded.unaudited_note:
+        click.echo(loaded.unaudited_note)
 
 
 @cli.command()
@@ -375,7 +377,7 @@ def eval_command(model, data_config, policy_specs, batch_size, engine, device, t
         source = {"ort": "ONNX Runtime", "sim": "the simulator (not ORT)", "both": "ONNX Runtime, simulator checked"}[engine]
         click.echo(f"model {model} | data {dataset.name}, {len(dataset)} {dataset.unit} | "
                    f"{dataset.padding_note}batch size {batch_size} | "
-                   f"numbers from {source}\n")
+                   f"numbers from {source}" + (f"\n{loaded.unaudited_note}" if loaded.unaudited_note else "") + "\n")
     report = evaluate(loaded, dataset, chosen, batch_size=batch_size, engine=engine, device=device, threads=threads,
                       progress=not no_progress, on_update=None if as_json else print_new_rows, kernels=kernels)
     if as_json:

@@ -171,6 +171,8 @@ def export_student(teacher: LoadedModel, sim: SimModel) -> onnx.ModelProto:
     nodes = {node.name: node for node in proto.graph.node}
     trained = {}
     for layer in teacher.layers:
+        if not layer.weight_name:  # a product of two activations: nothing trained
+            continue
         node, module = nodes[layer.name], sim.quant_layer(layer.name)
         trained[layer.weight_name] = layer.kind.engine_weight(node, module.weight.detach().cpu().numpy())
         if module.bias is not None:
@@ -287,15 +289,14 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     teacher_logits = predict(make_session(teacher.proto), train, 256, "teacher outputs (ORT)", progress).logits
 
     sim = SimModel(teacher).to(config.device)
-    features = layer_features(space.searched, [sim.quant_layer(layer.name).weight.detach().cpu().numpy()
-                                               for layer in space.searched])
+    features = layer_features(space.searched, [sim.weight_array(layer.name) for layer in space.searched])
     sim.eval()
     drop = probe_sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}), Objective.WORST)
     agent = PolicyAgent(space, features, drop, Objective.WORST)
     policy_round = _PolicyRound(agent, space, probe, config.batch_size)
     optimizer = torch.optim.Adam(sim.parameters(), lr=config.lr)
     ranges = simulation_plan(config.batch_size)[0]
-    x_all, y_all = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    y_all = torch.from_numpy(train.y)
     t_all = torch.from_numpy(teacher_logits)
     rng = np.random.default_rng(config.seed)
 
@@ -308,7 +309,7 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
         sums = np.zeros(2)
         bar = track(batches, f"{config.mode} epoch {epoch}/{config.epochs}", "batch", progress)
         for i, index in enumerate(bar):
-            x = x_all[index].to(config.device)
+            x = _training_batch(sim, train, index)
             teacher_out, labels = t_all[index].to(config.device), y_all[index].to(config.device)
             candidates = _candidate_policies(policy, policy_round, space, rng)
             batch_policy = _training_policy(i, candidates, sim, x, teacher_out, labels, config, ranges)
@@ -336,6 +337,14 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     sim.eval()
     run = _Run(config, teacher, train, test, folder, started, progress, echo)
     return _verify(run, sim, policy, history, train_seconds)
+
+
+def _training_batch(sim: SimModel, train: Dataset, index: np.ndarray):
+    """The examples at `index` as the simulator takes them: an image tensor, or text as named input tensors
+    (cut to the batch's longest sentence under per-batch padding)."""
+    if train.is_text:
+        return sim.feed(train.x[index].trimmed())
+    return torch.from_numpy(train.x[index]).to(sim.device)
 
 
 def _sim_accuracy(sim: SimModel, dataset: Dataset, policy, batch_size: int) -> float:

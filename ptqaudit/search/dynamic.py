@@ -19,12 +19,21 @@ from ..progress import track
 from ..quantize import quantize
 from ..sim.engine import sim_predict_many
 from ..sim.model import SimModel
+from ..text_data import TextInputs, feeds
 from .space import Objective
 
 
-def input_features(x: np.ndarray) -> np.ndarray:
+def input_features(x: np.ndarray | TextInputs) -> np.ndarray:
     """What a router can afford to look at: per-channel mean, std, min and max of each input, and its
-    largest magnitude (the range that sets the first layer's activation scale)."""
+    largest magnitude (the range that sets the first layer's activation scale); for text, the sentence's
+    length and the mean, spread and largest of its token ids."""
+    if isinstance(x, TextInputs):
+        ids = next(iter(x.arrays.values())).astype(np.float64)
+        real = np.arange(ids.shape[1])[None, :] < x.lengths[:, None]
+        count = np.maximum(real.sum(axis=1), 1)
+        mean = (ids * real).sum(axis=1) / count
+        spread = np.sqrt(((ids - mean[:, None]) ** 2 * real).sum(axis=1) / count)
+        return np.stack([x.lengths, mean, spread, (ids * real).max(axis=1)], axis=1).astype(np.float32)
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     stats = [flat.mean(axis=2), flat.std(axis=2), flat.min(axis=2), flat.max(axis=2),
              np.abs(flat).max(axis=(1, 2))[:, None]]
@@ -105,7 +114,7 @@ def dynamic_policy(model: LoadedModel, sim: SimModel, search_set: Dataset, datas
         entry = int(router.choose(x, per_batch)[0])  # batch size 1: the input's own choice
         if entry not in sessions:
             sessions[entry] = make_session(quantize(model, menu[entry]))
-        logits = sessions[entry].run(None, {model.input_name: x})[0]
+        logits = sessions[entry].run(None, feeds(x, model.inputs))[0]
         counts[entry] += len(x)
         hits += int(np.sum(logits.argmax(axis=1) == y))
     result = DynamicResult(menu=[p.digest for p in menu], oracle_sim_accuracy=oracle_accuracy,

@@ -307,11 +307,11 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
     sim = sims[native]  # this machine's arithmetic: its agreement with ORT is measured
     search_set = (search_data if search_data is not None else dataset).subset(config.search_limit)
     fleet = "" if config.fleet == (native,) else f" | kernels {', '.join(config.fleet)} (score: the lowest)"
-    echo(f"model {config.model} | data {dataset.name}, {len(dataset)} images (search on {len(search_set)} of "
-         f"{search_set.name}) | batch size {config.batch_size} | budget {budget.effective_bits(space.macs):.2f} "
-         f"effective bits | {config.method}, seed {config.seed}{fleet}")
-    features = layer_features(space.searched, [sim.quant_layer(layer.name).weight.detach().numpy()
-                                               for layer in space.searched])
+    echo(f"model {config.model} | data {dataset.name}, {len(dataset)} {dataset.unit} (search on {len(search_set)} of "
+         f"{search_set.name}) | {dataset.padding_note}batch size {config.batch_size} | budget "
+         f"{budget.effective_bits(space.macs):.2f} effective bits over {len(space.searched)} searched layers | "
+         f"{config.method}, seed {config.seed}{fleet}" + (f"\n{model.unaudited_note}" if model.unaudited_note else ""))
+    features = layer_features(space.searched, [sim.weight_array(layer.name) for layer in space.searched])
     evaluator = SimEvaluator([sims[family] for family in config.fleet], search_set, config.batch_size, space,
                              folder.append_trace, memo)
     sensitivity = None

@@ -278,8 +278,13 @@ class SimModel(nn.Module):
                                and n != self.output_name)
         return steps
 
-    def quant_layer(self, name: str) -> QuantLayer:
+    def quant_layer(self, name: str) -> QuantLayer | ActivationProduct:
         return self.quant_layers[self._module_key[name]]
+
+    def weight_array(self, name: str) -> np.ndarray:
+        """A layer's weight as NumPy (a product of two activations has none: one zero)."""
+        weight = self.quant_layer(name).weight
+        return weight.detach().cpu().numpy() if weight is not None else np.zeros(1, dtype=np.float32)
 
     def _run_step(self, step: _Step, env: dict, setting: LayerQuant | None, ranges: str,
                   exact_products: bool = False) -> None:
