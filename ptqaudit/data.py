@@ -8,6 +8,7 @@ channel if --mean/--std are given), or TextInputs for text, and int64 labels. Ba
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.client
 import math
@@ -70,6 +71,14 @@ class DataConfig:
     std: tuple[float, ...] | None = None
     download: bool = False  # cifar10 only: fetch the official archive if missing
     text: TextConfig = TextConfig()  # tokenizer, padding and columns, for text data
+
+    def to_dict(self) -> dict:
+        """As run.json stores it: the text settings only when they are not the defaults, so an image run's
+        settings read (and --resume compares) as before text data existed."""
+        values = dataclasses.asdict(self)
+        if self.text == TextConfig():
+            del values["text"]
+        return values
 
     def __post_init__(self):
         if isinstance(self.text, dict):  # as a run folder's run.json holds it

@@ -79,6 +79,7 @@ class DistillConfig:
     def to_dict(self) -> dict:
         values = asdict(self)
         values["bits"] = list(self.bits)
+        values["data"] = self.data.to_dict()
         return values
 
     @classmethod

@@ -110,14 +110,26 @@ def largest_pair_sum(codes: torch.Tensor, activation_bits: int) -> float:
     return float((magnitude[0::2] + magnitude[1::2]).max()) * activation_code_max(activation_bits)
 
 
-def saturating_matmul(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def risky_pairs(weight: torch.Tensor, largest_code: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pair index p, column n) of the weight pairs (rows 2p, 2p + 1 of [K, N] weight codes, K padded to even) whose
+    sum can leave int16 with activation codes up to `largest_code`: |w[2p, n]| + |w[2p + 1, n]| > 32767 / code.
+    They depend on the weight alone, so a layer computes them once per setting (with the largest code its
+    width allows) and saturating_matmul corrects only them."""
+    if weight.shape[0] % 2:
+        weight = torch.nn.functional.pad(weight, (0, 0, 0, 1))
+    magnitude = weight.detach().reshape(-1, 2, weight.shape[1]).abs().sum(dim=1)
+    return torch.nonzero(magnitude * largest_code > INT16_MAX, as_tuple=True)
+
+
+def saturating_matmul(codes: torch.Tensor, weight: torch.Tensor,
+                      pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """sum over p of clip(a[2p] * w[2p] + a[2p+1] * w[2p+1], int16): what MLAS's AVX2 u8 x s8 kernel
     (vpmaddubsw) accumulates for uint8 codes [..., K] and int8 weight codes [K, N], K padded with zero
     to even. Returned in float64, which holds the int32 sum exactly. Differentiable: saturated pairs
     pass no gradient, as a clip does.
 
-    Computed as the exact product (one GEMM) plus clip(s) - s for the pairs s that can leave int16 at all:
-    those whose two weights sum in magnitude to more than 32767 / (largest code), a small share of them."""
+    Computed as the exact product (one GEMM) plus clip(s) - s for the pairs s that can leave int16 at all
+    (risky_pairs: given, or found for these codes' largest value), a small share of them."""
     rows = codes.reshape(-1, codes.shape[-1])
     if rows.shape[1] % 2:
         rows = torch.nn.functional.pad(rows, (0, 1))
@@ -127,7 +139,7 @@ def saturating_matmul(codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     dtype = torch.float32 if exact_in_float32 else torch.float64
     total = rows.to(dtype) @ weight.to(dtype)
     weight_pairs = weight.reshape(-1, 2, weight.shape[1])  # [P, 2, N]
-    pair, column = torch.nonzero(weight_pairs.detach().abs().sum(dim=1) * largest_code > INT16_MAX, as_tuple=True)
+    pair, column = pairs if pairs is not None else risky_pairs(weight, largest_code)
     chunk = max(1, PAIR_CHUNK_ELEMENTS // max(1, rows.shape[0]))
     for start in range(0, len(pair), chunk):
         p, n = pair[start:start + chunk], column[start:start + chunk]

@@ -85,6 +85,7 @@ class SearchConfig:
     def to_dict(self) -> dict:
         values = asdict(self)
         values["bits"], values["layers"], values["kernels"] = list(self.bits), list(self.layers), list(self.kernels)
+        values["data"] = self.data.to_dict()
         return _without_empty(values, ("kernels",))  # no fleet named: this machine's family, as before fleets
 
     @classmethod

@@ -15,7 +15,8 @@ from onnx import numpy_helper
 from ..arithmetic import (activation_code_max, activation_scale_zero_point, centered_activation_codes, table_codes,
                           weight_codes)
 from ..errors import PtqauditError
-from ..kernels import AVX2_U8S8, EXACT, INT16_MAX, detect_kernel_family, largest_pair_sum, saturating_matmul
+from ..kernels import (AVX2_U8S8, EXACT, INT16_MAX, detect_kernel_family, largest_pair_sum, risky_pairs,
+                       saturating_matmul)
 from ..onnx_graph import Layer, LoadedModel, upgrade_opset
 from ..policy import LayerQuant, ResolvedPolicy
 from ..text_data import feeds
@@ -53,19 +54,21 @@ class QuantLayer(nn.Module):
     def _linear(self, x, weight, bias):
         return self.kind.float_product(x, weight, bias, self.attrs)
 
-    def _weight_at(self, setting: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
-        """Codes, scale, whether float32 sums stay exact, and whether this CPU's kernel saturates here."""
+    def _weight_at(self, setting: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, bool, tuple | None]:
+        """Codes, scale, whether float32 sums stay exact, and the weight pairs this CPU's kernel can saturate
+        on (kernels.risky_pairs; None when it cannot saturate here)."""
         output_axis = self.kind.output_axis
         if self.kind.weight_only:
             codes, scale, _ = table_codes(self.weight, setting.weight_bits)
-            return codes, scale, True, False
+            return codes, scale, True, None
         codes, scale = weight_codes(self.weight, setting.weight_bits, self.kind.scale_axis(setting.per_channel))
         exact = accumulator_bound(codes, setting.activation_bits, output_axis) < EXACT_FLOAT32_LIMIT
         saturates = (self.kernel_family == AVX2_U8S8 and self.kind.matrix_kernel
                      and largest_pair_sum(codes, setting.activation_bits) > INT16_MAX)
-        return codes, scale, exact, saturates
+        pairs = risky_pairs(codes, activation_code_max(setting.activation_bits)) if saturates else None
+        return codes, scale, exact, pairs
 
-    def _quantized_weight(self, setting: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+    def _quantized_weight(self, setting: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, bool, tuple | None]:
         """_weight_at, cached per setting while the weight is not being trained (the key includes the
         parameter's version counter)."""
         if torch.is_grad_enabled() and self.weight.requires_grad:
@@ -90,11 +93,12 @@ class QuantLayer(nn.Module):
         x_scale, x_zero_point = activation_scale_zero_point(x, setting.activation_bits, ranges == "sample",
                                                             self.nonnegative_input)
         x_codes = centered_activation_codes(x, x_scale, x_zero_point, setting.activation_bits, self.nonnegative_input)
-        w_codes, w_scale, exact_in_float32, saturates = self._quantized_weight(setting)
+        w_codes, w_scale, exact_in_float32, pairs = self._quantized_weight(setting)
         # MLAS's AVX2 u8 x s8 kernel sums raw uint8 codes in int16-saturated pairs, then corrects the zero point
-        if saturates and not exact_products:
+        if pairs is not None and not exact_products:
             raw_codes = x_codes + x_zero_point
-            acc = (saturating_matmul(raw_codes, w_codes) - x_zero_point.double() * w_codes.double().sum(dim=0)).float()
+            acc = (saturating_matmul(raw_codes, w_codes, pairs)
+                   - x_zero_point.double() * w_codes.double().sum(dim=0)).float()
         elif exact_in_float32:
             acc = self._linear(x_codes, w_codes, None)
         else:  # sums could pass 2^24: accumulate in float64, exact like ORT's int32, then round as its Cast does
@@ -217,7 +221,9 @@ class SimModel(nn.Module):
                 layer = layer_by_name[node.name]
                 weight = layer.kind.engine_weight(node, initializers[layer.weight_name])
                 bias_name = layer.kind.bias_input(node)
-                bias = initializers[bias_name] if bias_name else None
+                # a bias the exporter shared with an equal one reaches the node through an Identity: folded by now
+                bias = (initializers[bias_name] if bias_name in initializers
+                        else constants[bias_name].numpy() if bias_name else None)
                 key = f"layer{layer.index}"
                 activation = layer.kind.activation_input(node)
                 self.quant_layers[key] = QuantLayer(layer, attributes(node), weight, bias, activation in nonnegative,
