@@ -276,3 +276,33 @@ def test_simulator_reproduces_ort_on_a_text_model(tmp_path, text_model):
             sim_run = sim_predict(sim, dataset, policy, batch_size, progress=False)
             np.testing.assert_allclose(sim_run.logits, ort_run.logits, rtol=0, atol=1e-5)
             assert (sim_run.labels == ort_run.labels).all()
+
+
+def test_search_and_report_speak_text(capsys, tmp_path, text_model, tokenizer_file):
+    """search -> report on a text model from a .tsv: the report's JSON carries the flipped sentences themselves,
+    accuracy by length, both paddings measured on ORT, and the text perturbations."""
+    rows = [(s, i % 2) for i, s in enumerate(SENTENCES)]
+    data = _write_tsv(tmp_path / "reviews.tsv", rows)
+    common = ["--data", data, "--tokenizer", tokenizer_file, "--max-length", 12]
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "search", text_model, *common, "--max-evaluations", 6, "--method", "random",
+                             "--bits", "2,8", "--budget-avg-bits", 4, "--objective", "worst", "--no-progress", "-o", run)
+    assert code == 0, err
+    assert f"{len(rows)} sentences" in out and "padded per batch" in out
+    code, out, err = run_cli(capsys, "report", run, "--format", "json", "--analysis-limit", len(rows), "--no-progress")
+    assert code == 0, err
+    report = json.loads(out)
+    analysis = report["analysis"]
+    assert analysis["unit"] == "sentences" and report["headline"]["unit"] == "sentences"
+    flipped = analysis["per_input"]["flipped_inputs"]
+    assert all(f["text"] == SENTENCES[f["index"]] for f in flipped)  # the analysis subset is every sentence, in order
+    assert sum(r["sentences"] for r in analysis["by_length"]) == len(rows)
+    assert [r["padding"] for r in analysis["padding"]] == ["longest", "max-length"]
+    # the same sentences, so FP32 under either padding is the FP32 the analysis measured (masked mean pooling)
+    assert all(r["fp32_accuracy"] == pytest.approx(analysis["fp32_accuracy"]) for r in analysis["padding"])
+    assert {r["corruption"] for r in analysis["corruptions"]} == set(TEXT_PERTURBATIONS)
+    code, out, err = run_cli(capsys, "report", run, "--format", "md", "-o", tmp_path / "r.md",
+                             "--analysis-limit", len(rows), "--no-progress")
+    assert code == 0, err
+    markdown = (tmp_path / "r.md").read_text()
+    assert "Accuracy by sentence length" in markdown and "Text perturbations" in markdown and "padding" in markdown
