@@ -266,6 +266,13 @@ class _Rewriter:
         proto = helper.make_model(new_graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         proto.producer_name = "ptqaudit"
         onnx.checker.check_model(proto)
+        # inferred shapes in the graph, as quantize_dynamic leaves them: some of ORT's fusions need them (an Add
+        # and a LayerNormalization become SkipLayerNormalization only with known shapes), and the arithmetic of
+        # the fused kernel differs by ulps
+        try:
+            proto = onnx.shape_inference.infer_shapes(proto)
+        except Exception:  # a graph ONNX cannot infer still runs, unfused
+            pass
         return QuantizedModel(proto, REWRITE, self.layer_tensors)
 
 
