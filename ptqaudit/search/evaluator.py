@@ -74,8 +74,8 @@ class SimEvaluator:
                 self.memo[digest] = float(score)
                 self.step += 1
                 records.append({"step": self.step, "objective": str(objective), "method": method, "digest": digest,
-                                "sim_accuracy": self.memo[digest], "bitops": policy.bitops(self.space.layers),
-                                "effective_bits": policy.effective_bits(self.space.layers),
+                                "sim_accuracy": self.memo[digest], "bitops": self.space.policy_bitops(policy),
+                                "effective_bits": self.space.effective_bits(self.space.policy_bitops(policy)),
                                 "policy": {name: (q.label if q else "fp32") for name, q in policy.mapping.items()}})
             self.record(records)
         return [self.memo[p.digest] for p in policies]

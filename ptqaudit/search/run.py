@@ -318,11 +318,11 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
     sensitivity = None
     if config.method == "rl" and config.sensitivity == "gradient":
         images = min(GRADIENT_IMAGES, len(search_set))
-        echo(f"estimating each operand's sensitivity from the simulator's gradients on {images} images "
+        echo(f"estimating each operand's sensitivity from the simulator's gradients on {images} {dataset.unit} "
              "(no policy evaluations)")
         sensitivity = gradient_sensitivity(space, sim, search_set, config.batch_size)
 
-    echo(f"measuring fp32 on ORT ({len(dataset)} images)")
+    echo(f"measuring fp32 on ORT ({len(dataset)} {dataset.unit})")
     fp32 = predict(make_session(model.proto), dataset, config.batch_size, "fp32 (ORT)", progress)
     fp32_accuracy = accuracy(fp32.labels, dataset.y)
     summary = SearchSummary(
@@ -370,7 +370,7 @@ def _search_objective(context: "_Context", evaluator: SimEvaluator, objective: O
     scope = ("every policy the budget admits" if config.method == "exhaustive"
              else f"up to {config.max_evaluations} policies")
     echo(f"searching the {objective} case: {config.method}, {scope} scored by the simulator on "
-         f"{len(context.search_set)} images")
+         f"{len(context.search_set)} {context.dataset.unit}")
     bar = Progress(config.max_evaluations, f"{config.method} search, {objective} case", "policy", context.progress)
 
     def show(done: int, best: float | None, total: int | None = None) -> None:
@@ -408,7 +408,7 @@ def _verified_case(context: "_Context", summary: SearchSummary, board: Leaderboa
     if uniform is not None:
         candidates.setdefault(uniform.digest, uniform)
     count = len(candidates)
-    echo(f"verifying {count} {objective}-case candidate{'s' * (count != 1)} on ORT ({len(context.dataset)} images each)")
+    echo(f"verifying {count} {objective}-case candidate{'s' * (count != 1)} on ORT ({len(context.dataset)} {context.dataset.unit} each)")
     verified = _verify(context, list(candidates.values()), objective)
     chosen = verified[0]
     policy = space.policy(candidates[chosen.digest].choice, f"{objective}-case")
@@ -425,7 +425,7 @@ def _verified_case(context: "_Context", summary: SearchSummary, board: Leaderboa
         case.uniform = UniformBaseline(space.uniform_label(uniform.choice), uniform.digest, measured.ort_accuracy,
                                        measured.accuracy)
     if config.dynamic:
-        echo(f"training the {objective}-case router on the simulator, then routing {len(context.dataset)} images on ORT")
+        echo(f"training the {objective}-case router on the simulator, then routing {len(context.dataset)} {context.dataset.unit} on ORT")
         case.dynamic = _dynamic(context, candidates, verified, objective, summary.fp32_accuracy)
     return case
 
@@ -490,7 +490,7 @@ def _verify(context: _Context, candidates: list[Candidate], objective: Objective
             rank=0, digest=candidate.digest, ort_accuracy=ort_accuracy,
             sim_accuracy_search_subset=candidate.sim_accuracy,
             sim_top1_agreement_with_ort=EngineAgreement.between(ort_run, sim_run).top1_agreement,
-            bitops=candidate.bitops, effective_bits=policy.effective_bits(model.layers),
+            bitops=candidate.bitops, effective_bits=context.space.effective_bits(candidate.bitops),
             layers={name: (q.label if q else "fp32") for name, q in policy.mapping.items()}, kernels=kernels,
         ))
     results.sort(key=lambda v: objective.key(v.accuracy))
