@@ -14,8 +14,12 @@ evaluations, RL and random search against the most extreme uniform policy inside
 evaluations spent on uniform policies and on sensitivity probes. Target: both cases within the cap, each at
 least as extreme as the uniform policy.
 
-    python benchmarks/bench_search.py [--part a|b|c|all] [--data-root DIR] [--max-evaluations 400] [--caps 100,400]
-        [--c-models digits_resnet56,cifar10_resnet20]
+Part D (text): the sample BERT on GLUE SST-2 (sentences tokenized with sample_models/sst2_tokenizer.json, padded
+per batch, batch size 1), budget 6 effective bits, as part C: RL and random search with 100 evaluations per
+objective, scored by the simulator on --text-search-limit dev sentences and verified on ORT over all 872.
+
+    python benchmarks/bench_search.py [--part a|b|c|d|all] [--data-root DIR] [--max-evaluations 400] [--caps 100,400]
+        [--c-models digits_resnet56,cifar10_resnet20] [--sst2-root DIR] [--text-search-limit 200]
 """
 
 from __future__ import annotations
@@ -35,13 +39,15 @@ from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import load_policy
 from ptqaudit.search.run import SearchConfig, SearchSummary, run_search
-from ptqaudit.search.space import Budget, Objective, SearchSpace
+from ptqaudit.search.space import Objective, SearchSpace
+from ptqaudit.text_data import TextConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def search(model_path: str, data: DataConfig, method: str, out: Path, **settings) -> tuple[SearchSummary, float]:
-    model, dataset = load_model(model_path), load_dataset(data)
+    dataset = load_dataset(data)
+    model = load_model(model_path, dataset.sample_shape)
     config = SearchConfig(model=model_path, data=data, output=str(out / method), method=method, **settings)
     started = time.perf_counter()
     summary = run_search(config, model, dataset, progress=False, echo=lambda m: None)
@@ -101,42 +107,65 @@ def part_c(out: Path, data_root: str | None, limit: int, search_limit: int, caps
               (str(REPO.parent / "shared/models/cifar10_resnet20.onnx"), DataConfig(name="cifar10", root=data_root, limit=limit))]
     for model, data in [(m, d) for m, d in models if Path(m).stem in names]:
         layers = len(load_model(model).layers)
-        uniform_counts = {objective: len(_uniform_frontier(model, objective)) for objective in ("worst", "best")}
         print(f"\nC. {Path(model).name} ({layers} layers), bits 2,3,4,5,6,8, budget 6 effective bits, search on "
               f"{search_limit} images, verification on {data.limit or 'all'} {data.name} images (ORT, batch size 1)")
-        print(f"{'cap':>4s} {'method':8s} {'case':6s} {'ORT acc':>8s} {'uniform':>16s} {'beyond (pts)':>12s} "
-              f"{'evaluated':>9s} {'uniform':>8s} {'probes':>7s} {'minutes':>8s}")
-        for cap in caps:
-            for method in ("rl", "random"):
-                summary, seconds = search(model, data, method, out / f"{Path(model).stem}-{cap}", max_evaluations=cap,
-                                          budget_avg_bits=6.0, search_limit=search_limit, seed=0)
-                for case_name in ("worst", "best"):
-                    case = getattr(summary, case_name)
-                    # + 0.0 turns -0.0 (no difference) into 0.0
-                    beyond = (case.uniform.ort_accuracy - case.ort_accuracy) * (100 if case_name == "worst" else -100) + 0.0
-                    print(f"{cap:4d} {method:8s} {case_name:6s} {100 * case.ort_accuracy:7.2f}% "
-                          f"{case.uniform.label:>7s} {100 * case.uniform.ort_accuracy:7.2f}% {beyond:12.2f} "
-                          f"{case.evaluations:9d} {uniform_counts[case_name]:8d} {case.sensitivity_evaluations:7d} {seconds / 60:8.1f}")
+        compare_methods(model, data, caps, search_limit, out / Path(model).stem)
 
 
-def _uniform_frontier(model_path: str, objective: str) -> list:
+def part_d(out: Path, sst2_root: str | None, search_limit: int) -> None:
+    """Text: the sample BERT, worst and best case, RL and random search against the uniform policy (part C's table)."""
+    model = str(REPO / "sample_models/sst2_bert.onnx")
+    data = DataConfig(name="sst2", root=sst2_root, text=TextConfig(tokenizer=str(REPO / "sample_models/sst2_tokenizer.json")))
+    dataset = load_dataset(data)
+    searched = [layer for layer in load_model(model, dataset.sample_shape).layers
+                if not layer.kind.weight_only and layer.kind.quantized_by_default]
+    print(f"\nD. {Path(model).name} ({len(searched)} searched layers; embeddings at W8, attention products float, "
+          f"as quantize_dynamic's defaults), bits 2,3,4,5,6,8, budget 6 effective bits, search on {search_limit} "
+          f"sentences, verification on all {len(dataset)} {dataset.name} sentences (ORT, batch size 1, {dataset.padding_note}"
+          "sequence lengths as the data gives them)")
+    compare_methods(model, data, [100], search_limit, out / "bert")
+
+
+def compare_methods(model: str, data: DataConfig, caps: list[int], search_limit: int, out: Path) -> None:
+    """RL and random search at each cap: each case on ORT beside the most extreme uniform policy inside the budget,
+    the evaluations spent, and the wall time of the whole search."""
+    uniform_counts = {objective: len(_uniform_frontier(model, objective, load_dataset(data).sample_shape))
+                      for objective in ("worst", "best")}
+    print(f"{'cap':>4s} {'method':8s} {'case':6s} {'ORT acc':>8s} {'uniform':>16s} {'beyond (pts)':>12s} "
+          f"{'evaluated':>9s} {'uniform':>8s} {'probes':>7s} {'minutes':>8s}")
+    for cap in caps:
+        for method in ("rl", "random"):
+            summary, seconds = search(model, data, method, out / str(cap), max_evaluations=cap,
+                                      budget_avg_bits=6.0, search_limit=search_limit, seed=0)
+            for case_name in ("worst", "best"):
+                case = getattr(summary, case_name)
+                # + 0.0 turns -0.0 (no difference) into 0.0
+                beyond = (case.uniform.ort_accuracy - case.ort_accuracy) * (100 if case_name == "worst" else -100) + 0.0
+                print(f"{cap:4d} {method:8s} {case_name:6s} {100 * case.ort_accuracy:7.2f}% "
+                      f"{case.uniform.label:>7s} {100 * case.uniform.ort_accuracy:7.2f}% {beyond:12.2f} "
+                      f"{case.evaluations:9d} {uniform_counts[case_name]:8d} {case.sensitivity_evaluations:7d} {seconds / 60:8.1f}")
+
+
+def _uniform_frontier(model_path: str, objective: str, sample_shape=None) -> list:
     """The uniform policies a search scores first (search.space.SearchSpace.uniform_frontier)."""
-    model = load_model(model_path)
+    model = load_model(model_path, sample_shape)
     base = load_policy("w8a8").resolve(model.layers)
-    space = SearchSpace(model.layers, base, SearchConfig.bits, [layer.name for layer in model.layers],
-                        Budget.from_average_bits(6.0, model.total_macs))
+    space = SearchSpace(model.layers, base, SearchConfig.bits,
+                        [layer.name for layer in model.layers if not layer.kind.weight_only], 6.0)
     return space.uniform_frontier(Objective(objective))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["a", "b", "c", "all"], default="all")
+    parser.add_argument("--part", choices=["a", "b", "c", "d", "all"], default="all")
     parser.add_argument("--caps", default="100,400", help="part C: --max-evaluations values, comma-separated")
     parser.add_argument("--limit", type=int, default=2000, help="part C: CIFAR-10 images ORT verifies on")
     parser.add_argument("--search-limit", type=int, default=500, help="part C: images the simulator scores on")
     parser.add_argument("--c-models", default="digits_resnet56,cifar10_resnet20", help="part C: which models")
     parser.add_argument("--data-root", default=os.environ.get("PTQAUDIT_TEST_CIFAR10_ROOT"))
     parser.add_argument("--max-evaluations", type=int, default=400, help="per objective (the CLI default)")
+    parser.add_argument("--sst2-root", default=os.environ.get("PTQAUDIT_TEST_SST2_ROOT"), help="part D: SST-2 folder")
+    parser.add_argument("--text-search-limit", type=int, default=200, help="part D: sentences the simulator scores on")
     args = parser.parse_args()
     print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
@@ -150,6 +179,8 @@ def main() -> int:
         if args.part in ("c", "all"):
             part_c(Path(tmp) / "c", args.data_root, args.limit, args.search_limit, [int(c) for c in args.caps.split(",")],
                    args.c_models.split(","))
+        if args.part in ("d", "all"):
+            part_d(Path(tmp) / "d", args.sst2_root, args.text_search_limit)
     return 0 if ok else 1
 
 
