@@ -466,6 +466,24 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.n
     return out
 
 
+def take_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, clip: tuple | None = None) -> None:
+    """One optimizer and schedule step on `loss`; clip = (parameters, max norm) clips the gradient norm first."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        nn.utils.clip_grad_norm_(*clip)
+    opt.step()
+    sched.step()
+
+
+def print_epoch(epoch: int, epochs: int, loss_sum: float, correct: int, seen: int, started: float) -> None:
+    print(
+        f"  epoch {epoch:2d}/{epochs}  loss {loss_sum / seen:.4f}  "
+        f"train acc {100 * correct / seen:5.2f}%  {time.perf_counter() - started:5.1f}s",
+        flush=True,
+    )
+
+
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = SEED) -> nn.Module:
     """Trains in place with a one-cycle learning rate; prints one line per epoch."""
     rng = np.random.default_rng(seed)
@@ -495,18 +513,11 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = SEED) -
             yb = torch.from_numpy(data.y[idx])
             logits = model(xb)
             loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            take_step(loss, opt, sched)
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
-        print(
-            f"  epoch {epoch:2d}/{cfg.epochs}  loss {loss_sum / seen:.4f}  "
-            f"train acc {100 * correct / seen:5.2f}%  {time.perf_counter() - t0:5.1f}s",
-            flush=True,
-        )
+        print_epoch(epoch, cfg.epochs, loss_sum, correct, seen, t0)
     return model.to(memory_format=torch.contiguous_format).eval()
 
 
@@ -565,19 +576,11 @@ def train_text(model: nn.Module, encoded: list[list[int]], labels: np.ndarray, i
             yb = torch.from_numpy(labels[idx])
             logits = model(*(torch.from_numpy(inputs[name]) for name in input_names))
             loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
+            take_step(loss, opt, sched, (params, cfg.grad_clip))
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
-        print(
-            f"  epoch {epoch:2d}/{cfg.epochs}  loss {loss_sum / seen:.4f}  "
-            f"train acc {100 * correct / seen:5.2f}%  {time.perf_counter() - t0:5.1f}s",
-            flush=True,
-        )
+        print_epoch(epoch, cfg.epochs, loss_sum, correct, seen, t0)
     return model.eval()
 
 
