@@ -28,7 +28,7 @@ from .runs import (DISTILL_SUMMARY, RunFolder, check_fields, check_schema_versio
 from .search.evaluator import Leaderboard, SimEvaluator
 from .search.methods import PolicyAgent
 from .search.sensitivity import probe_sensitivity
-from .search.run import SUMMARY_VERSION, SearchConfig, run_search
+from .search.run import SUMMARY_VERSION, SearchConfig, run_search, searched_layers
 from .search.space import Objective, SearchSpace, check_bits, layer_features
 from .sim.engine import EngineAgreement, sim_predict, simulation_plan
 from .sim.model import SimModel
@@ -112,6 +112,7 @@ class DistillSummary:
     images: int = 0
     train_dataset: str = ""
     train_images: int = 0
+    unit: str = "images"  # what one example is: images, sentences, or (pre-tokenized) examples
     epochs: int = 0
     batch_size: int = 1
     bits: list[int] = field(default_factory=list)
@@ -146,8 +147,8 @@ class DistillSummary:
                 ["student w8a8", self.student_w8a8_accuracy, student],
                 ["student, fresh search's worst case", self.audit.worst_accuracy, student]]
         return "\n".join([
-            f"{self.mode} student of {self.teacher} | trained on {self.train_images} images of {self.train_dataset}, "
-            f"{self.epochs} epochs | data {self.dataset}, {self.images} images | batch size {self.batch_size} | "
+            f"{self.mode} student of {self.teacher} | trained on {self.train_images} {self.unit} of {self.train_dataset}, "
+            f"{self.epochs} epochs | data {self.dataset}, {self.images} {self.unit} | batch size {self.batch_size} | "
             f"policy {self.policy_effective_bits:.2f} effective bits (budget {self.budget_avg_bits})", "",
             table(["", "ORT accuracy", "drop (pts)"],
                   [[name, f"{100 * acc:.2f}%", "" if fp32 is None else f"{drop_points(fp32, acc):+.2f}"]
@@ -249,7 +250,7 @@ def _split_probe(train: Dataset, probe_size: int, train_limit: int | None, seed:
     """(training images, held-out images the agent scores policies on): the agent judges the student on
     images it was not trained on, as a search of the deployed model would."""
     if probe_size >= len(train):
-        raise PtqauditError(f"--policy-limit {probe_size} leaves no training images of the {len(train)} in {train.name}")
+        raise PtqauditError(f"--policy-limit {probe_size} leaves no training {train.unit} of the {len(train)} in {train.name}")
     order = np.random.default_rng(seed).permutation(len(train))
     held_out, rest = np.sort(order[:probe_size]), np.sort(order[probe_size:])
     probe = Dataset(f"{train.name} (held out)", train.x[held_out], train.y[held_out], train.classes)
@@ -268,8 +269,7 @@ def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, tes
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     base = load_policy("w8a8").resolve(teacher.layers)
-    space = SearchSpace(teacher.layers, base, config.bits, [layer.name for layer in teacher.layers],
-                        config.budget_avg_bits)
+    space = SearchSpace(teacher.layers, base, config.bits, searched_layers(teacher), config.budget_avg_bits)
     space.check_budget(Objective.WORST)
     folder = RunFolder(config.output)
     if (folder.path / "run.json").exists():
@@ -284,8 +284,8 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     started = time.perf_counter()
 
     train, probe = _split_probe(train, config.policy_limit, config.train_limit, config.seed)
-    echo(f"distilling a {config.mode} student of {config.teacher} | train on {len(train)} images of {train.name} "
-         f"({len(probe)} held out for the agent), {config.epochs} epochs | data {test.name}, {len(test)} images | "
+    echo(f"distilling a {config.mode} student of {config.teacher} | train on {len(train)} {train.unit} of {train.name} "
+         f"({len(probe)} held out for the agent), {config.epochs} epochs | data {test.name}, {len(test)} {test.unit} | "
          f"batch size {config.batch_size} | budget {config.budget_avg_bits} effective bits | seed {config.seed}")
     teacher_logits = predict(make_session(teacher.proto), train, 256, "teacher outputs (ORT)", progress).logits
 
@@ -332,7 +332,7 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
         history.append(record)
         folder.append_trace([record])
         echo(f"epoch {epoch}/{config.epochs}: distillation loss {record['distillation_loss']:.3f}, quantized loss "
-             f"{record['quantized_loss']:.3f}; sim on {len(probe)} held-out training images: fp32 {100 * fp_probe:.2f}%, "
+             f"{record['quantized_loss']:.3f}; sim on {len(probe)} held-out training {probe.unit}: fp32 {100 * fp_probe:.2f}%, "
              f"worst policy found {100 * probe_accuracy:.2f}%")
     train_seconds = time.perf_counter() - started
     sim.eval()
@@ -384,7 +384,7 @@ def _verify(run: _Run, sim: SimModel, policy: ResolvedPolicy, history: list[dict
         session = make_session(model.proto if resolved is None else quantize(model, resolved))
         return predict(session, test, config.batch_size, label, progress)
 
-    echo(f"measuring teacher and student on ORT ({len(test)} images each)")
+    echo(f"measuring teacher and student on ORT ({len(test)} {test.unit} each)")
     runs = {
         "teacher_fp32": ort(teacher, None, "teacher fp32 (ORT)"),
         "teacher_policy": ort(teacher, policy, "teacher under the policy (ORT)"),
@@ -407,7 +407,11 @@ def _verify(run: _Run, sim: SimModel, policy: ResolvedPolicy, history: list[dict
         train_dataset=train.name, train_images=len(train), epochs=config.epochs,
         batch_size=config.batch_size, bits=list(config.bits), budget_avg_bits=config.budget_avg_bits,
         student_file="student.onnx", policy_file="policy.yaml", policy_digest=policy.digest,
-        policy=policy.summary(), policy_effective_bits=policy.effective_bits(student.layers),
+        policy=policy.summary(),
+        # in the budget's unit: over the layers the agent chose widths for (quantized ones that cost BitOPs)
+        policy_effective_bits=policy.effective_bits([layer for layer in student.layers if not layer.kind.weight_only
+                                                     and policy.mapping[layer.name] is not None]),
+        unit=test.unit,
         teacher_fp32_accuracy=acc["teacher_fp32"],
         teacher_policy_accuracy=acc["teacher_policy"],
         student_fp32_accuracy=acc["student_fp32"],

@@ -420,7 +420,7 @@ DISTILL_SUMMARY = {"mode": str, "teacher": str, "student_file": str, "audit": {"
                                                                              "evaluations": int},
                    **{f"{name}_accuracy": float for name in ("teacher_fp32", "teacher_policy", "student_fp32",
                                                              "student_policy", "student_w8a8")},
-                   "policy_drop_points": float, "policy_effective_bits": float}
+                   "policy_drop_points": float, "policy_effective_bits": float, "unit?": str}
 _ACCURACIES = {"fp32_accuracy": float, "worst_accuracy": float, "drop_points": float}
 _CORRUPTIONS = ListOf({"corruption": str, "severity": int, **_ACCURACIES})
 _BATCH_SIZES = ListOf({"batch_size": int, "worst_accuracy": float})

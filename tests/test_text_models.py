@@ -87,3 +87,23 @@ def test_padding_changes_what_dynamic_quantization_sees(sst2_root):
     w4a8 = make_session(quantize(model, load_policy("w4a8").resolve(model.layers)))
     a, b = (predict(w4a8, data, 8, "", progress=False).logits for data in (longest, fixed))
     assert not np.array_equal(a, b)
+
+
+def test_distill_trains_a_text_student(capsys, tmp_path, sst2_root):
+    """distill on the sample BERT and SST-2 (a few steps): the student file runs on ORT, and the summary's student
+    FP32 accuracy is what ORT measures on it directly."""
+    from ptqaudit.runs import read_json
+    from test_cli import run_cli
+
+    out = tmp_path / "distill"
+    code, _, err = run_cli(capsys, "distill", SAMPLES / "sst2_bert.onnx", "--mode", "detrimental", "--data", "sst2",
+                           "--data-root", sst2_root, "--tokenizer", TOKENIZER, "--limit", 64, "--epochs", 1,
+                           "--train-limit", 64, "--policy-limit", 16, "--policy-steps", 1, "--audit-evaluations", 4,
+                           "--no-progress", "-o", out)
+    assert code == 0, err
+    summary = read_json(out / "summary.json")
+    assert summary["unit"] == "sentences" and summary["images"] == 64
+    test = load_dataset(DataConfig("sst2", root=sst2_root, limit=64, text=TextConfig(tokenizer=str(TOKENIZER))))
+    session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    labels = predict(session, test, 1, "", progress=False).labels
+    assert summary["student_fp32_accuracy"] == pytest.approx(float(np.mean(labels == test.y)))

@@ -250,7 +250,7 @@ def _without_empty(values: dict, keys) -> dict:
     return {key: value for key, value in values.items() if not (key in keys and value in ("", {}, []))}
 
 
-def _searched_layers(model: LoadedModel, globs: tuple[str, ...]) -> list[str]:
+def searched_layers(model: LoadedModel, globs: tuple[str, ...] = ()) -> list[str]:
     """The layers matching --layers (default: all) that cost BitOPs: an embedding lookup costs none, so a
     budget could not hold it back and it keeps the base policy's setting."""
     computing = [layer for layer in model.layers if not layer.kind.weight_only]
@@ -281,7 +281,7 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
     config.validate()
     check_model_fits_data(model, dataset, config.batch_size)
     base = load_policy(config.base_policy).resolve(model.layers)
-    space = SearchSpace(model.layers, base, config.bits, _searched_layers(model, config.layers),
+    space = SearchSpace(model.layers, base, config.bits, searched_layers(model, config.layers),
                         Budget(config.budget_bitops) if config.budget_bitops is not None else config.budget_avg_bits)
     budget = space.budget
     objectives = OBJECTIVES if config.objective == "both" else (Objective(config.objective),)
