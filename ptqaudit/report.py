@@ -307,7 +307,7 @@ def _ship_sections(ship: ShipPolicy, a: Analysis, h: Headline) -> list[Section]:
                 + [_pts(drop_points(ship.fp32_accuracy, low))])
 
     sections = [("ship-policy", f"Shipping {ship.policy}: {ship.description} (whole evaluation data, {ship.images:,} "
-                 f"images, batch size {h.batch_size}; fp32 {_pct(ship.fp32_accuracy)}; {ship.effective_bits:.2f} "
+                 f"{a.unit}, batch size {h.batch_size}; fp32 {_pct(ship.fp32_accuracy)}; {ship.effective_bits:.2f} "
                  "effective bits), then with each mitigation of the avx2-u8s8 saturation",
                  ["policy"] + families + lowest[0],
                  [row(ship.policy, [k.accuracy for k in ship.kernels])]
