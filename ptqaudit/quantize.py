@@ -14,7 +14,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from .arithmetic import activation_code_max, quantize_table, quantize_weight
 from .errors import PtqauditError
-from .layer_kinds import KINDS
+from .layer_kinds import KINDS, kind_of
 from .onnx_graph import Layer, LoadedModel, upgrade_opset
 from .policy import LayerQuant, ResolvedPolicy
 from .runs import write_atomic
@@ -97,8 +97,7 @@ def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedM
         proto = onnx.load(str(out))
     # a quantized layer is renamed (Conv -> ConvInteger, MatMul -> MatMulInteger) or reads int8 codes (Gather)
     floats = {init.name: init for init in proto.graph.initializer if init.data_type == TensorProto.FLOAT}
-    left_float = {n.name for n in proto.graph.node
-                  if n.name in set(targets) and n.op_type in KINDS and KINDS[n.op_type].weight_input(n, floats)}
+    left_float = {n.name for n in proto.graph.node if n.name in set(targets) and kind_of(n, floats) is not None}
     if left_float:
         raise PtqauditError(
             f"onnxruntime's quantize_dynamic left {len(left_float)} layer(s) of policy {policy.name} in float: "

@@ -19,7 +19,7 @@ from ..progress import track
 from ..quantize import quantize
 from ..sim.engine import sim_predict_many
 from ..sim.model import SimModel
-from ..text_data import TextInputs, feeds
+from ..text_data import INPUT_IDS, TextInputs, feeds
 from .space import Objective
 
 
@@ -28,7 +28,7 @@ def input_features(x: np.ndarray | TextInputs) -> np.ndarray:
     largest magnitude (the range that sets the first layer's activation scale); for text, the sentence's
     length and the mean, spread and largest of its token ids."""
     if isinstance(x, TextInputs):
-        ids = next(iter(x.arrays.values())).astype(np.float64)
+        ids = x.arrays.get(INPUT_IDS, next(iter(x.arrays.values()))).astype(np.float64)
         real = np.arange(ids.shape[1])[None, :] < x.lengths[:, None]
         count = np.maximum(real.sum(axis=1), 1)
         mean = (ids * real).sum(axis=1) / count

@@ -260,11 +260,12 @@ class SimModel(nn.Module):
         return {name: torch.from_numpy(value).to(self.device) for name, value in feeds(x, self.inputs).items()}
 
     def _environment(self, x) -> dict[str, torch.Tensor]:
-        """The tensors a forward starts from: x is the image tensor, or the named input tensors."""
+        """The tensors a forward starts from (images in the layout convolutions run fastest in): x is the image
+        tensor, or the named input tensors."""
         if isinstance(x, torch.Tensor):
             ((name, _),) = self.inputs
-            return {name: _preferred_layout(x)}
-        return dict(x)
+            x = {name: x}
+        return {name: _preferred_layout(value) for name, value in x.items()}
 
     @staticmethod
     def _fold(step: _Step, initializers, constants) -> None:
