@@ -31,7 +31,6 @@ class LayerKind:
     selector = ""  # the policy selector naming every layer of the kind: @<selector>
     weight_only = False  # only the weight is quantized: no activation range, no integer product
     quantized_by_default = True  # a policy's default setting applies (else only rules that select it do)
-    description = ""  # what the kind is, for `ptqaudit layers` and the docs
     output_axis = 1  # axis of the weight, as the engines hold it, that indexes output channels
     channels_first = False  # output channels on axis 1 of the output (else the last axis, where vectors broadcast)
     matrix_kernel = True  # ORT runs it on the u8 x s8 matrix kernel, whose arithmetic depends on the CPU (kernels.py)
@@ -43,10 +42,6 @@ class LayerKind:
     def qualifies(self, node: onnx.NodeProto, initializers: dict) -> bool:
         """Whether the node (of this kind's op type) is a layer of this kind."""
         return self.weight_input(node, initializers) is not None
-
-    def runtime_inputs(self, node: onnx.NodeProto) -> list[str]:
-        """The inputs the layer takes at run time, each quantized dynamically (unless weight_only)."""
-        return [self.activation_input(node)]
 
     def activation_input(self, node: onnx.NodeProto) -> str:
         """The input the layer takes at run time (the one dynamic quantization measures, when it does)."""
@@ -102,7 +97,6 @@ class LayerKind:
 
 class ConvKind(LayerKind):
     op_type = selector = "Conv"
-    description = "convolution with a constant weight"
     output_axis = 0  # weight [Cout, Cin / group, *kernel]
     channels_first = True
     matrix_kernel = False  # ConvInteger (im2col, then a u8 x u8 GEMM) is exact on every CPU
@@ -121,7 +115,6 @@ class ConvKind(LayerKind):
 
 class MatMulKind(LayerKind):
     op_type = selector = "MatMul"
-    description = "MatMul by a constant 2-D weight"
 
     def weight_input(self, node, initializers):
         weight = super().weight_input(node, initializers)
@@ -132,7 +125,6 @@ class GemmKind(LayerKind):
     """Y = A B + C with a constant B, [K, N], or [N, K] under transB=1 (as PyTorch exports Linear)."""
 
     op_type = selector = "Gemm"
-    description = "Gemm with a constant weight"
 
     def weight_input(self, node, initializers):
         # the integer rewrite multiplies A by a constant B; transA, alpha and beta other than 1 change that
@@ -158,7 +150,6 @@ class EmbeddingKind(LayerKind):
 
     op_type = "Gather"
     selector = "embedding"
-    description = "embedding lookup (Gather on a constant table): uint8 table, no activation quantized"
     weight_only = True
     matrix_kernel = False
 
@@ -197,7 +188,6 @@ class ActivationMatMulKind(LayerKind):
 
     op_type = "MatMul"
     selector = "attention"
-    description = "MatMul of two activations (attention scores and context); float unless a rule selects it"
     quantized_by_default = False
     matrix_kernel = False  # u8 x u8: exact on every CPU
 
@@ -206,9 +196,6 @@ class ActivationMatMulKind(LayerKind):
 
     def qualifies(self, node, initializers):
         return len(node.input) == 2 and not any(name in initializers for name in node.input)
-
-    def runtime_inputs(self, node):
-        return list(node.input)
 
     def bias_input(self, node):
         return None

@@ -384,7 +384,7 @@ def token_limits(model: onnx.ModelProto) -> TokenLimits:
             sources = frozenset().union(*(depends.get(name, frozenset()) for name in node.input))
         for output in node.output:
             depends[output] = sources
-        table = _embedding_table(node, initializers)
+        table = KINDS["embedding"].weight_input(node, initializers) if node.op_type == "Gather" else None
         if table is None:
             continue
         rows = int(initializers[table].dims[0])
@@ -395,14 +395,6 @@ def token_limits(model: onnx.ModelProto) -> TokenLimits:
         elif not index_sources:
             positions = min(positions or (rows, table), (rows, table))
     return TokenLimits(vocabulary, positions)
-
-
-def _embedding_table(node: onnx.NodeProto, initializers: dict) -> str | None:
-    """The constant table a Gather (axis 0) looks rows up in, or None."""
-    if node.op_type != "Gather" or node.input[0] not in initializers or len(initializers[node.input[0]].dims) != 2:
-        return None
-    axis = next((helper_attribute.i for helper_attribute in node.attribute if helper_attribute.name == "axis"), 0)
-    return node.input[0] if axis == 0 else None
 
 
 def _fill_input_shape(declared: tuple, sample_shape: SampleShape | None, path: Path) -> tuple:

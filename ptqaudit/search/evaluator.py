@@ -73,9 +73,10 @@ class SimEvaluator:
             for (digest, policy), score in zip(todo.items(), scores):
                 self.memo[digest] = float(score)
                 self.step += 1
+                bitops = self.space.policy_bitops(policy)
                 records.append({"step": self.step, "objective": str(objective), "method": method, "digest": digest,
-                                "sim_accuracy": self.memo[digest], "bitops": self.space.policy_bitops(policy),
-                                "effective_bits": self.space.effective_bits(self.space.policy_bitops(policy)),
+                                "sim_accuracy": self.memo[digest], "bitops": bitops,
+                                "effective_bits": self.space.effective_bits(bitops),
                                 "policy": {name: (q.label if q else "fp32") for name, q in policy.mapping.items()}})
             self.record(records)
         return [self.memo[p.digest] for p in policies]
