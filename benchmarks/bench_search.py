@@ -14,12 +14,13 @@ evaluations, RL and random search against the most extreme uniform policy inside
 evaluations spent on uniform policies and on sensitivity probes. Target: both cases within the cap, each at
 least as extreme as the uniform policy.
 
-Part D (text): the sample BERT on GLUE SST-2 (sentences tokenized with sample_models/sst2_tokenizer.json, padded
-per batch, batch size 1), budget 6 effective bits, as part C: RL and random search with 100 evaluations per
+Part D (text): the sample BERT and LSTM on GLUE SST-2 (sentences tokenized with sample_models/sst2_tokenizer.json,
+padded per batch, batch size 1), budget 6 effective bits, as part C: RL and random search with 100 evaluations per
 objective, scored by the simulator on --text-search-limit dev sentences and verified on ORT over all 872.
 
     python benchmarks/bench_search.py [--part a|b|c|d|all] [--data-root DIR] [--max-evaluations 400] [--caps 100,400]
         [--c-models digits_resnet56,cifar10_resnet20] [--sst2-root DIR] [--text-search-limit 200]
+        [--d-models sst2_bert,sst2_lstm]
 """
 
 from __future__ import annotations
@@ -112,18 +113,20 @@ def part_c(out: Path, data_root: str | None, limit: int, search_limit: int, caps
         compare_methods(model, data, caps, search_limit, out / Path(model).stem)
 
 
-def part_d(out: Path, sst2_root: str | None, search_limit: int) -> None:
-    """Text: the sample BERT, worst and best case, RL and random search against the uniform policy (part C's table)."""
-    model = str(REPO / "sample_models/sst2_bert.onnx")
+def part_d(out: Path, sst2_root: str | None, search_limit: int, models: list[str]) -> None:
+    """Text: the sample BERT and LSTM, worst and best case, RL and random search against the uniform policy (part
+    C's table)."""
     data = DataConfig(name="sst2", root=sst2_root, text=TextConfig(tokenizer=str(REPO / "sample_models/sst2_tokenizer.json")))
     dataset = load_dataset(data)
-    searched = [layer for layer in load_model(model, dataset.sample_shape).layers
-                if not layer.kind.weight_only and layer.kind.quantized_by_default]
-    print(f"\nD. {Path(model).name} ({len(searched)} searched layers; embeddings at W8, attention products float, "
-          f"as quantize_dynamic's defaults), bits 2,3,4,5,6,8, budget 6 effective bits, search on {search_limit} "
-          f"sentences, verification on all {len(dataset)} {dataset.name} sentences (ORT, batch size 1, {dataset.padding_note}"
-          "sequence lengths as the data gives them)")
-    compare_methods(model, data, [100], search_limit, out / "bert")
+    for name in models:
+        model = str(REPO / f"sample_models/{name}.onnx")
+        searched = [layer for layer in load_model(model, dataset.sample_shape).layers
+                    if not layer.kind.weight_only and layer.kind.quantized_by_default]
+        print(f"\nD. {Path(model).name} ({len(searched)} searched layers: {', '.join(sorted({f'@{l.kind.selector}' for l in searched}))}; "
+              f"embeddings at W8, attention products float, as quantize_dynamic's defaults), bits 2,3,4,5,6,8, budget 6 "
+              f"effective bits, search on {search_limit} sentences, verification on all {len(dataset)} {dataset.name} "
+              f"sentences (ORT, batch size 1, {dataset.padding_note}sequence lengths as the data gives them)")
+        compare_methods(model, data, [100], search_limit, out / name)
 
 
 def compare_methods(model: str, data: DataConfig, caps: list[int], search_limit: int, out: Path) -> None:
@@ -166,6 +169,7 @@ def main() -> int:
     parser.add_argument("--max-evaluations", type=int, default=400, help="per objective (the CLI default)")
     parser.add_argument("--sst2-root", default=os.environ.get("PTQAUDIT_TEST_SST2_ROOT"), help="part D: SST-2 folder")
     parser.add_argument("--text-search-limit", type=int, default=200, help="part D: sentences the simulator scores on")
+    parser.add_argument("--d-models", default="sst2_bert,sst2_lstm", help="part D: which sample text models")
     args = parser.parse_args()
     print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
@@ -180,7 +184,7 @@ def main() -> int:
             part_c(Path(tmp) / "c", args.data_root, args.limit, args.search_limit, [int(c) for c in args.caps.split(",")],
                    args.c_models.split(","))
         if args.part in ("d", "all"):
-            part_d(Path(tmp) / "d", args.sst2_root, args.text_search_limit)
+            part_d(Path(tmp) / "d", args.sst2_root, args.text_search_limit, args.d_models.split(","))
     return 0 if ok else 1
 
 

@@ -173,12 +173,7 @@ def export_student(teacher: LoadedModel, sim: SimModel) -> onnx.ModelProto:
     nodes = {node.name: node for node in proto.graph.node}
     trained = {}
     for layer in teacher.layers:
-        if not layer.weight_name:  # a product of two activations: nothing trained
-            continue
-        node, module = nodes[layer.name], sim.quant_layer(layer.name)
-        trained[layer.weight_name] = layer.kind.engine_weight(node, module.weight.detach().cpu().numpy())
-        if module.bias is not None:
-            trained[layer.kind.bias_input(node)] = module.bias.detach().cpu().numpy()
+        trained.update(sim.quant_layer(layer.name).trained_initializers(nodes[layer.name]))
     for init in proto.graph.initializer:
         if init.name in trained:
             value = trained[init.name].astype(numpy_helper.to_array(init).dtype)

@@ -131,7 +131,7 @@ class KernelEngines:
 
     def sim(self, family: str) -> SimModel:
         if family not in self._sims:
-            self._sims[family] = SimModel(self.model, kernel_family=family).eval()
+            self._sims[family] = SimModel(self.model, kernel_family=family, ort_threads=self.threads).eval()
         return self._sims[family]
 
     def predict(self, policy: ResolvedPolicy | None, family: str, dataset: Dataset, batch_size: int, desc: str,

@@ -50,6 +50,14 @@ class LayerKind:
     def bias_input(self, node: onnx.NodeProto) -> str | None:
         return node.input[2] if len(node.input) > 2 and node.input[2] != "" else None
 
+    def parameter_inputs(self, node: onnx.NodeProto, initializers: dict) -> list[str]:
+        """The node's constant inputs that are the layer's parameters: its weight and bias."""
+        return [name for name in (self.weight_input(node, initializers), self.bias_input(node)) if name in initializers]
+
+    def sample_output_shape(self, node: onnx.NodeProto, shape: tuple) -> tuple:
+        """The output's inferred shape with its batch dim named "batch"."""
+        return ("batch",) + tuple(shape[1:])
+
     def transposed(self, node: onnx.NodeProto) -> bool:
         """Whether the stored weight is the transpose of what the engines multiply by."""
         return False
@@ -214,8 +222,49 @@ class ActivationMatMulKind(LayerKind):
         return {"MatMulConstBOnly": False}
 
 
+class LSTMKind(LayerKind):
+    """An ONNX LSTM with constant W [D, 4H, K] and R [D, 4H, H]: quantize_dynamic makes it DynamicQuantizeLSTM,
+    whose kernel quantizes X (one range over all steps and the batch) and, at each step, the previous hidden
+    state, and multiplies both on the u8 x s8 kernel (so it saturates on avx2-u8s8). A policy's weight width
+    is W's and R's, its activation width X's and h's. Weights are scaled per direction, or per gate unit (the
+    4H axis) when per-channel, as onnxruntime.quantization does."""
+
+    op_type = "LSTM"
+    selector = "lstm"
+
+    def weight_input(self, node, initializers):
+        weights = node.input[1:3]
+        if len(weights) < 2 or any(w not in initializers or len(initializers[w].dims) != 3 for w in weights):
+            return None
+        return node.input[1]
+
+    def recurrent_input(self, node: onnx.NodeProto) -> str:
+        return node.input[2]
+
+    def bias_input(self, node):
+        return node.input[3] if len(node.input) > 3 and node.input[3] != "" else None
+
+    def parameter_inputs(self, node, initializers):
+        return [name for name in node.input[1:4] if name in initializers]
+
+    def sample_output_shape(self, node, shape):
+        # Y is [seq, directions, batch, hidden], batch first under layout=1
+        if node_attribute(node, "layout", 0):
+            return super().sample_output_shape(node, shape)
+        return tuple(shape[:2]) + ("batch",) + tuple(shape[3:])
+
+    def output_channels(self, node, weight_shape):
+        return weight_shape[0] * weight_shape[1]  # D x 4H gate units
+
+    def macs(self, node, weight_shape, output_shape):
+        """Every step multiplies x_t by W^T and h by R^T: 4H x (K + H) products per direction."""
+        directions, gates, inputs = weight_shape
+        steps = output_shape[1] if node_attribute(node, "layout", 0) else output_shape[0]
+        return int(steps) * directions * gates * (inputs + gates // 4)
+
+
 KINDS: dict[str, LayerKind] = {kind.selector: kind for kind in (ConvKind(), MatMulKind(), GemmKind(), EmbeddingKind(),
-                                                                ActivationMatMulKind())}
+                                                                ActivationMatMulKind(), LSTMKind())}
 
 
 def kind_of(node: onnx.NodeProto, initializers: dict) -> LayerKind | None:

@@ -38,8 +38,8 @@ class Layer:
 
 
 # ops onnxruntime's quantize_dynamic quantizes by default (its IntegerOpsRegistry) that have no layer kind yet:
-# a recurrent layer and the transformer optimizer's fused ops
-UNAUDITED_OPS = ("LSTM", "Attention", "EmbedLayerNormalization")
+# the transformer optimizer's fused ops
+UNAUDITED_OPS = ("Attention", "EmbedLayerNormalization")
 TEXT_INPUT_TYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
 
 
@@ -194,7 +194,8 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
 
 def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str], model_name: str) -> dict[str, tuple]:
     """Output shape of each named tensor: ONNX shape inference, or one ORT run of a zero input when
-    inference leaves a non-batch dimension unknown (Slice/Reshape chains often defeat it).
+    inference leaves a non-batch dimension unknown (Slice/Reshape chains often defeat it); the batch dim is
+    symbolic, or 1 from ORT's run (a layer kind knows where it is: LayerKind.sample_output_shape).
     `input_shape` may fix dims the model leaves symbolic (from the data or --input-shape)."""
     inputs = _graph_inputs(model)
     sized = model if all(tuple(input_shape) == (_dims(i) or ()) for i in inputs) else _with_input_shape(model, input_shape)
@@ -204,7 +205,9 @@ def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str], 
     except Exception:
         shapes = {}
     wanted = {n: shapes.get(n) for n in names}
-    if all(s is not None and all(isinstance(d, int) for d in s[1:]) for s in wanted.values()):
+    batch = input_shape[0] if input_shape else None
+    if all(s is not None and sum(not isinstance(d, int) for d in s) <= (1 if batch in s else 0)
+           for s in wanted.values()):
         return wanted
     symbolic = [format_dim(d) for d in input_shape[1:] if is_free_dim(d)]
     if symbolic and all(i.type.tensor_type.elem_type in TEXT_INPUT_TYPES for i in inputs):
@@ -236,7 +239,7 @@ def _layer_output_shapes(model: onnx.ModelProto, input_shape, names: list[str], 
         outputs = session.run(names, feed)
     except ort_errors() as exc:
         raise ort_failure(exc, model_name, "finding its layers' shapes") from exc
-    return {n: ("batch",) + tuple(int(d) for d in out.shape[1:]) for n, out in zip(names, outputs)}
+    return {n: tuple(int(d) for d in out.shape) for n, out in zip(names, outputs)}
 
 
 def ort_errors() -> tuple[type[Exception], ...]:
@@ -295,9 +298,7 @@ def find_layers(model: onnx.ModelProto, input_shape, model_name: str = "the mode
         weight = kind.weight_input(node, initializers) or ""
         weight_shape = (tuple(int(d) for d in initializers[weight].dims) if weight
                         else tuple(int(d) for d in shapes[node.input[1]][1:]))
-        bias = kind.bias_input(node)
-        bias_params = int(np.prod(initializers[bias].dims)) if bias in initializers else 0
-        output_shape = ("batch",) + tuple(shapes[node.output[0]][1:])
+        output_shape = kind.sample_output_shape(node, tuple(shapes[node.output[0]]))
         layers.append(
             Layer(
                 name=node.name,
@@ -307,7 +308,7 @@ def find_layers(model: onnx.ModelProto, input_shape, model_name: str = "the mode
                 weight_shape=weight_shape,
                 output_shape=output_shape,
                 macs=kind.macs(node, weight_shape, output_shape),
-                params=(int(np.prod(weight_shape)) if weight else 0) + bias_params,
+                params=sum(int(np.prod(initializers[name].dims)) for name in kind.parameter_inputs(node, initializers)),
                 output_channels=kind.output_channels(node, weight_shape),
                 kind_name=kind.selector,
             )

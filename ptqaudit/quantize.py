@@ -17,6 +17,7 @@ from .errors import PtqauditError
 from .layer_kinds import KINDS, kind_of
 from .onnx_graph import Layer, LoadedModel, upgrade_opset
 from .policy import LayerQuant, ResolvedPolicy
+from .recurrent_graph import unfused_lstm
 from .runs import write_atomic
 
 ORT_QUANTIZER = "onnxruntime.quantize_dynamic"
@@ -196,12 +197,50 @@ class _Rewriter:
                                          "w_codes": b_codes, "w_scale": b_scale, "acc": acc, "output": node.output[0]}
         return nodes
 
+    def lstm_weights(self, node: onnx.NodeProto, q: LayerQuant, index: int, stem: str) -> tuple[str, str, str, list]:
+        """An LSTM's W (index 1) or R (index 2) as DynamicQuantizeLSTM takes it: codes transposed to [D, K, 4H],
+        scales per direction [D] or per gate unit [D, 4H] (onnxruntime.quantization's layout), zero points of
+        the same shape. Returns their names and each direction's [K, 4H] codes and scale for the unfused graph."""
+        stored = numpy_helper.to_array(self.initializers[node.input[index]]).astype(np.float32)  # [D, 4H, K]
+        per_direction = [quantize_weight(w, q.weight_bits, 0 if q.per_channel else None) for w in stored]
+        codes = np.stack([c.T for c, _ in per_direction])
+        scales = np.stack([s for _, s in per_direction]).astype(np.float32)
+        zero_points = np.zeros(scales.shape, dtype=np.int8)
+        if self.uint8_weights:
+            codes = (codes.astype(np.int16) + UINT8_WEIGHT_OFFSET).astype(np.uint8)
+            zero_points = np.full(scales.shape, UINT8_WEIGHT_OFFSET, dtype=np.uint8)
+        part = "weight" if index == 1 else "recurrence"
+        names = (self.constant(f"{stem}_{part}_codes", codes), self.constant(f"{stem}_{part}_scale", scales),
+                 self.constant(f"{stem}_{part}_zero_point", zero_points))
+        return (*names, [(self.constant(f"{stem}_{part}_codes_{d}", codes[d]),
+                          self.constant(f"{stem}_{part}_scale_{d}", scales[d]),
+                          self.constant(f"{stem}_{part}_zero_point_{d}", zero_points[d].reshape(-1)[:1].reshape(())))
+                         for d in range(len(codes))])
+
+    def lstm_layer(self, node: onnx.NodeProto, q: LayerQuant) -> list[onnx.NodeProto]:
+        """An LSTM at 8-bit activations is ORT's DynamicQuantizeLSTM fed the b-bit weight codes (exactly what
+        quantize_dynamic makes of it at 8 bits); below 8 bits, where that kernel cannot go, the same arithmetic
+        unfused: X quantized once, MatMulInteger by W, and a Scan whose step quantizes h and multiplies by R."""
+        stem = f"{node.name}_w{q.weight_bits}a{q.activation_bits}"
+        w_codes, w_scale, w_zero_point, w_parts = self.lstm_weights(node, q, 1, stem)
+        r_codes, r_scale, r_zero_point, r_parts = self.lstm_weights(node, q, 2, stem)
+        self.layer_tensors[node.name] = {"w_codes": w_codes, "w_scale": w_scale, "output": node.output[0]}
+        if q.activation_bits == 8:
+            inputs = list(node.input[:8]) + [""] * (8 - len(node.input))
+            inputs[1:3] = [w_codes, r_codes]
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "layout"}
+            return [helper.make_node("DynamicQuantizeLSTM", inputs + [w_scale, w_zero_point, r_scale, r_zero_point],
+                                     list(node.output), name=f"{stem}_quantized", domain="com.microsoft", **attrs)]
+        return unfused_lstm(self, node, q, stem, w_parts, r_parts)
+
     def integer_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
         """The layer kind's integer op (ConvInteger, MatMulInteger) followed by ORT's float epilogue:
         Cast(int32 accumulator) * (x_scale * w_scale) + bias."""
         kind = layer.kind
         if not layer.weight_name:  # a product of two activations: operand B is quantized as one too
             return self.activation_product(node, q)
+        if kind.op_type == "LSTM":
+            return self.lstm_layer(node, q)
         # ORT's Gemm rewrite also multiplies by the transposed weight
         stored = numpy_helper.to_array(self.initializers[layer.weight_name]).astype(np.float32)
         weight = kind.engine_weight(node, stored)
@@ -252,7 +291,7 @@ class _Rewriter:
                 new_nodes += self.weight_only_layer(node, layers[node.name], q)
             else:
                 new_nodes += self.integer_layer(node, layers[node.name], q)
-        used = {name for node in new_nodes for name in node.input}
+        used = _inputs_read(new_nodes)
         kept = [init for init in graph.initializer if init.name in used]
         dropped = {init.name for init in graph.initializer} - used
         # old exporters also list initializers as graph inputs; a dropped float weight must go from both
@@ -262,7 +301,10 @@ class _Rewriter:
             kept + [i for i in self.new_initializers if i.name in used],
             value_info=[],
         )
-        proto = helper.make_model(new_graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        opsets = list(self.model.opset_import)
+        if any(n.domain == "com.microsoft" for n in new_nodes) and not any(o.domain == "com.microsoft" for o in opsets):
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        proto = helper.make_model(new_graph, opset_imports=opsets, ir_version=self.model.ir_version)
         proto.producer_name = "ptqaudit"
         onnx.checker.check_model(proto)
         # inferred shapes in the graph, as quantize_dynamic leaves them: some of ORT's fusions need them (an Add
@@ -273,6 +315,17 @@ class _Rewriter:
         except Exception:  # a graph ONNX cannot infer still runs, unfused
             pass
         return QuantizedModel(proto, REWRITE, self.layer_tensors)
+
+
+def _inputs_read(nodes) -> set[str]:
+    """Every tensor name the nodes read, in their subgraphs (a Scan's step) too."""
+    names = set()
+    for node in nodes:
+        names.update(node.input)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                names |= _inputs_read(attribute.g.node)
+    return names
 
 
 def quantize(model: LoadedModel, policy: ResolvedPolicy, force_rewrite: bool = False) -> QuantizedModel:

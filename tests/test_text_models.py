@@ -32,20 +32,18 @@ def _dev(sst2_root, padding: str = "longest"):
 @pytest.mark.parametrize("name", MODELS)
 def test_w8a8_is_quantize_dynamic_bit_for_bit(tmp_path, sst2_root, name):
     """ptqaudit's W8A8, through quantize_dynamic and through its own rewrite, against quantize_dynamic called
-    directly with its defaults (and, where the model has attention products, with MatMulConstBOnly off). The
-    LSTM is not a layer yet (the model says so), so for the LSTM model the direct call leaves it out too."""
+    directly with its defaults (and, where the model has attention products, with MatMulConstBOnly off): the
+    LSTM model's LSTM is DynamicQuantizeLSTM in both."""
     path = SAMPLES / name
     dataset = _dev(sst2_root)
     model = load_model(path, dataset.sample_shape)
-    unaudited = {entry.split()[0] for entry in model.unaudited}
-    assert unaudited == ({"LSTM"} if "lstm" in name else set())
-    op_types = {"op_types_to_quantize": ["Conv", "MatMul", "Gemm", "Gather"]} if unaudited else {}
+    assert model.unaudited == []
     cases = [("w8a8", load_policy("w8a8"), {})]
     if any(layer.kind.selector == "attention" for layer in model.layers):
         cases.append(("attention", parse_policy(ATTENTION_W8A8, "w8a8-attention", "test"), {"MatMulConstBOnly": False}))
     for label, policy, extra in cases:
         direct = tmp_path / f"{label}.onnx"
-        quantize_dynamic(path, direct, weight_type=QuantType.QInt8, extra_options=extra, **op_types)
+        quantize_dynamic(path, direct, weight_type=QuantType.QInt8, extra_options=extra)
         session = ort.InferenceSession(str(direct), providers=["CPUExecutionProvider"])
         expected = predict(session, dataset, 8, "", progress=False).logits
         resolved = policy.resolve(model.layers)
@@ -71,8 +69,10 @@ def test_simulator_agrees_with_ort_on_every_built_in_policy(sst2_root, name):
             sim_run = sim_predict(sim, dataset, policy, batch_size, progress=False)
             agreement = float(np.mean(ort_run.labels == sim_run.labels))
             assert agreement >= (1.0 if policy_name == "w8a8" else 0.999), (policy_name, batch_size, agreement)
-            # float ops agree to ulps, so a value can round to the next code now and then: logits differ rarely
-            assert np.abs(ort_run.logits - sim_run.logits).mean() < 1e-4, (policy_name, batch_size)
+            # float ops agree to ulps, so a value can round to the next code now and then (in an LSTM the flip
+            # then runs on through the later steps): a few sentences' logits differ, the rest agree to 1e-4
+            differing = np.abs(ort_run.logits - sim_run.logits).max(axis=1) > 1e-4
+            assert differing.mean() <= 0.05, (policy_name, batch_size, int(differing.sum()))
 
 
 def test_padding_changes_what_dynamic_quantization_sees(sst2_root):

@@ -21,6 +21,7 @@ from ..onnx_graph import Layer, LoadedModel, upgrade_opset
 from ..policy import LayerQuant, ResolvedPolicy
 from ..text_data import feeds
 from .ops import OPS, attributes
+from .recurrent import QuantLSTM
 
 OPS_OPSET = 13  # the op handlers follow opset-13+ semantics; older graphs are converted first
 RANGES = ("batch", "sample")  # activation range over the whole batch (ORT), or per input (batch size 1)
@@ -43,6 +44,7 @@ class QuantLayer(nn.Module):
                  nonnegative_input: bool = False, kernel_family: str = EXACT):
         super().__init__()
         self.name = layer.name
+        self.weight_name = layer.weight_name
         self.kernel_family = kernel_family  # the integer arithmetic of the CPU being simulated (kernels.py)
         self.nonnegative_input = nonnegative_input  # input comes from a ReLU: its minimum is known to be >= 0
         self.kind = layer.kind
@@ -53,6 +55,13 @@ class QuantLayer(nn.Module):
 
     def _linear(self, x, weight, bias):
         return self.kind.float_product(x, weight, bias, self.attrs)
+
+    def trained_initializers(self, node) -> dict[str, np.ndarray]:
+        """The node's weight and bias initializers as this layer holds them now (back in the stored layout)."""
+        values = {self.weight_name: self.kind.engine_weight(node, self.weight.detach().cpu().numpy())}
+        if self.bias is not None:
+            values[self.kind.bias_input(node)] = self.bias.detach().cpu().numpy()
+        return values
 
     def _weight_at(self, setting: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, bool, tuple | None]:
         """Codes, scale, whether float32 sums stay exact, and the weight pairs this CPU's kernel can saturate
@@ -119,6 +128,9 @@ class ActivationProduct(nn.Module):
     every CPU), float32(acc) * (a_scale * b_scale)."""
 
     weight = bias = None  # nothing constant to quantize or train
+
+    def trained_initializers(self, node) -> dict[str, np.ndarray]:
+        return {}
 
     def __init__(self, layer: Layer):
         super().__init__()
@@ -189,8 +201,10 @@ class _Step:
 class SimModel(nn.Module):
     """ONNX graph interpreted with torch ops; constant sub-graphs are folded once at construction."""
 
-    def __init__(self, model: LoadedModel, kernel_family: str | None = None):
-        """kernel_family: the integer arithmetic to reproduce (ptqaudit.kernels); None: this machine's."""
+    def __init__(self, model: LoadedModel, kernel_family: str | None = None, ort_threads: int = 0):
+        """kernel_family: the integer arithmetic to reproduce (ptqaudit.kernels); None: this machine's.
+        ort_threads: the intra-op threads of the ORT sessions reproduced (0: ORT's default), on which an LSTM's
+        quantized arithmetic depends above batch size 1 (sim/recurrent.py)."""
         super().__init__()
         self.kernel_family = kernel_family or detect_kernel_family()
         graph = upgrade_opset(model.proto, OPS_OPSET).graph
@@ -216,6 +230,19 @@ class SimModel(nn.Module):
                 self.quant_layers[key] = ActivationProduct(layer)
                 self._module_key[layer.name] = key
                 steps.append(_Step(node.op_type, list(node.input), [node.output[0]], {}, layer=layer.name))
+                continue
+            if node.name in layer_by_name and layer_by_name[node.name].kind.op_type == "LSTM":
+                layer = layer_by_name[node.name]
+                key = f"layer{layer.index}"
+                bias_name = layer.kind.bias_input(node)
+                self.quant_layers[key] = QuantLSTM(layer, attributes(node), initializers[layer.weight_name],
+                                                   initializers[layer.kind.recurrent_input(node)],
+                                                   initializers[bias_name] if bias_name else None,
+                                                   self.kernel_family, ort_threads)
+                self._module_key[layer.name] = key
+                layer_weights.update(node.input[1:4])
+                runtime = (list(node.input[4:8]) + [""] * 4)[:4]  # sequence_lens, initial_h, initial_c, P
+                steps.append(_Step(node.op_type, [node.input[0]] + runtime, list(node.output), {}, layer=layer.name))
                 continue
             if node.name in layer_by_name:
                 layer = layer_by_name[node.name]
@@ -285,7 +312,7 @@ class SimModel(nn.Module):
                                and n != self.output_name)
         return steps
 
-    def quant_layer(self, name: str) -> QuantLayer | ActivationProduct:
+    def quant_layer(self, name: str) -> QuantLayer | ActivationProduct | QuantLSTM:
         return self.quant_layers[self._module_key[name]]
 
     def weight_array(self, name: str) -> np.ndarray:
@@ -295,14 +322,13 @@ class SimModel(nn.Module):
 
     def _run_step(self, step: _Step, env: dict, setting: LayerQuant | None, ranges: str,
                   exact_products: bool = False) -> None:
+        args = [None if n == "" else env[n] if n in env else self._constants[n] for n in step.inputs]
         if step.layer is not None:
-            inputs = [env[name] if name in env else self._constants[name] for name in step.inputs]
-            env[step.outputs[0]] = self.quant_layers[self._module_key[step.layer]](*inputs, setting, ranges,
-                                                                                   exact_products)
+            outputs = self.quant_layers[self._module_key[step.layer]](*args, setting, ranges, exact_products)
         else:
-            args = [None if n == "" else env[n] if n in env else self._constants[n] for n in step.inputs]
             outputs = _run_op(step, args)
-            for name, value in zip(step.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
+        for name, value in zip(step.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
+            if name:
                 env[name] = value
         for name in step.frees:
             env.pop(name, None)

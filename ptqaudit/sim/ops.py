@@ -717,13 +717,14 @@ def _rnn_activations(attrs, op: str, defaults: list[str], directions: int):
     return [[RNN_ACTIVATIONS[n] for n in names[d * per:(d + 1) * per]] for d in range(directions)]
 
 
-def _rnn(attrs, op: str, x, w, r, b, sequence_lens, initial_states, step, defaults: list[str]):
+def _rnn(attrs, op: str, x, w, r, b, sequence_lens, initial_states, step, defaults: list[str], project=None):
     """The time loop shared by LSTM and GRU. x is [seq, batch, in] ([batch, seq, in] with layout=1); w, r, b
     hold one entry per direction; step(x_w_t, states, direction, w_bias, r_bias, acts) -> the new states
     (hidden state first), x_w_t being x[t] @ W^T and w_bias/r_bias B's two halves (None without B). Batch
     entry i runs only its first sequence_lens[i] steps (backwards in the reverse direction): Y is zero past
     that length and the final states are those after its last valid step (zero for an empty sequence).
-    Returns (Y [seq, dirs, batch, hidden], each final state [dirs, batch, hidden]), batch-first for layout=1."""
+    Returns (Y [seq, dirs, batch, hidden], each final state [dirs, batch, hidden]), batch-first for layout=1.
+    project(x, d) gives the input projection x @ W[d]^T of every step at once (default: in float)."""
     layout = attrs.get("layout", 0)
     if layout:
         x = x.transpose(0, 1)
@@ -737,7 +738,7 @@ def _rnn(attrs, op: str, x, w, r, b, sequence_lens, initial_states, step, defaul
     ys, finals = [], []
     for d in range(directions):
         states = [x.new_zeros(batch, hidden) if s is None else s[d] for s in initial_states]
-        x_w = x @ w[d].t()
+        x_w = x @ w[d].t() if project is None else project(x, d)
         w_bias, r_bias = (None, None) if b is None else b[d].chunk(2)
         outputs = [None] * seq
         times = range(seq - 1, -1, -1) if direction == "reverse" or d == 1 else range(seq)
@@ -764,10 +765,17 @@ def _clip_gate(attrs, x):
 def _lstm(attrs, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=None, p=None):
     """ONNX LSTM -> (Y, Y_h, Y_c): gates i, o, f, c in W/R/B; optional peepholes P (i, o, f), input_forget
     (f = 1 - i) and clip (of every gate's input); sequence lengths and layout as in _rnn."""
+    return lstm_forward(attrs, x, w, r, b, sequence_lens, initial_h, initial_c, p)
+
+
+def lstm_forward(attrs, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=None, p=None,
+                 project=None, recur=None):
+    """_lstm with the two products replaceable (the simulator's quantized LSTM): project(x, d) -> x @ W[d]^T
+    for all steps, recur(h, d) -> h @ R[d]^T for one step; the gates add them, then the two biases, as ORT."""
     def step(x_w, states, d, w_bias, r_bias, acts):
         h, c = states
         f_act, g_act, h_act = acts
-        gates = x_w + h @ r[d].t()
+        gates = x_w + (h @ r[d].t() if recur is None else recur(h, d))
         if w_bias is not None:
             gates = gates + (w_bias + r_bias)
         i, o, f, cell = gates.chunk(4, -1)
@@ -781,7 +789,8 @@ def _lstm(attrs, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=
             o = o + p_o * c_new
         return f_act(_clip_gate(attrs, o)) * h_act(c_new), c_new
 
-    return _rnn(attrs, "LSTM", x, w, r, b, sequence_lens, [initial_h, initial_c], step, ["Sigmoid", "Tanh", "Tanh"])
+    return _rnn(attrs, "LSTM", x, w, r, b, sequence_lens, [initial_h, initial_c], step, ["Sigmoid", "Tanh", "Tanh"],
+                project)
 
 
 def _gru(attrs, x, w, r, b=None, sequence_lens=None, initial_h=None):
