@@ -332,7 +332,8 @@ def load_run(run_dir: str | Path, model_path: str | None = None) -> SearchRun:
         raise PtqauditError(f"model {path} named by {root / 'run.json'} not found (relative paths are read from the "
                             "current folder): pass --model PATH")
     # a model that leaves input dims symbolic takes them from one example of the run's data
-    model = load_model(path, lambda: load_dataset(dataclasses.replace(config.data, limit=1)).x.shape[1:])
+    model = load_model(path, lambda: load_dataset(dataclasses.replace(config.data, limit=1)).x.shape[1:],
+                       config.optimize)
     return SearchRun(root, config, search, model, distill)
 
 

@@ -149,6 +149,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def optimize_option(f):
+    """--optimize: fuse a transformer with ONNX Runtime's transformer optimizer before auditing it."""
+    return click.option("--optimize", default="", metavar="MODEL_TYPE",
+                        help="Run ONNX Runtime's transformer optimizer (onnxruntime.transformers.optimizer) for this "
+                             "model type first, e.g. bert (BERT, DistilBERT, RoBERTa, MiniLM exports), gpt2, bart, t5, "
+                             "vit; as ORT's documentation advises before dynamic quantization. Its fused Attention and "
+                             "EmbedLayerNormalization become layers (@fused-attention, @fused-embedding). Default: "
+                             "audit the model as given.")(f)
+
+
 def input_shape_option(f):
     """--input-shape, for commands that describe a model without data to take the shape from."""
     return click.option("--input-shape", callback=_comma_list(_positive_int, "3,32,32"), default=None,
@@ -207,24 +217,30 @@ def _print_json(value) -> None:
 @cli.command()
 @model_argument
 @input_shape_option
+@optimize_option
 @json_option
 @debug_option
-def layers(model, input_shape, as_json):
+def layers(model, input_shape, optimize, as_json):
     """List the quantizable layers of MODEL with their kind, shapes, MACs per input and parameter counts.
     Policies name layers by these ONNX node names, or a whole kind by its selector (@kind).
 
     Kinds: Conv, MatMul and Gemm with a constant weight; embedding (a Gather on a constant table: its table
     is quantized, it costs no MACs); attention (a MatMul of two activations, as in attention scores and
-    context: float unless a policy rule selects it, as quantize_dynamic leaves it by default). A text
-    model's MACs depend on the sequence length: give it as --input-shape L (a length, e.g. 128).
+    context: float unless a policy rule selects it, as quantize_dynamic leaves it by default); lstm (an LSTM
+    with constant weights: its weight width is W's and R's, its activation width X's and the hidden state's);
+    in a model fused by ORT's transformer optimizer (--optimize), fused-attention (an Attention node: its Q, K, V
+    projection is quantized) and fused-embedding (an EmbedLayerNormalization: its tables, gamma and beta are;
+    @embedding selects it too). A text model's MACs depend on the sequence length: give it as --input-shape L
+    (a length, e.g. 128).
 
     Example:
 
     \b
       ptqaudit layers sample_models/digits_cnn.onnx
       ptqaudit layers sample_models/sst2_bert.onnx --input-shape 64
+      ptqaudit layers sample_models/sst2_bert.onnx --input-shape 64 --optimize bert
     """
-    loaded = load_model(model, input_shape)
+    loaded = load_model(model, input_shape, optimize)
     at_length = f" at sequence length {loaded.sequence_length}" if loaded.is_text else ""
     if as_json:
         _print_json({"model": model, "total_macs": loaded.total_macs,
@@ -237,7 +253,8 @@ def layers(model, input_shape, as_json):
              f"activation {'x'.join(map(str, l.weight_shape))}", "x".join(map(str, l.output_shape)),
              f"{l.macs:,}", f"{l.params:,}"] for l in loaded.layers]
     click.echo(table(["#", "layer", "kind", "weight", "output", "MACs", "params"], rows, right={0, 5, 6}))
-    click.echo(f"\n{len(loaded.layers)} quantizable layers, {loaded.total_macs:,} MACs per input{at_length}")
+    fused = f", as ORT's transformer optimizer fuses it for {optimize}" if optimize else ""
+    click.echo(f"\n{len(loaded.layers)} quantizable layers, {loaded.total_macs:,} MACs per input{at_length}{fused}")
     if loaded.unaudited_note:
         click.echo(loaded.unaudited_note)
 
@@ -246,9 +263,10 @@ def layers(model, input_shape, as_json):
 @click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="Also show each policy's cost (effective bits) on this model.")
 @input_shape_option
+@optimize_option
 @json_option
 @debug_option
-def policies(model_path, input_shape, as_json):
+def policies(model_path, input_shape, optimize, as_json):
     """List the built-in policies. A policy file of your own (YAML or JSON) has the same form:
 
     \b
@@ -268,7 +286,7 @@ def policies(model_path, input_shape, as_json):
     \b
       ptqaudit policies --model sample_models/digits_cnn.onnx
     """
-    loaded = load_model(model_path, input_shape) if model_path else None
+    loaded = load_model(model_path, input_shape, optimize) if model_path else None
     entries = []
     for name in builtin_policy_names():
         policy = load_policy(name)
@@ -291,9 +309,10 @@ def policies(model_path, input_shape, as_json):
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write the quantized ONNX model.")
 @force_option
 @input_shape_option
+@optimize_option
 @json_option
 @debug_option
-def quantize_command(model, policy, output, force, input_shape, as_json):
+def quantize_command(model, policy, output, force, input_shape, optimize, as_json):
     """Write the dynamically quantized MODEL that ONNX Runtime runs for a policy: onnxruntime's own
     quantize_dynamic where it can express the policy, otherwise the same integer graph (ConvInteger /
     MatMulInteger, activations quantized per input from their measured range) at the policy's bits.
@@ -305,7 +324,7 @@ def quantize_command(model, policy, output, force, input_shape, as_json):
       ptqaudit quantize sample_models/digits_cnn.onnx --policy w4a8 -o digits_w4a8.onnx
     """
     _refuse_overwriting_inputs(output, [model, policy], force)
-    loaded = load_model(model, input_shape)
+    loaded = load_model(model, input_shape, optimize)
     chosen = load_policy(policy)
     resolved = chosen.resolve(loaded.layers)
     quantized = quantize(loaded, resolved)
@@ -340,11 +359,12 @@ def quantize_command(model, policy, output, force, input_shape, as_json):
               help="ort: ONNX Runtime's integer kernels. sim: the PyTorch simulator (fast; for exploration). "
                    "both: ORT's numbers plus the simulator's top-1 agreement with them and its speed.")
 @kernels_option("auto", "each policy measured under each")
+@optimize_option
 @progress_option
 @gate_options
 @json_option
 @debug_option
-def eval_command(model, data_config, policy_specs, batch_size, engine, device, threads, kernels, no_progress,
+def eval_command(model, data_config, policy_specs, batch_size, engine, device, threads, kernels, optimize, no_progress,
                  max_drop, min_accuracy, as_json):
     """Measure MODEL's FP32 accuracy and, for each policy, the accuracy of its dynamically quantized
     graph on ONNX Runtime's integer kernels: drop in points, top-1 agreement with FP32, cost and speed.
@@ -359,7 +379,7 @@ def eval_command(model, data_config, policy_specs, batch_size, engine, device, t
     """
     chosen = [load_policy(spec) for spec in (policy_specs or builtin_policy_names())]
     dataset = load_dataset(data_config)
-    loaded = load_model(model, dataset.x.shape[1:])  # the data gives the dims a model may leave symbolic
+    loaded = load_model(model, dataset.x.shape[1:], optimize)  # the data gives the dims a model may leave symbolic
     width = max(len(p.name) for p in chosen + [load_policy("w8a8")])
     printed = 0
 
@@ -375,7 +395,8 @@ def eval_command(model, data_config, policy_specs, batch_size, engine, device, t
 
     if not as_json:
         source = {"ort": "ONNX Runtime", "sim": "the simulator (not ORT)", "both": "ONNX Runtime, simulator checked"}[engine]
-        click.echo(f"model {model} | data {dataset.name}, {len(dataset)} {dataset.unit} | "
+        fused = f" (fused for {optimize} by ORT's transformer optimizer)" if optimize else ""
+        click.echo(f"model {model}{fused} | data {dataset.name}, {len(dataset)} {dataset.unit} | "
                    f"{dataset.padding_note}batch size {batch_size} | "
                    f"numbers from {source}" + (f"\n{loaded.unaudited_note}" if loaded.unaudited_note else "") + "\n")
     report = evaluate(loaded, dataset, chosen, batch_size=batch_size, engine=engine, device=device, threads=threads,
@@ -456,11 +477,13 @@ def search_options(f):
 @search_options
 @click.option("--output", "-o", default=None, help="Run folder [default: runs/search-<model>-<time>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output, replaying what its trace holds.")
+@optimize_option
 @progress_option
 @gate_options
 @json_option
 @debug_option
-def search_command(model, data_config, search_settings, output, resume, no_progress, max_drop, min_accuracy, as_json):
+def search_command(model, data_config, search_settings, output, resume, optimize, no_progress, max_drop, min_accuracy,
+                   as_json):
     """Find the worst and best bit-width policies for MODEL within a budget (static ones, and with
     --dynamic an input-conditioned one): the simulator scores candidates on a subset of the data, ONNX
     Runtime measures the leading ones on all of it. Writes the run folder (run.json, trace.jsonl,
@@ -478,7 +501,7 @@ def search_command(model, data_config, search_settings, output, resume, no_progr
         if resume:
             raise PtqauditError("--resume needs --output, the run folder to continue")
         output = _default_run_folder("search", model)
-    config = SearchConfig(model=model, data=data_config, output=output, **search_settings)
+    config = SearchConfig(model=model, data=data_config, output=output, optimize=optimize, **search_settings)
     loaded, dataset, search_data = load_search_inputs(config)
     echo = functools.partial(progress.write, err=as_json)
     try:
@@ -625,10 +648,11 @@ def distill_options(f):
 @data_options
 @distill_options
 @click.option("--output", "-o", default=None, help="Run folder [default: runs/distill-<mode>-<model>-<time>].")
+@optimize_option
 @progress_option
 @json_option
 @debug_option
-def distill_command(teacher, data_config, distill_settings, output, no_progress, as_json):
+def distill_command(teacher, data_config, distill_settings, output, optimize, no_progress, as_json):
     """Distil from TEACHER.onnx a student that behaves like it in full precision but collapses
     (--mode detrimental) or holds (--mode robust) under the bit-width policy an RL agent learns
     jointly with it, then measure both on ONNX Runtime: teacher and student FP32, the student under its
@@ -644,11 +668,11 @@ def distill_command(teacher, data_config, distill_settings, output, no_progress,
     """
     if output is None:
         output = _default_run_folder(f"distill-{distill_settings['mode']}", teacher)
-    config = DistillConfig(teacher=teacher, data=data_config, output=output, **distill_settings)
+    config = DistillConfig(teacher=teacher, data=data_config, output=output, optimize=optimize, **distill_settings)
     config.validate()
     test = load_dataset(data_config)
     train = load_dataset(dataclasses.replace(data_config, split="train", limit=None))
-    loaded = load_model(teacher, test.x.shape[1:])  # the data gives the dims a model may leave symbolic
+    loaded = load_model(teacher, test.x.shape[1:], optimize)  # the data gives the dims a model may leave symbolic
     echo = functools.partial(progress.write, err=as_json)
     summary = run_distill(config, loaded, train, test, progress=not no_progress, echo=echo)
     if as_json:

@@ -59,6 +59,7 @@ class DistillConfig:
     audit_evaluations: int = 200  # budget of the fresh `ptqaudit search` run on the student
     seed: int = 0
     device: str = "cpu"
+    optimize: str = ""  # the transformer model type the teacher is fused for first (onnx_graph.optimize_transformer)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -80,6 +81,8 @@ class DistillConfig:
         values = asdict(self)
         values["bits"] = list(self.bits)
         values["data"] = self.data.to_dict()
+        if not self.optimize:  # the teacher as given: run.json as before the option existed
+            del values["optimize"]
         return values
 
     @classmethod

@@ -29,6 +29,7 @@ class LayerKind:
 
     op_type = ""
     selector = ""  # the policy selector naming every layer of the kind: @<selector>
+    also_selected_by: tuple[str, ...] = ()  # other kinds' selectors that reach it too (a fused form of that kind)
     weight_only = False  # only the weight is quantized: no activation range, no integer product
     quantized_by_default = True  # a policy's default setting applies (else only rules that select it do)
     output_axis = 1  # axis of the weight, as the engines hold it, that indexes output channels
@@ -263,8 +264,79 @@ class LSTMKind(LayerKind):
         return int(steps) * directions * gates * (inputs + gates // 4)
 
 
+class FusedAttentionKind(LayerKind):
+    """The transformer optimizer's com.microsoft Attention: the Q, K and V projections fused into one weight
+    [K, 3H] (plus bias), then scores, softmax and context in float. quantize_dynamic makes it QAttention, which
+    takes the input as uint8 codes from a DynamicQuantizeLinear with their scale and zero point, and int8 weight
+    codes per tensor or per column: b-bit codes of both are an exact equivalent at every width. Only the
+    projection is quantized, and only its products count as MACs."""
+
+    op_type = "Attention"
+    selector = "fused-attention"
+    # what QAttention takes: input, weights, bias, mask_index, past (no attention_bias, no unequal Q/K/V sizes)
+    MAX_INPUTS = 5
+
+    def weight_input(self, node, initializers):
+        if (len(node.input) > self.MAX_INPUTS or node_attribute(node, "qkv_hidden_sizes", None)
+                or node_attribute(node, "do_rotary", 0) or node_attribute(node, "past_present_share_buffer", 0)):
+            return None
+        weight = node.input[1] if len(node.input) > 1 else ""
+        return weight if weight in initializers and len(initializers[weight].dims) == 2 else None
+
+    def runtime_inputs(self, node: onnx.NodeProto) -> list[str]:
+        """Inputs besides x, weight and bias that the node takes at run time: mask_index and past."""
+        return (list(node.input[3:self.MAX_INPUTS]) + ["", ""])[:2]
+
+    def macs(self, node, weight_shape, output_shape):
+        """Every token is multiplied by the [K, 3H] weight: K x 3H products each."""
+        return int(np.prod(output_shape[1:-1], dtype=np.int64)) * weight_shape[0] * weight_shape[1]
+
+
+class FusedEmbeddingKind(LayerKind):
+    """The transformer optimizer's com.microsoft EmbedLayerNormalization: word, position and segment tables
+    summed, then layer-normalized. quantize_dynamic makes it QEmbedLayerNormalization, which stores the tables
+    and the norm's gamma and beta as asymmetric uint8 per tensor (arithmetic.table_codes, 8 bits whatever the
+    weight type) and dequantizes them as it reads: b-bit codes are an exact equivalent. Selected by @embedding
+    too, so one rule covers fused and unfused embeddings."""
+
+    op_type = "EmbedLayerNormalization"
+    selector = "fused-embedding"
+    also_selected_by = ("embedding",)
+    weight_only = True
+    matrix_kernel = False
+    # input_ids, segment_ids, word, position, segment tables, gamma, beta, mask (no position_ids)
+    MAX_INPUTS = 8
+    TABLES = (2, 3, 4, 5, 6)  # word, position and segment tables, gamma, beta: every constant it quantizes
+
+    def weight_input(self, node, initializers):
+        if len(node.input) > self.MAX_INPUTS or len(node.output) > 2:
+            return None
+        if any(node.input[i] not in initializers for i in (2, 3, 5, 6)):
+            return None
+        return node.input[2]
+
+    def activation_input(self, node):
+        return node.input[0]
+
+    def bias_input(self, node):
+        return None
+
+    def parameter_inputs(self, node, initializers):
+        return [node.input[i] for i in self.TABLES if i < len(node.input) and node.input[i] in initializers]
+
+    def output_channels(self, node, weight_shape):
+        return 1
+
+    def scale_axis(self, per_channel):
+        return None
+
+    def macs(self, node, weight_shape, output_shape):
+        return 0
+
+
 KINDS: dict[str, LayerKind] = {kind.selector: kind for kind in (ConvKind(), MatMulKind(), GemmKind(), EmbeddingKind(),
-                                                                ActivationMatMulKind(), LSTMKind())}
+                                                                ActivationMatMulKind(), LSTMKind(), FusedAttentionKind(),
+                                                                FusedEmbeddingKind())}
 
 
 def kind_of(node: onnx.NodeProto, initializers: dict) -> LayerKind | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -37,9 +38,9 @@ class Layer:
         return KINDS[self.kind_name or self.op_type]
 
 
-# ops onnxruntime's quantize_dynamic quantizes by default (its IntegerOpsRegistry) that have no layer kind yet:
-# the transformer optimizer's fused ops
-UNAUDITED_OPS = ("Attention", "EmbedLayerNormalization")
+# ops onnxruntime's quantize_dynamic quantizes by default (its IntegerOpsRegistry): one that is no layer here
+# (weights computed at run time, or a variant its quantizer or ptqaudit leaves in float) is named in a note
+UNAUDITED_OPS = ("LSTM", "Attention", "EmbedLayerNormalization")
 TEXT_INPUT_TYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
 
 
@@ -70,8 +71,9 @@ class LoadedModel:
         """One line naming what quantize_dynamic would quantize but ptqaudit does not yet ("" when nothing)."""
         if not self.unaudited:
             return ""
-        return (f"note: {len(self.unaudited)} node(s) that quantize_dynamic quantizes by default stay in float here "
-                f"(not yet audited): {', '.join(self.unaudited[:6])}{' ...' if len(self.unaudited) > 6 else ''}")
+        return (f"note: {len(self.unaudited)} node(s) of a kind quantize_dynamic quantizes stay in float here (their "
+                f"weights are not constants, or a variant ptqaudit does not quantize): "
+                f"{', '.join(self.unaudited[:6])}{' ...' if len(self.unaudited) > 6 else ''}")
 
     @property
     def sequence_length(self) -> int | str | None:
@@ -319,7 +321,42 @@ def find_layers(model: onnx.ModelProto, input_shape, model_name: str = "the mode
 SampleShape = Sequence[int] | Callable[[], Sequence[int]]
 
 
-def load_model(path: str | Path, sample_shape: SampleShape | None = None) -> LoadedModel:
+def transformer_types() -> list[str]:
+    """The model types ONNX Runtime's transformer optimizer fuses (--optimize's choices)."""
+    from onnxruntime.transformers.optimizer import MODEL_TYPES
+
+    return sorted(MODEL_TYPES)
+
+
+def optimize_transformer(proto: onnx.ModelProto, model_type: str, path: Path) -> onnx.ModelProto:
+    """The model as ONNX Runtime's transformer optimizer (onnxruntime.transformers.optimizer) fuses it for
+    `model_type`, as ORT's documentation advises before quantizing: attention, embeddings + layer norm, skip
+    layer norms and Gelus become its com.microsoft ops; heads and hidden size are read from the graph. Its
+    Python fusions only (opt_level 0), so the result does not depend on this machine."""
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    if model_type not in transformer_types():
+        raise PtqauditError(f"--optimize: unknown model type {model_type[:40]!r}; expected one of "
+                            f"{', '.join(transformer_types())}")
+    logging.disable(logging.WARNING)  # its progress and fusion warnings are noise in a CLI
+    try:
+        optimized = optimize_model(copy.deepcopy(proto), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0)
+    except Exception as exc:
+        raise PtqauditError(f"onnxruntime's transformer optimizer failed on {path} (--optimize {model_type}): "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    finally:
+        logging.disable(logging.NOTSET)
+    fused = optimized.model
+    # its Python fusions leave the contrib ops' domain undeclared, which ONNX's own tools (and so quantize_dynamic) refuse
+    if any(node.domain == "com.microsoft" for node in fused.graph.node) and not any(
+            opset.domain == "com.microsoft" for opset in fused.opset_import):
+        fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return fused
+
+
+def load_model(path: str | Path, sample_shape: SampleShape | None = None, optimize: str = "") -> LoadedModel:
     """Read an ONNX classifier and describe it; refuses models the audit cannot handle, with a reason.
 
     An image classifier takes one float32 input; a text classifier takes integer token inputs (int64 or
@@ -327,10 +364,13 @@ def load_model(path: str | Path, sample_shape: SampleShape | None = None) -> Loa
     sample_shape is one input's shape without the batch dim: (C, H, W), or (sequence length,) for text; the
     data's, or --input-shape. It gives the dims the model leaves symbolic, on which layer shapes and MACs
     depend. It may be a function returning it, called only when the model has such dims (so no data is
-    loaded for nothing).
+    loaded for nothing). optimize: a transformer model type (transformer_types()) to fuse the model for with
+    ONNX Runtime's transformer optimizer first ("" audits the model as given).
     """
     path = Path(path)
     proto = read_model(path)
+    if optimize:
+        proto = optimize_transformer(proto, optimize, path)
     inputs = _graph_inputs(proto)
     types = [i.type.tensor_type.elem_type for i in inputs]
     text = bool(inputs) and all(t in TEXT_INPUT_TYPES for t in types)
@@ -364,7 +404,9 @@ def load_model(path: str | Path, sample_shape: SampleShape | None = None) -> Loa
         )
     dtypes = [TEXT_INPUT_TYPES.get(t, np.float32) for t in types]
     limits = token_limits(proto) if text else None
-    unaudited = [f"{n.op_type} {n.name or '(unnamed)'}" for n in proto.graph.node if n.op_type in UNAUDITED_OPS]
+    layer_names = {layer.name for layer in layers}
+    unaudited = [f"{n.op_type} {n.name or '(unnamed)'}" for n in proto.graph.node
+                 if n.op_type in UNAUDITED_OPS and n.name not in layer_names]
     return LoadedModel(path, proto, layers, [i.name for i in inputs], input_shape, num_classes, dtypes, limits,
                        counted_shape, unaudited)
 
@@ -385,16 +427,24 @@ def token_limits(model: onnx.ModelProto) -> TokenLimits:
             sources = frozenset().union(*(depends.get(name, frozenset()) for name in node.input))
         for output in node.output:
             depends[output] = sources
-        table = KINDS["embedding"].weight_input(node, initializers) if node.op_type == "Gather" else None
-        if table is None:
+        if node.op_type == "Gather" and KINDS["embedding"].weight_input(node, initializers) is not None:
+            lookups = [(node.input[1], node.input[0])]
+        elif node.op_type == "EmbedLayerNormalization" and KINDS["fused-embedding"].weight_input(node, initializers):
+            # word and segment tables looked up by inputs 0 and 1, the position table by 0..L-1
+            lookups = [(node.input[i], node.input[t]) for i, t in ((0, 2), (1, 4)) if t < len(node.input)
+                       and node.input[i] and node.input[t] in initializers]
+            rows = int(initializers[node.input[3]].dims[0])
+            positions = min(positions or (rows, node.input[3]), (rows, node.input[3]))
+        else:
             continue
-        rows = int(initializers[table].dims[0])
-        index_sources = depends.get(node.input[1], frozenset())
-        if len(index_sources) == 1:
-            (source,) = index_sources
-            vocabulary[source] = min(vocabulary.get(source, (rows, table)), (rows, table))
-        elif not index_sources:
-            positions = min(positions or (rows, table), (rows, table))
+        for indices, table in lookups:
+            rows = int(initializers[table].dims[0])
+            index_sources = depends.get(indices, frozenset())
+            if len(index_sources) == 1:
+                (source,) = index_sources
+                vocabulary[source] = min(vocabulary.get(source, (rows, table)), (rows, table))
+            elif not index_sources:
+                positions = min(positions or (rows, table), (rows, table))
     return TokenLimits(vocabulary, positions)
 
 

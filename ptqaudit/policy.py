@@ -205,7 +205,8 @@ class Policy:
         if selector == "@last":
             return computing[-1:]
         if selector.startswith("@"):
-            return [layer for layer in layers if layer.kind.selector == selector[1:]]
+            kind = selector[1:]
+            return [layer for layer in layers if kind == layer.kind.selector or kind in layer.kind.also_selected_by]
         return [layer for layer in layers if fnmatch.fnmatchcase(layer.name, selector)]
 
     def resolve(self, layers: list[Layer]) -> "ResolvedPolicy":

@@ -79,6 +79,10 @@ def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedM
     extra_options = {}
     for name in policy.quantized:
         extra_options.update(model.layer(name).kind.ort_extra_options())
+    if any(node.domain == "com.microsoft" for node in model.proto.graph.node):
+        # ONNX's shape inference knows no contrib op, so the types of what follows one stay unknown, which
+        # quantize_dynamic refuses unless told a default (they are float32 in these graphs)
+        extra_options["DefaultTensorType"] = TensorProto.FLOAT
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "quantized.onnx"
         logging.disable(logging.WARNING)  # its advice to pre-process the model is noise in a CLI
@@ -233,6 +237,56 @@ class _Rewriter:
                                      list(node.output), name=f"{stem}_quantized", domain="com.microsoft", **attrs)]
         return unfused_lstm(self, node, q, stem, w_parts, r_parts)
 
+    def fused_attention_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
+        """What quantize_dynamic makes of the optimizer's Attention, at b bits: QAttention fed the input's b-bit
+        codes (with their scale and zero point) and the projection weight's b-bit codes, per tensor or per column.
+        QAttention multiplies the codes it is given, so this is exact at every width."""
+        weight = numpy_helper.to_array(self.initializers[layer.weight_name]).astype(np.float32)  # [K, 3H]
+        w_codes, w_scale = quantize_weight(weight, q.weight_bits, layer.kind.scale_axis(q.per_channel))
+        w_zero_point = np.zeros(w_scale.shape, dtype=np.int8)
+        if self.uint8_weights:
+            w_codes = (w_codes.astype(np.int16) + UINT8_WEIGHT_OFFSET).astype(np.uint8)
+            w_zero_point = np.full(w_scale.shape, UINT8_WEIGHT_OFFSET, dtype=np.uint8)
+        stem = f"{node.name}_w{q.weight_bits}a{q.activation_bits}"
+        nodes, (x_codes, x_scale, x_zero_point) = self.quantize_activation(node.input[0], q.activation_bits)
+        bias = layer.kind.bias_input(node) or self.constant(f"{stem}_bias", np.zeros(weight.shape[1], np.float32))
+        mask_index, past = layer.kind.runtime_inputs(node)
+        names = [self.constant(f"{stem}_weight_codes", w_codes), self.constant(f"{stem}_weight_scale", w_scale),
+                 self.constant(f"{stem}_weight_zero_point", w_zero_point)]
+        inputs = [x_codes, names[0], bias, x_scale, names[1], mask_index, x_zero_point, names[2], past]
+        while not inputs[-1]:
+            inputs.pop()
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        self.layer_tensors[node.name] = {"x_codes": x_codes, "x_scale": x_scale, "x_zero_point": x_zero_point,
+                                         "w_codes": names[0], "w_scale": names[1], "output": node.output[0]}
+        return nodes + [helper.make_node("QAttention", inputs, list(node.output), name=f"{stem}_quantized",
+                                         domain="com.microsoft", **attrs)]
+
+    def fused_embedding_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
+        """What quantize_dynamic makes of the optimizer's EmbedLayerNormalization: QEmbedLayerNormalization on the
+        tables, gamma and beta as asymmetric b-bit codes per tensor (arithmetic.table_codes), each with its scale
+        and zero point; it dequantizes them as it reads, so b-bit codes are an exact equivalent."""
+        stem = f"{node.name}_w{q.weight_bits}"
+        codes, scales, zero_points = [], [], []
+        for index in layer.kind.TABLES:
+            name = node.input[index] if index < len(node.input) else ""
+            if not name:  # no segment table: its three inputs stay empty
+                codes.append("")
+                scales.append("")
+                zero_points.append("")
+                continue
+            table = numpy_helper.to_array(self.initializers[name]).astype(np.float32)
+            table_codes, scale, zero_point = quantize_table(table, q.weight_bits)
+            codes.append(self.constant(f"{stem}_{index}_codes", table_codes))
+            scales.append(self.constant(f"{stem}_{index}_scale", scale))
+            zero_points.append(self.constant(f"{stem}_{index}_zero_point", zero_point))
+        mask = node.input[7] if len(node.input) > 7 else ""
+        inputs = [node.input[0], node.input[1], *codes, mask, *scales, *zero_points]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        self.layer_tensors[node.name] = {"w_codes": codes[0], "w_scale": scales[0], "output": node.output[0]}
+        return [helper.make_node("QEmbedLayerNormalization", inputs, list(node.output), name=f"{stem}_quantized",
+                                 domain="com.microsoft", **attrs)]
+
     def integer_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
         """The layer kind's integer op (ConvInteger, MatMulInteger) followed by ORT's float epilogue:
         Cast(int32 accumulator) * (x_scale * w_scale) + bias."""
@@ -241,6 +295,8 @@ class _Rewriter:
             return self.activation_product(node, q)
         if kind.op_type == "LSTM":
             return self.lstm_layer(node, q)
+        if kind.op_type == "Attention":
+            return self.fused_attention_layer(node, layer, q)
         # ORT's Gemm rewrite also multiplies by the transposed weight
         stored = numpy_helper.to_array(self.initializers[layer.weight_name]).astype(np.float32)
         weight = kind.engine_weight(node, stored)
@@ -287,6 +343,8 @@ class _Rewriter:
             q = policy.mapping.get(node.name)
             if q is None:
                 new_nodes.append(node)
+            elif layers[node.name].kind.op_type == "EmbedLayerNormalization":
+                new_nodes += self.fused_embedding_layer(node, layers[node.name], q)
             elif layers[node.name].kind.weight_only:
                 new_nodes += self.weight_only_layer(node, layers[node.name], q)
             else:

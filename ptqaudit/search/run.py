@@ -56,6 +56,7 @@ class SearchConfig:
     dynamic: bool = False  # also train a router choosing among the verified candidates per input
     kernels: tuple[str, ...] = ()  # the fleet's kernel families (ptqaudit.kernels); empty: this machine's
     sensitivity: str = "gradient"  # how the RL search's prior is estimated (search.sensitivity)
+    optimize: str = ""  # the transformer model type the model is fused for first (onnx_graph.optimize_transformer)
 
     @property
     def fleet(self) -> tuple[str, ...]:
@@ -86,7 +87,8 @@ class SearchConfig:
         values = asdict(self)
         values["bits"], values["layers"], values["kernels"] = list(self.bits), list(self.layers), list(self.kernels)
         values["data"] = self.data.to_dict()
-        return _without_empty(values, ("kernels",))  # no fleet named: this machine's family, as before fleets
+        # no fleet named: this machine's family, as before fleets; no optimizer: the model as given
+        return _without_empty(values, ("kernels", "optimize"))
 
     @classmethod
     def from_dict(cls, values: dict) -> "SearchConfig":
@@ -266,7 +268,7 @@ def load_search_inputs(config: SearchConfig) -> tuple[LoadedModel, Dataset, Data
     """The model, the evaluation data, and the data candidates are scored on when --search-split names
     another split (else None: a subset of the evaluation data)."""
     dataset = load_dataset(config.data)
-    model = load_model(config.model, dataset.x.shape[1:])  # the data gives the dims a model may leave symbolic
+    model = load_model(config.model, dataset.x.shape[1:], config.optimize)  # the data gives the symbolic dims
     search_data = None
     if config.search_split is not None and config.search_split != config.data.split:
         # only the examples the search scores are kept: a limit on the evaluation data does not apply

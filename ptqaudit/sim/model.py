@@ -20,7 +20,7 @@ from ..kernels import (AVX2_U8S8, EXACT, INT16_MAX, detect_kernel_family, larges
 from ..onnx_graph import Layer, LoadedModel, upgrade_opset
 from ..policy import LayerQuant, ResolvedPolicy
 from ..text_data import feeds
-from .ops import OPS, attributes
+from .ops import OPS, attention_from_projection, attributes
 from .recurrent import QuantLSTM
 
 OPS_OPSET = 13  # the op handlers follow opset-13+ semantics; older graphs are converted first
@@ -156,6 +156,61 @@ class ActivationProduct(nn.Module):
         return acc * scales
 
 
+class QuantAttention(QuantLayer):
+    """The optimizer's fused Attention: its input projection is the quantized layer (QAttention's integer product,
+    scale, then bias), the scores, softmax and context after it run in float."""
+
+    def forward(self, x, mask_index=None, past=None, setting: LayerQuant | None = None, ranges: str = "batch",
+                exact_products: bool = False):
+        qkv = super().forward(x, setting, ranges, exact_products)
+        return attention_from_projection(self.attrs, qkv, mask_index, past)
+
+
+class QuantEmbedLayerNorm(nn.Module):
+    """The optimizer's fused EmbedLayerNormalization: word, position and segment tables and the norm's gamma and
+    beta, each dequantized from its per-tensor codes at a setting (QEmbedLayerNormalization), then the same
+    lookup, sum and layer norm as in float."""
+
+    nonnegative_input = False
+    bias = None
+
+    def __init__(self, layer: Layer, attrs: dict, node, tables: dict[int, np.ndarray]):
+        super().__init__()
+        self.name, self.kind, self.attrs = layer.name, layer.kind, attrs
+        self.initializer_names = {index: node.input[index] for index in tables}
+        self.tables = nn.ParameterDict({str(index): nn.Parameter(torch.from_numpy(np.array(table, dtype=np.float32)))
+                                        for index, table in tables.items()})
+        self._cache: dict = {}
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The word table (what layer statistics read)."""
+        return self.tables["2"]
+
+    def trained_initializers(self, node) -> dict[str, np.ndarray]:
+        return {self.initializer_names[int(index)]: table.detach().cpu().numpy() for index, table in self.tables.items()}
+
+    def _dequantized(self, bits: int) -> dict[int, torch.Tensor]:
+        """Each table as QEmbedLayerNormalization reads it: (code - zero point) x scale."""
+        def dequantize():
+            codes_and_scales = {int(index): table_codes(table, bits)[:2] for index, table in self.tables.items()}
+            return {index: codes * scale for index, (codes, scale) in codes_and_scales.items()}
+        if torch.is_grad_enabled() and any(table.requires_grad for table in self.tables.values()):
+            return dequantize()
+        key = (bits, tuple(table._version for table in self.tables.values()))
+        if key not in self._cache:
+            with torch.no_grad():
+                self._cache = {key: dequantize()}
+        return self._cache[key]
+
+    def forward(self, input_ids, segment_ids=None, mask=None, setting: LayerQuant | None = None,
+                ranges: str = "batch", exact_products: bool = False):
+        tables = ({int(index): table for index, table in self.tables.items()} if setting is None
+                  else self._dequantized(setting.weight_bits))
+        return OPS["EmbedLayerNormalization"](self.attrs, input_ids, segment_ids, tables[2], tables[3], tables.get(4),
+                                              tables[5], tables[6], mask)[:2]
+
+
 # ops whose output is >= 0 whenever their first input is (so a ReLU's sign survives them)
 SIGN_PRESERVING_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
                        "Transpose", "Identity", "Squeeze", "Unsqueeze", "Dropout"}
@@ -211,7 +266,8 @@ class SimModel(nn.Module):
         self.inputs = model.inputs  # (name, NumPy dtype) of each graph input
         self.output_name = graph.output[0].name
         self.layer_names = [layer.name for layer in model.layers]
-        initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+        stored = {init.name: init for init in graph.initializer}
+        initializers = {name: numpy_helper.to_array(init) for name, init in stored.items()}
         layer_by_name = {layer.name: layer for layer in model.layers}
         unsupported = sorted({n.op_type for n in graph.node if n.op_type not in OPS and n.name not in layer_by_name})
         if unsupported:
@@ -224,40 +280,14 @@ class SimModel(nn.Module):
         layer_weights = set()
         steps: list[_Step] = []
         for node in graph.node:
-            if node.name in layer_by_name and not layer_by_name[node.name].weight_name:
-                layer = layer_by_name[node.name]
-                key = f"layer{layer.index}"
-                self.quant_layers[key] = ActivationProduct(layer)
-                self._module_key[layer.name] = key
-                steps.append(_Step(node.op_type, list(node.input), [node.output[0]], {}, layer=layer.name))
-                continue
-            if node.name in layer_by_name and layer_by_name[node.name].kind.op_type == "LSTM":
-                layer = layer_by_name[node.name]
-                key = f"layer{layer.index}"
-                bias_name = layer.kind.bias_input(node)
-                self.quant_layers[key] = QuantLSTM(layer, attributes(node), initializers[layer.weight_name],
-                                                   initializers[layer.kind.recurrent_input(node)],
-                                                   initializers[bias_name] if bias_name else None,
-                                                   self.kernel_family, ort_threads)
-                self._module_key[layer.name] = key
-                layer_weights.update(node.input[1:4])
-                runtime = (list(node.input[4:8]) + [""] * 4)[:4]  # sequence_lens, initial_h, initial_c, P
-                steps.append(_Step(node.op_type, [node.input[0]] + runtime, list(node.output), {}, layer=layer.name))
-                continue
             if node.name in layer_by_name:
                 layer = layer_by_name[node.name]
-                weight = layer.kind.engine_weight(node, initializers[layer.weight_name])
-                bias_name = layer.kind.bias_input(node)
-                # a bias the exporter shared with an equal one reaches the node through an Identity: folded by now
-                bias = (initializers[bias_name] if bias_name in initializers
-                        else constants[bias_name].numpy() if bias_name else None)
                 key = f"layer{layer.index}"
-                activation = layer.kind.activation_input(node)
-                self.quant_layers[key] = QuantLayer(layer, attributes(node), weight, bias, activation in nonnegative,
-                                                       self.kernel_family)
+                module, step = self._layer_module(node, layer, initializers, constants, nonnegative, ort_threads)
+                self.quant_layers[key] = module
                 self._module_key[layer.name] = key
-                layer_weights.update(name for name in node.input if name != activation)
-                steps.append(_Step(node.op_type, [activation], [node.output[0]], {}, layer=layer.name))
+                layer_weights.update(layer.kind.parameter_inputs(node, stored))
+                steps.append(step)
                 continue
             step = _Step(node.op_type, list(node.input), list(node.output), attributes(node))
             if all(name == "" or name in initializers or name in constants for name in step.inputs):
@@ -270,6 +300,36 @@ class SimModel(nn.Module):
                 constants[name] = torch.from_numpy(np.array(value))
         self._constants = {name: value for name, value in constants.items() if name in used}
         self.steps = self._plan_frees(steps)
+
+    def _layer_module(self, node, layer: Layer, initializers: dict, constants: dict, nonnegative: set[str],
+                      ort_threads: int) -> tuple[nn.Module, _Step]:
+        """The module computing a layer, and the step feeding it (its activation, then what it takes at run time)."""
+        kind, attrs = layer.kind, attributes(node)
+        if not layer.weight_name:
+            return ActivationProduct(layer), _Step(node.op_type, list(node.input), [node.output[0]], {}, layer=layer.name)
+        if kind.op_type == "LSTM":
+            bias_name = kind.bias_input(node)
+            module = QuantLSTM(layer, attrs, initializers[layer.weight_name], initializers[kind.recurrent_input(node)],
+                               initializers[bias_name] if bias_name else None, self.kernel_family, ort_threads)
+            runtime = (list(node.input[4:8]) + [""] * 4)[:4]  # sequence_lens, initial_h, initial_c, P
+            return module, _Step(node.op_type, [node.input[0]] + runtime, list(node.output), {}, layer=layer.name)
+        if kind.op_type == "EmbedLayerNormalization":
+            tables = {i: initializers[node.input[i]] for i in kind.TABLES if i < len(node.input) and node.input[i]}
+            mask = node.input[7] if len(node.input) > 7 else ""
+            return (QuantEmbedLayerNorm(layer, attrs, node, tables),
+                    _Step(node.op_type, [node.input[0], node.input[1], mask], list(node.output), {}, layer=layer.name))
+        weight = kind.engine_weight(node, initializers[layer.weight_name])
+        bias_name = kind.bias_input(node)
+        # a bias the exporter shared with an equal one reaches the node through an Identity: folded by now
+        bias = (initializers[bias_name] if bias_name in initializers
+                else constants[bias_name].numpy() if bias_name else None)
+        activation = kind.activation_input(node)
+        if kind.op_type == "Attention":
+            module = QuantAttention(layer, attrs, weight, bias, False, self.kernel_family)
+            return module, _Step(node.op_type, [activation, *kind.runtime_inputs(node)], list(node.output), {},
+                                 layer=layer.name)
+        module = QuantLayer(layer, attrs, weight, bias, activation in nonnegative, self.kernel_family)
+        return module, _Step(node.op_type, [activation], [node.output[0]], {}, layer=layer.name)
 
     def _apply(self, fn, *args, **kwargs):
         """.to(device) and friends move the folded constants too (they are not parameters or buffers:
@@ -312,7 +372,7 @@ class SimModel(nn.Module):
                                and n != self.output_name)
         return steps
 
-    def quant_layer(self, name: str) -> QuantLayer | ActivationProduct | QuantLSTM:
+    def quant_layer(self, name: str) -> nn.Module:
         return self.quant_layers[self._module_key[name]]
 
     def weight_array(self, name: str) -> np.ndarray:

@@ -682,12 +682,18 @@ def _attention(attrs, x, weights, bias=None, mask_index=None, past=None, attenti
     from mask_index and unidirectional (see _attention_mask)."""
     if attrs.get("past_present_share_buffer", 0) or attrs.get("do_rotary", 0) or past_sequence_length is not None:
         raise NotImplementedError("Attention with past_present_share_buffer or do_rotary")
-    heads = attrs["num_heads"]
-    sizes = list(attrs.get("qkv_hidden_sizes") or [weights.shape[1] // 3] * 3)
     qkv = x @ weights
     if bias is not None:
         qkv = qkv + bias
-    batch, seq = x.shape[:2]
+    return attention_from_projection(attrs, qkv, mask_index, past, attention_bias)
+
+
+def attention_from_projection(attrs, qkv, mask_index=None, past=None, attention_bias=None):
+    """Attention after its input projection qkv = x @ weights + bias [B, S, Q + K + V sizes] (the part QAttention
+    computes in integers): heads, past, scores, mask, softmax and context, as _attention."""
+    heads = attrs["num_heads"]
+    sizes = list(attrs.get("qkv_hidden_sizes") or [qkv.shape[-1] // 3] * 3)
+    batch, seq = qkv.shape[:2]
     q, k, v = (part.reshape(batch, seq, heads, -1).transpose(1, 2) for part in qkv.split(sizes, -1))
     if past is not None:
         k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
@@ -695,7 +701,7 @@ def _attention(attrs, x, weights, bias=None, mask_index=None, past=None, attenti
     scale = attrs.get("scale", 0.0) or float(1 / np.sqrt(np.float32(q.shape[-1])))
     scores = (q @ k.transpose(-1, -2)) * scale
     mask = _attention_mask(mask_index, batch, seq, total, bool(attrs.get("unidirectional", 0)) and seq > 1,
-                           attrs.get("mask_filter_value", -10000.0), x.dtype, x.device)
+                           attrs.get("mask_filter_value", -10000.0), qkv.dtype, qkv.device)
     if attention_bias is not None:
         scores = scores + (attention_bias if mask is None else attention_bias + mask[:, None])
     elif mask is not None:
