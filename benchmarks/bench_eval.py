@@ -5,7 +5,7 @@ for a text model also W8A8 with the attention MatMuls quantized against quantize
     python benchmarks/bench_eval.py [--model ../shared/models/cifar10_resnet20.onnx]
         [--data cifar10 --data-root DIR] [--batch-size 250] [--limit N] [--threads 0]
     python benchmarks/bench_eval.py --model sample_models/sst2_bert.onnx --data sst2 --data-root SST-2
-        --tokenizer sample_models/sst2_tokenizer.json [--padding longest|max-length] [--batch-size 1]
+        --tokenizer sample_models/sst2_tokenizer.json [--padding longest|max-length] [--batch-size 1] [--optimize bert]
 
 Speeds are printed as a ratio to the FP32 baseline measured in the same run on the same data.
 """
@@ -39,12 +39,16 @@ REPO = Path(__file__).resolve().parent.parent
 ATTENTION_W8A8 = {"default": {"weight_bits": 8, "activation_bits": 8}, "layers": {"@attention": {}}}
 
 
-def direct_quantize_dynamic(model_path: str, **extra_options) -> onnx.ModelProto:
-    """What a user gets from ORT's own tool with its defaults (int8 weights, every op type it quantizes)."""
+def direct_quantize_dynamic(model: onnx.ModelProto, **extra_options) -> onnx.ModelProto:
+    """What a user gets from ORT's own tool with its defaults (int8 weights, every op type it quantizes); on a
+    graph with contrib ops (--optimize) with the DefaultTensorType it then needs."""
+    if any(node.domain == "com.microsoft" for node in model.graph.node):
+        extra_options["DefaultTensorType"] = onnx.TensorProto.FLOAT
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "direct.onnx"
+        out, source = Path(tmp) / "direct.onnx", Path(tmp) / "model.onnx"
+        onnx.save(model, str(source))
         logging.disable(logging.WARNING)  # its advice to pre-process the model
-        quantize_dynamic(model_path, out, weight_type=QuantType.QInt8, extra_options=extra_options)
+        quantize_dynamic(source, out, weight_type=QuantType.QInt8, extra_options=extra_options)
         logging.disable(logging.NOTSET)
         return onnx.load(str(out))
 
@@ -72,12 +76,14 @@ def main() -> int:
     parser.add_argument("--tokenizer", default=None, help="text data: the model's tokenizer.json")
     parser.add_argument("--padding", default=TextConfig.padding, choices=PADDINGS)
     parser.add_argument("--max-length", type=int, default=TextConfig.max_length)
+    parser.add_argument("--optimize", default="", help="fuse the model with ORT's transformer optimizer first (e.g. bert)")
     args = parser.parse_args()
 
     text = TextConfig(tokenizer=args.tokenizer, padding=args.padding, max_length=args.max_length)
     dataset = load_dataset(DataConfig(name=args.data, root=args.data_root, limit=args.limit, text=text))
-    model = load_model(args.model, dataset.sample_shape)
-    print(f"model {args.model} ({len(model.layers)} quantizable layers)")
+    model = load_model(args.model, dataset.sample_shape, args.optimize)
+    fused = f", fused for {args.optimize} by ORT's transformer optimizer" if args.optimize else ""
+    print(f"model {args.model} ({len(model.layers)} quantizable layers{fused})")
     print(f"data {dataset.name}: {len(dataset)} {dataset.unit}, {dataset.padding_note}batch size {args.batch_size}")
     print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"python {platform.python_version()}, onnxruntime {ort.__version__}, onnx {onnx.__version__}, numpy {np.__version__}")
@@ -92,10 +98,10 @@ def main() -> int:
               f"{r.images_per_second:9.0f} {r.images_per_second / report.fp32_images_per_second:13.2f}x  {r.method}")
 
     print()
-    same = compare("w8a8", model, load_policy("w8a8"), direct_quantize_dynamic(args.model), dataset, args)
+    same = compare("w8a8", model, load_policy("w8a8"), direct_quantize_dynamic(model.proto), dataset, args)
     if any(layer.kind.selector == "attention" for layer in model.layers):
         same &= compare("w8a8 + attention MatMuls", model, parse_policy(ATTENTION_W8A8, "w8a8-attention", "bench"),
-                        direct_quantize_dynamic(args.model, MatMulConstBOnly=False), dataset, args)
+                        direct_quantize_dynamic(model.proto, MatMulConstBOnly=False), dataset, args)
     print(f"total wall time {time.perf_counter() - started:.0f} s")
     return 0 if same else 1
 

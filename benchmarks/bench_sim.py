@@ -5,7 +5,7 @@ measured in the same run (the ratio is the simulator's speed-up over ORT's quant
     python benchmarks/bench_sim.py [--data-root DIR] [--limit N] [--batch-sizes 1,250]
         [--models ../shared/models/cifar10_resnet20.onnx,sample_models/cifar10_cnn.onnx,sample_models/digits_cnn.onnx]
     python benchmarks/bench_sim.py --models sample_models/sst2_bert.onnx,sample_models/sst2_lstm.onnx
-        --sst2-root SST-2 [--padding longest|max-length] [--batch-sizes 1,32]
+        --sst2-root SST-2 [--padding longest|max-length] [--batch-sizes 1,32] [--optimize bert]
 
 A text model runs on SST-2's dev split, tokenized with sample_models/sst2_tokenizer.json (or --tokenizer).
 
@@ -58,6 +58,7 @@ def main() -> int:
     parser.add_argument("--sst2-root", default=os.environ.get("PTQAUDIT_TEST_SST2_ROOT"), help="text models' data")
     parser.add_argument("--tokenizer", default=str(REPO / "sample_models/sst2_tokenizer.json"))
     parser.add_argument("--padding", default=TextConfig.padding, choices=PADDINGS)
+    parser.add_argument("--optimize", default="", help="fuse the models with ORT's transformer optimizer first (e.g. bert)")
     args = parser.parse_args()
 
     print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
@@ -68,9 +69,10 @@ def main() -> int:
     started = time.perf_counter()
     for model_path in args.models.split(","):
         dataset = load_dataset(data_for(model_path, args))
-        model = load_model(model_path, dataset.sample_shape)
+        model = load_model(model_path, dataset.sample_shape, args.optimize)
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            print(f"\n{Path(model_path).name} on {dataset.name} ({len(dataset)} {dataset.unit}, "
+            fused = f" fused for {args.optimize}" if args.optimize else ""
+            print(f"\n{Path(model_path).name}{fused} on {dataset.name} ({len(dataset)} {dataset.unit}, "
                   f"{dataset.padding_note}batch size {batch_size})")
             print(f"{'policy':22s} {'ORT acc':>8s} {'sim = ORT':>10s} {'max|dlogit|':>12s} {'mean|dlogit|':>13s} "
                   f"{'ORT img/s':>10s} {'sim img/s':>10s} {'sim/ORT':>8s}")

@@ -309,7 +309,7 @@ class SimModel(nn.Module):
             return ActivationProduct(layer), _Step(node.op_type, list(node.input), [node.output[0]], {}, layer=layer.name)
         if kind.op_type == "LSTM":
             bias_name = kind.bias_input(node)
-            module = QuantLSTM(layer, attrs, initializers[layer.weight_name], initializers[kind.recurrent_input(node)],
+            module = QuantLSTM(layer.name, attrs, initializers[layer.weight_name], initializers[kind.recurrent_input(node)],
                                initializers[bias_name] if bias_name else None, self.kernel_family, ort_threads)
             runtime = (list(node.input[4:8]) + [""] * 4)[:4]  # sequence_lens, initial_h, initial_c, P
             return module, _Step(node.op_type, [node.input[0]] + runtime, list(node.output), {}, layer=layer.name)

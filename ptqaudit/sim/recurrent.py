@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..arithmetic import activation_code_max, activation_scale_zero_point, centered_activation_codes, weight_codes
 from ..kernels import AVX2_U8S8, INT16_MAX, detect_kernel_family, largest_pair_sum, risky_pairs, saturating_matmul
+from ..layer_kinds import KINDS
 from ..policy import LayerQuant
 from .ops import lstm_forward
 
@@ -82,13 +83,14 @@ class QuantLSTM(nn.Module):
     """An LSTM layer; forward(x, sequence_lens, initial_h, initial_c, p, setting) -> (Y, Y_h, Y_c), in float
     (setting None) or as ORT runs the quantized LSTM at that setting."""
 
-    def __init__(self, layer, attrs: dict, weight: np.ndarray, recurrent: np.ndarray, bias: np.ndarray | None,
+    kind = KINDS["lstm"]
+    nonnegative_input = False
+
+    def __init__(self, name: str, attrs: dict, weight: np.ndarray, recurrent: np.ndarray, bias: np.ndarray | None,
                  kernel_family: str, threads: int = 0):
         """threads: the ORT session's intra-op threads (0: its default, measured once)."""
         super().__init__()
-        self.name = layer.name if layer is not None else "lstm"
-        self.kind = layer.kind if layer is not None else None
-        self.nonnegative_input = False
+        self.name = name
         self.attrs = attrs
         self.kernel_family = kernel_family
         self.threads = threads
@@ -103,7 +105,7 @@ class QuantLSTM(nn.Module):
         graph gives them scale 0.01 per tensor), for probing ORT."""
         weight = np.transpose(w_codes, (0, 2, 1)).astype(np.float32) * 0.01
         recurrent = np.transpose(r_codes, (0, 2, 1)).astype(np.float32) * 0.01
-        return cls(None, {"hidden_size": hidden}, weight, recurrent, None, detect_kernel_family())
+        return cls("probe", {"hidden_size": hidden}, weight, recurrent, None, detect_kernel_family())
 
     def trained_initializers(self, node) -> dict[str, np.ndarray]:
         """W, R and B as this layer holds them now."""
@@ -113,7 +115,8 @@ class QuantLSTM(nn.Module):
         return {name: value.detach().cpu().numpy() for name, value in values.items()}
 
     def _codes(self, weight: torch.Tensor, setting: LayerQuant) -> list[tuple]:
-        """Per direction: (codes [K, 4H] as the product takes them, scale [4H] or [1], pairs that can saturate)."""
+        """Per direction: (codes [K, 4H] as the product takes them, scale [4H] or [1], pairs that can saturate,
+        whether float32 sums of the product stay exact)."""
         parts = []
         for w in weight:
             codes, scale = weight_codes(w, setting.weight_bits, 0 if setting.per_channel else None)
@@ -121,7 +124,8 @@ class QuantLSTM(nn.Module):
             saturates = (self.kernel_family == AVX2_U8S8
                          and largest_pair_sum(codes_t, setting.activation_bits) > INT16_MAX)
             pairs = risky_pairs(codes_t, activation_code_max(setting.activation_bits)) if saturates else None
-            parts.append((codes_t, scale.reshape(-1), pairs))
+            bound = float(codes_t.detach().abs().sum(dim=0).max()) * activation_code_max(setting.activation_bits)
+            parts.append((codes_t, scale.reshape(-1), pairs, bound < EXACT_FLOAT32_LIMIT))
         return parts
 
     def _quantized(self, setting: LayerQuant) -> tuple[list, list]:
@@ -134,15 +138,13 @@ class QuantLSTM(nn.Module):
         return self._cache[key]
 
     @staticmethod
-    def _product(codes: torch.Tensor, zero_point: torch.Tensor, part: tuple, activation_bits: int,
-                 exact_products: bool) -> torch.Tensor:
+    def _product(codes: torch.Tensor, zero_point: torch.Tensor, part: tuple, exact_products: bool) -> torch.Tensor:
         """(codes - zero point) x weight codes as the CPU's kernel adds them up, in float32."""
-        weight, _, pairs = part
+        weight, _, pairs, exact_in_float32 = part
         if pairs is not None and not exact_products:
             raw = codes + zero_point
             return (saturating_matmul(raw, weight, pairs) - zero_point.double() * weight.double().sum(dim=0)).float()
-        bound = float(weight.detach().abs().sum(dim=0).max()) * activation_code_max(activation_bits)
-        if bound < EXACT_FLOAT32_LIMIT:
+        if exact_in_float32:
             return codes @ weight
         return (codes.double() @ weight.double()).float()
 
@@ -164,21 +166,20 @@ class QuantLSTM(nn.Module):
             scale, zero_point = activation_scale_zero_point(by_sample, bits, per_sample)
             scale, zero_point = scale.transpose(0, 1), zero_point.transpose(0, 1)
             codes = centered_activation_codes(inputs, scale, zero_point, bits)
-            acc = self._product(codes, zero_point, w_parts[d], bits, exact_products)
+            acc = self._product(codes, zero_point, w_parts[d], exact_products)
             return acc * (scale * w_parts[d][1])
 
         def recur(h, d):  # h [batch, hidden]
             batch = h.shape[0]
             rows = 1 if per_sample else state_block_rows(batch, hidden, threads) if fused else batch
-            scales, zero_points = [], []
-            for start in range(0, batch, rows):
-                block = h[start:start + rows]
-                scale, zero_point = activation_scale_zero_point(block.reshape(1, -1), bits, False)
-                scales.append(scale.reshape(1, 1).expand(block.shape[0], 1))
-                zero_points.append(zero_point.reshape(1, 1).expand(block.shape[0], 1))
-            scale, zero_point = torch.cat(scales), torch.cat(zero_points)
+            blocks = -(-batch // rows)
+            # each block's range at once: the last block padded with copies of its first row, which leave it unchanged
+            padded = torch.cat([h, h[(blocks - 1) * rows:][:1].expand(blocks * rows - batch, -1)])
+            scale, zero_point = activation_scale_zero_point(padded.reshape(blocks, rows * hidden), bits, True)
+            scale = scale.repeat_interleave(rows, dim=0)[:batch]
+            zero_point = zero_point.repeat_interleave(rows, dim=0)[:batch]
             codes = centered_activation_codes(h, scale, zero_point, bits)
-            acc = self._product(codes, zero_point, r_parts[d], bits, exact_products)
+            acc = self._product(codes, zero_point, r_parts[d], exact_products)
             return acc * (scale * r_parts[d][1])
 
         return lstm_forward(self.attrs, x, self.weight, self.recurrent, self.bias, sequence_lens, initial_h,
