@@ -14,13 +14,13 @@ evaluations, RL and random search against the most extreme uniform policy inside
 evaluations spent on uniform policies and on sensitivity probes. Target: both cases within the cap, each at
 least as extreme as the uniform policy.
 
-Part D (text): the sample BERT and LSTM on GLUE SST-2 (sentences tokenized with sample_models/sst2_tokenizer.json,
+Part D (text): the sample BERT (as given and fused by ORT's transformer optimizer) and LSTM on GLUE SST-2 (sentences tokenized with sample_models/sst2_tokenizer.json,
 padded per batch, batch size 1), budget 6 effective bits, as part C: RL and random search with 100 evaluations per
 objective, scored by the simulator on --text-search-limit dev sentences and verified on ORT over all 872.
 
     python benchmarks/bench_search.py [--part a|b|c|d|all] [--data-root DIR] [--max-evaluations 400] [--caps 100,400]
         [--c-models digits_resnet56,cifar10_resnet20] [--sst2-root DIR] [--text-search-limit 200]
-        [--d-models sst2_bert,sst2_lstm]
+        [--d-models sst2_bert,sst2_bert:bert,sst2_lstm]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def search(model_path: str, data: DataConfig, method: str, out: Path, **settings) -> tuple[SearchSummary, float]:
     dataset = load_dataset(data)
-    model = load_model(model_path, dataset.sample_shape)
+    model = load_model(model_path, dataset.sample_shape, settings.get("optimize", ""))
     config = SearchConfig(model=model_path, data=data, output=str(out / method), method=method, **settings)
     started = time.perf_counter()
     summary = run_search(config, model, dataset, progress=False, echo=lambda m: None)
@@ -114,32 +114,36 @@ def part_c(out: Path, data_root: str | None, limit: int, search_limit: int, caps
 
 
 def part_d(out: Path, sst2_root: str | None, search_limit: int, models: list[str]) -> None:
-    """Text: the sample BERT and LSTM, worst and best case, RL and random search against the uniform policy (part
-    C's table)."""
+    """Text: the sample BERT (as given, and fused by ORT's transformer optimizer: `sst2_bert:bert`) and LSTM, worst
+    and best case, RL and random search against the uniform policy (part C's table)."""
     data = DataConfig(name="sst2", root=sst2_root, text=TextConfig(tokenizer=str(REPO / "sample_models/sst2_tokenizer.json")))
     dataset = load_dataset(data)
-    for name in models:
+    for spec in models:
+        name, _, optimize = spec.partition(":")
         model = str(REPO / f"sample_models/{name}.onnx")
-        searched = [layer for layer in load_model(model, dataset.sample_shape).layers
+        searched = [layer for layer in load_model(model, dataset.sample_shape, optimize).layers
                     if not layer.kind.weight_only and layer.kind.quantized_by_default]
-        print(f"\nD. {Path(model).name} ({len(searched)} searched layers: {', '.join(sorted({f'@{l.kind.selector}' for l in searched}))}; "
-              f"embeddings at W8, attention products float, as quantize_dynamic's defaults), bits 2,3,4,5,6,8, budget 6 "
-              f"effective bits, search on {search_limit} sentences, verification on all {len(dataset)} {dataset.name} "
-              f"sentences (ORT, batch size 1, {dataset.padding_note}sequence lengths as the data gives them)")
-        compare_methods(model, data, [100], search_limit, out / name)
+        kinds = ", ".join(sorted({f"@{layer.kind.selector}" for layer in searched}))
+        fused = f", fused for {optimize} by ORT's transformer optimizer" if optimize else ""
+        print(f"\nD. {Path(model).name}{fused} ({len(searched)} searched layers: {kinds}; embeddings at W8, attention "
+              f"products float, as quantize_dynamic's defaults), bits 2,3,4,5,6,8, budget 6 effective bits, search on "
+              f"{search_limit} sentences, verification on all {len(dataset)} {dataset.name} sentences (ORT, batch size "
+              f"1, {dataset.padding_note}sequence lengths as the data gives them)")
+        compare_methods(model, data, [100], search_limit, out / spec.replace(":", "-"), optimize)
 
 
-def compare_methods(model: str, data: DataConfig, caps: list[int], search_limit: int, out: Path) -> None:
+def compare_methods(model: str, data: DataConfig, caps: list[int], search_limit: int, out: Path,
+                    optimize: str = "") -> None:
     """RL and random search at each cap: each case on ORT beside the most extreme uniform policy inside the budget,
     the evaluations spent, and the wall time of the whole search."""
-    uniform_counts = {objective: len(_uniform_frontier(model, objective, load_dataset(data).sample_shape))
+    uniform_counts = {objective: len(_uniform_frontier(model, objective, load_dataset(data).sample_shape, optimize))
                       for objective in ("worst", "best")}
     print(f"{'cap':>4s} {'method':8s} {'case':6s} {'ORT acc':>8s} {'uniform':>16s} {'beyond (pts)':>12s} "
           f"{'evaluated':>9s} {'uniform':>8s} {'probes':>7s} {'minutes':>8s}")
     for cap in caps:
         for method in ("rl", "random"):
             summary, seconds = search(model, data, method, out / str(cap), max_evaluations=cap,
-                                      budget_avg_bits=6.0, search_limit=search_limit, seed=0)
+                                      budget_avg_bits=6.0, search_limit=search_limit, seed=0, optimize=optimize)
             for case_name in ("worst", "best"):
                 case = getattr(summary, case_name)
                 # + 0.0 turns -0.0 (no difference) into 0.0
@@ -149,9 +153,9 @@ def compare_methods(model: str, data: DataConfig, caps: list[int], search_limit:
                       f"{case.evaluations:9d} {uniform_counts[case_name]:8d} {case.sensitivity_evaluations:7d} {seconds / 60:8.1f}")
 
 
-def _uniform_frontier(model_path: str, objective: str, sample_shape=None) -> list:
+def _uniform_frontier(model_path: str, objective: str, sample_shape=None, optimize: str = "") -> list:
     """The uniform policies a search scores first (search.space.SearchSpace.uniform_frontier)."""
-    model = load_model(model_path, sample_shape)
+    model = load_model(model_path, sample_shape, optimize)
     base = load_policy("w8a8").resolve(model.layers)
     space = SearchSpace(model.layers, base, SearchConfig.bits,
                         [layer.name for layer in model.layers if not layer.kind.weight_only], 6.0)
@@ -169,7 +173,8 @@ def main() -> int:
     parser.add_argument("--max-evaluations", type=int, default=400, help="per objective (the CLI default)")
     parser.add_argument("--sst2-root", default=os.environ.get("PTQAUDIT_TEST_SST2_ROOT"), help="part D: SST-2 folder")
     parser.add_argument("--text-search-limit", type=int, default=200, help="part D: sentences the simulator scores on")
-    parser.add_argument("--d-models", default="sst2_bert,sst2_lstm", help="part D: which sample text models")
+    parser.add_argument("--d-models", default="sst2_bert,sst2_bert:bert,sst2_lstm",
+                        help="part D: which sample text models (name:type fuses it for that transformer type first)")
     args = parser.parse_args()
     print(f"hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "

@@ -89,14 +89,16 @@ def test_padding_changes_what_dynamic_quantization_sees(sst2_root):
     assert not np.array_equal(a, b)
 
 
-def test_distill_trains_a_text_student(capsys, tmp_path, sst2_root):
-    """distill on the sample BERT and SST-2 (a few steps): the student file runs on ORT, and the summary's student
-    FP32 accuracy is what ORT measures on it directly."""
+@pytest.mark.parametrize("name", MODELS)
+def test_distill_trains_a_text_student(capsys, tmp_path, sst2_root, name):
+    """distill on each sample text model and SST-2 (a few steps; the LSTM's weights train through its quantized
+    recurrence): the student file runs on ORT, and the summary's student FP32 accuracy is what ORT measures on it
+    directly."""
     from ptqaudit.runs import read_json
     from test_cli import run_cli
 
     out = tmp_path / "distill"
-    code, _, err = run_cli(capsys, "distill", SAMPLES / "sst2_bert.onnx", "--mode", "detrimental", "--data", "sst2",
+    code, _, err = run_cli(capsys, "distill", SAMPLES / name, "--mode", "detrimental", "--data", "sst2",
                            "--data-root", sst2_root, "--tokenizer", TOKENIZER, "--limit", 64, "--epochs", 1,
                            "--train-limit", 64, "--policy-limit", 16, "--policy-steps", 1, "--audit-evaluations", 4,
                            "--no-progress", "-o", out)
