@@ -31,6 +31,7 @@ KERNEL_FAMILIES = {
 AUTO, ALL = "auto", "all"  # --kernels words: this machine's family, every family
 INT16_MIN, INT16_MAX = -32768, 32767
 PAIR_CHUNK_ELEMENTS = 2**24  # pair sums the saturating product holds at once: bounds its memory
+EXACT_FLOAT32_LIMIT = 2**24  # integers up to this magnitude, and sums of them, are exact in float32
 
 # CPU flags (Linux /proc/cpuinfo names) that select ORT's exact u8 x s8 kernels on x86-64
 _VNNI_FLAGS = ("avx_vnni", "avx512_vnni", "amx_int8")
@@ -135,7 +136,7 @@ def saturating_matmul(codes: torch.Tensor, weight: torch.Tensor,
         rows = torch.nn.functional.pad(rows, (0, 1))
         weight = torch.nn.functional.pad(weight, (0, 0, 0, 1))
     largest_code = float(rows.detach().max()) if rows.numel() else 0.0
-    exact_in_float32 = largest_code * float(weight.detach().abs().sum(dim=0).max()) < 2**24
+    exact_in_float32 = largest_code * float(weight.detach().abs().sum(dim=0).max()) < EXACT_FLOAT32_LIMIT
     dtype = torch.float32 if exact_in_float32 else torch.float64
     total = rows.to(dtype) @ weight.to(dtype)
     weight_pairs = weight.reshape(-1, 2, weight.shape[1])  # [P, 2, N]

@@ -237,7 +237,8 @@ class LSTMKind(LayerKind):
         weights = node.input[1:3]
         if len(weights) < 2 or any(w not in initializers or len(initializers[w].dims) != 3 for w in weights):
             return None
-        return node.input[1]
+        # DynamicQuantizeLSTM has no batch-first layout (quantize_dynamic drops the attribute, breaking such a node)
+        return None if node_attribute(node, "layout", 0) else node.input[1]
 
     def recurrent_input(self, node: onnx.NodeProto) -> str:
         return node.input[2]
@@ -249,9 +250,7 @@ class LSTMKind(LayerKind):
         return [name for name in node.input[1:4] if name in initializers]
 
     def sample_output_shape(self, node, shape):
-        # Y is [seq, directions, batch, hidden], batch first under layout=1
-        if node_attribute(node, "layout", 0):
-            return super().sample_output_shape(node, shape)
+        # Y is [seq, directions, batch, hidden]
         return tuple(shape[:2]) + ("batch",) + tuple(shape[3:])
 
     def output_channels(self, node, weight_shape):
@@ -260,8 +259,7 @@ class LSTMKind(LayerKind):
     def macs(self, node, weight_shape, output_shape):
         """Every step multiplies x_t by W^T and h by R^T: 4H x (K + H) products per direction."""
         directions, gates, inputs = weight_shape
-        steps = output_shape[1] if node_attribute(node, "layout", 0) else output_shape[0]
-        return int(steps) * directions * gates * (inputs + gates // 4)
+        return int(output_shape[0]) * directions * gates * (inputs + gates // 4)
 
 
 class FusedAttentionKind(LayerKind):

@@ -221,7 +221,7 @@ class _Rewriter:
                           self.constant(f"{stem}_{part}_zero_point_{d}", zero_points[d].reshape(-1)[:1].reshape(())))
                          for d in range(len(codes))])
 
-    def lstm_layer(self, node: onnx.NodeProto, q: LayerQuant) -> list[onnx.NodeProto]:
+    def lstm_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
         """An LSTM at 8-bit activations is ORT's DynamicQuantizeLSTM fed the b-bit weight codes (exactly what
         quantize_dynamic makes of it at 8 bits); below 8 bits, where that kernel cannot go, the same arithmetic
         unfused: X quantized once, MatMulInteger by W, and a Scan whose step quantizes h and multiplies by R."""
@@ -232,7 +232,7 @@ class _Rewriter:
         if q.activation_bits == 8:
             inputs = list(node.input[:8]) + [""] * (8 - len(node.input))
             inputs[1:3] = [w_codes, r_codes]
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "layout"}
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             return [helper.make_node("DynamicQuantizeLSTM", inputs + [w_scale, w_zero_point, r_scale, r_zero_point],
                                      list(node.output), name=f"{stem}_quantized", domain="com.microsoft", **attrs)]
         return unfused_lstm(self, node, q, stem, w_parts, r_parts)
@@ -291,12 +291,6 @@ class _Rewriter:
         """The layer kind's integer op (ConvInteger, MatMulInteger) followed by ORT's float epilogue:
         Cast(int32 accumulator) * (x_scale * w_scale) + bias."""
         kind = layer.kind
-        if not layer.weight_name:  # a product of two activations: operand B is quantized as one too
-            return self.activation_product(node, q)
-        if kind.op_type == "LSTM":
-            return self.lstm_layer(node, q)
-        if kind.op_type == "Attention":
-            return self.fused_attention_layer(node, layer, q)
         # ORT's Gemm rewrite also multiplies by the transposed weight
         stored = numpy_helper.to_array(self.initializers[layer.weight_name]).astype(np.float32)
         weight = kind.engine_weight(node, stored)
@@ -341,14 +335,19 @@ class _Rewriter:
         new_nodes = []
         for node in graph.node:
             q = policy.mapping.get(node.name)
+            layer = layers.get(node.name)
             if q is None:
                 new_nodes.append(node)
-            elif layers[node.name].kind.op_type == "EmbedLayerNormalization":
-                new_nodes += self.fused_embedding_layer(node, layers[node.name], q)
-            elif layers[node.name].kind.weight_only:
-                new_nodes += self.weight_only_layer(node, layers[node.name], q)
+            elif layer.kind.op_type in ("LSTM", "Attention", "EmbedLayerNormalization"):  # ORT's quantized forms
+                handler = {"LSTM": self.lstm_layer, "Attention": self.fused_attention_layer,
+                           "EmbedLayerNormalization": self.fused_embedding_layer}[layer.kind.op_type]
+                new_nodes += handler(node, layer, q)
+            elif layer.kind.weight_only:
+                new_nodes += self.weight_only_layer(node, layer, q)
+            elif not layer.weight_name:  # a product of two activations: operand B is quantized as one too
+                new_nodes += self.activation_product(node, q)
             else:
-                new_nodes += self.integer_layer(node, layers[node.name], q)
+                new_nodes += self.integer_layer(node, layer, q)
         used = _inputs_read(new_nodes)
         kept = [init for init in graph.initializer if init.name in used]
         dropped = {init.name for init in graph.initializer} - used

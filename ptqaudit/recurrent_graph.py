@@ -5,7 +5,7 @@ computation out: X quantized once over all steps and the batch and multiplied by
 Scan whose step quantizes the previous hidden state (one range over the batch), multiplies it by R on
 MatMulInteger, adds the input projection and both biases, and applies the gates (i, o, f, c; sigmoid, tanh,
 tanh). Each direction is one Scan, the reverse one scanning backwards. Features the unfused graph does not
-spell out (sequence lengths, peepholes, clip, input_forget, other activations, layout=1) are refused by name.
+spell out (sequence lengths, peepholes, clip, input_forget, other activations) are refused by name.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ def unsupported_features(node: onnx.NodeProto) -> list[str]:
         features.append("clip")
     if node_attribute(node, "input_forget", 0):
         features.append("input_forget")
-    if node_attribute(node, "layout", 0):
-        features.append("layout=1")
     activations = [a.decode() if isinstance(a, bytes) else a for a in node_attribute(node, "activations", [])]
     if any(a != DEFAULT_ACTIVATIONS[i % 3] for i, a in enumerate(activations)):
         features.append(f"activations {', '.join(activations)}")
@@ -55,7 +53,7 @@ def unfused_lstm(rewriter, node: onnx.NodeProto, q, stem: str, w_parts: list, r_
     directions = len(w_parts)
     reverse = node_attribute(node, "direction", b"forward") in (b"reverse", "reverse")
     x = node.input[0]
-    nodes, (x_codes, x_scale, x_zero_point) = rewriter.quantize_activation(x, q.activation_bits)
+    nodes, x_quantized = rewriter.quantize_activation(x, q.activation_bits)
 
     def unsqueeze(tensor: str, axis: int, output: str) -> onnx.NodeProto:
         if opset >= 13:
@@ -79,16 +77,8 @@ def unfused_lstm(rewriter, node: onnx.NodeProto, q, stem: str, w_parts: list, r_
     ys, finals_h, finals_c = [], [], []
     for d in range(directions):
         s = f"{stem}_d{d}"
-        w_codes, w_scale, w_zero_point = w_parts[d]
-        r_codes, r_scale, r_zero_point = r_parts[d]
         # input projection of every step: [seq, batch, 4H]
-        nodes += [
-            helper.make_node("MatMulInteger", [x_codes, w_codes, x_zero_point, w_zero_point], [f"{s}_x_acc"],
-                             name=f"{s}_x_matmul_integer"),
-            helper.make_node("Cast", [f"{s}_x_acc"], [f"{s}_x_acc_float"], to=TensorProto.FLOAT, name=f"{s}_x_cast"),
-            helper.make_node("Mul", [x_scale, w_scale], [f"{s}_x_scales"], name=f"{s}_x_scales"),
-            helper.make_node("Mul", [f"{s}_x_acc_float", f"{s}_x_scales"], [f"{s}_projection"], name=f"{s}_projection"),
-        ]
+        nodes += _integer_product(f"{s}_x", x_quantized, w_parts[d], f"{s}_projection")
         states = []
         for k, initial in ((0, node.input[5] if len(node.input) > 5 else ""),
                            (1, node.input[6] if len(node.input) > 6 else "")):
@@ -113,7 +103,7 @@ def unfused_lstm(rewriter, node: onnx.NodeProto, q, stem: str, w_parts: list, r_
                                  [f"{s}_r_bias"], name=f"{s}_r_bias"),
                 helper.make_node("Add", [f"{s}_w_bias", f"{s}_r_bias"], [summed_bias], name=summed_bias),
             ]
-        body = _step_graph(rewriter, s, q, hidden, summed_bias, (r_codes, r_scale, r_zero_point))
+        body = _step_graph(rewriter, s, q, hidden, summed_bias, r_parts[d])
         backwards = 1 if (reverse or d == 1) else 0
         outputs = [f"{s}_h_final", f"{s}_c_final", f"{s}_y"]
         nodes.append(helper.make_node("Scan", [*states, f"{s}_projection"], outputs, name=f"{s}_scan", body=body,
@@ -131,19 +121,28 @@ def unfused_lstm(rewriter, node: onnx.NodeProto, q, stem: str, w_parts: list, r_
     return nodes
 
 
+def _integer_product(stem: str, activation: tuple[str, str, str], weight: tuple[str, str, str],
+                     output: str) -> list[onnx.NodeProto]:
+    """MatMulInteger of (codes, scale, zero point) triples, then ORT's epilogue: Cast(int32) x (a_scale x w_scale)."""
+    (a_codes, a_scale, a_zero_point), (w_codes, w_scale, w_zero_point) = activation, weight
+    return [
+        helper.make_node("MatMulInteger", [a_codes, w_codes, a_zero_point, w_zero_point], [f"{stem}_acc"],
+                         name=f"{stem}_matmul_integer"),
+        helper.make_node("Cast", [f"{stem}_acc"], [f"{stem}_acc_float"], to=TensorProto.FLOAT, name=f"{stem}_cast"),
+        helper.make_node("Mul", [a_scale, w_scale], [f"{stem}_scales"], name=f"{stem}_scales"),
+        helper.make_node("Mul", [f"{stem}_acc_float", f"{stem}_scales"], [output], name=output),
+    ]
+
+
 def _step_graph(rewriter, s: str, q, hidden: int, summed_bias: str,
                 recurrence: tuple[str, str, str]) -> onnx.GraphProto:
-    """One time step: (h, c, this step's input projection [batch, 4H]) -> (h', c', h')."""
-    r_codes, r_scale, r_zero_point = recurrence
+    """One time step: (h, c, this step's input projection [batch, 4H]) -> (h', c', h'); recurrence: R's codes,
+    scale and zero point."""
     h, c, projection = f"{s}_h", f"{s}_c", f"{s}_step_projection"
-    nodes, (h_codes, h_scale, h_zero_point) = rewriter.quantize_activation(h, q.activation_bits)
+    nodes, h_quantized = rewriter.quantize_activation(h, q.activation_bits)
     gates = f"{s}_gates"
+    nodes += _integer_product(f"{s}_h", h_quantized, recurrence, f"{s}_recurrent")
     nodes += [
-        helper.make_node("MatMulInteger", [h_codes, r_codes, h_zero_point, r_zero_point], [f"{s}_h_acc"],
-                         name=f"{s}_h_matmul_integer"),
-        helper.make_node("Cast", [f"{s}_h_acc"], [f"{s}_h_acc_float"], to=TensorProto.FLOAT, name=f"{s}_h_cast"),
-        helper.make_node("Mul", [h_scale, r_scale], [f"{s}_h_scales"], name=f"{s}_h_scales"),
-        helper.make_node("Mul", [f"{s}_h_acc_float", f"{s}_h_scales"], [f"{s}_recurrent"], name=f"{s}_recurrent"),
         helper.make_node("Add", [projection, f"{s}_recurrent"], [gates if not summed_bias else f"{s}_products"],
                          name=f"{s}_products"),
     ]

@@ -244,3 +244,21 @@ def test_distilled_lstm_exports_its_trained_weights(tmp_path):
     np.testing.assert_array_equal(exported["B"], layer.bias.detach().numpy())
     original = {init.name: numpy_helper.to_array(init) for init in model.proto.graph.initializer}
     np.testing.assert_allclose(exported["R"], original["R"] * 0.5)
+
+
+def test_batch_first_lstm_stays_float_and_is_named(tmp_path):
+    """DynamicQuantizeLSTM has no layout attribute: a batch-first LSTM (layout=1) is no layer, and the model's note
+    names it."""
+    path = tmp_path / "lstm.onnx"
+    lstm_classifier(path)
+    model = onnx.load(str(path))
+    nodes = {node.name: node for node in model.graph.node}
+    nodes["lstm"].attribute.append(helper.make_attribute("layout", 1))
+    for name in ("sequence_first", "batch_first"):  # the batch stays first throughout: [batch, seq, ...]
+        nodes[name].attribute[0].CopyFrom(helper.make_attribute("perm", [0, 1, 2]))
+    nodes["pool"].attribute[0].CopyFrom(helper.make_attribute("axes", [1]))
+    model.opset_import[0].version = 14  # LSTM's layout attribute came with opset 14
+    onnx.save(model, str(path))
+    loaded = load_model(path, (9,))
+    assert "lstm" not in [layer.name for layer in loaded.layers]
+    assert loaded.unaudited == ["LSTM lstm"] and "LSTM lstm" in loaded.unaudited_note

@@ -15,8 +15,8 @@ from onnx import numpy_helper
 from ..arithmetic import (activation_code_max, activation_scale_zero_point, centered_activation_codes, table_codes,
                           weight_codes)
 from ..errors import PtqauditError
-from ..kernels import (AVX2_U8S8, EXACT, INT16_MAX, detect_kernel_family, largest_pair_sum, risky_pairs,
-                       saturating_matmul)
+from ..kernels import (AVX2_U8S8, EXACT, EXACT_FLOAT32_LIMIT, INT16_MAX, detect_kernel_family, largest_pair_sum,
+                       risky_pairs, saturating_matmul)
 from ..onnx_graph import Layer, LoadedModel, upgrade_opset
 from ..policy import LayerQuant, ResolvedPolicy
 from ..text_data import feeds
@@ -25,7 +25,6 @@ from .recurrent import QuantLSTM
 
 OPS_OPSET = 13  # the op handlers follow opset-13+ semantics; older graphs are converted first
 RANGES = ("batch", "sample")  # activation range over the whole batch (ORT), or per input (batch size 1)
-EXACT_FLOAT32_LIMIT = 2**24  # integers up to this magnitude, and sums of them, are exact in float32
 
 
 def accumulator_bound(codes: torch.Tensor, activation_bits: int, output_axis: int) -> float:

@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 
 from ..arithmetic import activation_code_max, activation_scale_zero_point, centered_activation_codes, weight_codes
-from ..kernels import AVX2_U8S8, INT16_MAX, detect_kernel_family, largest_pair_sum, risky_pairs, saturating_matmul
+from ..kernels import (AVX2_U8S8, EXACT_FLOAT32_LIMIT, INT16_MAX, detect_kernel_family, largest_pair_sum,
+                       risky_pairs, saturating_matmul)
 from ..layer_kinds import KINDS
 from ..policy import LayerQuant
 from .ops import lstm_forward
 
 FUSED_ACTIVATION_BITS = 8  # DynamicQuantizeLSTM's only width; the rewrite unfuses other widths (recurrent_graph.py)
-EXACT_FLOAT32_LIMIT = 2**24
 
 
 def state_block_rows(batch: int, hidden: int, threads: int) -> int:
