@@ -68,7 +68,7 @@ class LoadedModel:
 
     @property
     def unaudited_note(self) -> str:
-        """One line naming what quantize_dynamic would quantize but ptqaudit does not yet ("" when nothing)."""
+        """One line naming the nodes of a kind quantize_dynamic quantizes that stay float here ("" when none)."""
         if not self.unaudited:
             return ""
         return (f"note: {len(self.unaudited)} node(s) of a kind quantize_dynamic quantizes stay in float here (their "
