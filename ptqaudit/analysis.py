@@ -17,13 +17,13 @@ from .data import DataConfig, Dataset, load_dataset
 from .text_data import PADDINGS, TEXT_PERTURBATIONS, describe_padding, feeds, perturb, tokenize
 from .distill import DistillSummary
 from .errors import PtqauditError
-from .evaluate import KernelEngines, make_session, predict
+from .evaluate import KernelEngines, make_session
 from .kernels import detect_kernel_family, kernel_source
 from .onnx_graph import LoadedModel, load_model, with_outputs
 from .policy import LayerQuant, ResolvedPolicy, load_policy, mitigations
 from .predictions import accuracy, drop_points
 from .progress import Progress
-from .quantize import quantize
+from .workers import EvaluationPool, Request, WorkerSettings
 from .runs import (ANALYSIS, SEARCH_RUN_FILE, RunFolder, check_fields, check_schema_version, input_identity, read_checked,
                    read_json, typed_from_dict, without_none, write_json)
 from .search.run import SearchConfig, SearchSummary
@@ -348,38 +348,49 @@ def case_under_kernels(run: SearchRun, objective: Objective, families: list[str]
                                              progress).labels, dataset.y) for family in families}
 
 
-class _Meter:
-    """ORT accuracy of policies on the analysis data, one cached session per policy, one progress bar."""
+ANALYSIS_DATA, WHOLE_DATA = "analysis", "whole"  # the analysis subset, and the run's whole evaluation data
 
-    def __init__(self, run: SearchRun, dataset: Dataset, limit: int, progress: bool, total: int):
-        self.run, self.dataset, self.limit = run, dataset, limit
+
+def corruption_key(kind: str, severity: int) -> str:
+    return f"{kind} {severity}"
+
+
+def padding_key(padding: str) -> str:
+    return f"padding {padding}"
+
+
+class _Meter:
+    """ORT predictions of policies on the analysis's datasets (by key), each measured once, many at a time on
+    the worker pool (prefetch), and one progress bar counting what the sections read."""
+
+    def __init__(self, run: SearchRun, datasets: dict[str, Dataset], progress: bool, total: int,
+                 workers: WorkerSettings):
+        self.run, self.datasets, self.dataset = run, datasets, datasets[ANALYSIS_DATA]
+        self.pool = EvaluationPool(run.model, datasets, workers)
         self.bar = Progress(total, "analysis on ORT", "run", progress)
-        self._sessions: dict = {}
         self._labels: dict = {}
 
-    def session(self, policy: ResolvedPolicy | None):
-        key = None if policy is None else policy.digest
-        if key not in self._sessions:
-            self._sessions[key] = make_session(self.run.model.proto if policy is None else quantize(self.run.model, policy))
-        return self._sessions[key]
+    def _key(self, policy: ResolvedPolicy | None, data: str, batch_size: int | None) -> tuple:
+        return None if policy is None else policy.digest, data, batch_size or self.run.batch_size
 
-    def labels(self, policy: ResolvedPolicy | None, dataset: Dataset | None = None, batch_size: int | None = None):
-        """Predicted labels. On the analysis data they are measured once per (policy, batch size): several
-        sections read the same run (the worst policy at the run's batch size, above all)."""
-        batch_size = batch_size or self.run.batch_size
-        if dataset is not None:
-            labels = predict(self.session(policy), dataset, batch_size, "", progress=False).labels
-        else:
-            key = (None if policy is None else policy.digest, batch_size)
+    def prefetch(self, wanted: list[tuple[ResolvedPolicy | None, str, int | None]]) -> None:
+        """Measure at once, on the pool's workers, every (policy, data key, batch size) not measured yet."""
+        missing = {}
+        for policy, data, batch_size in wanted:
+            key = self._key(policy, data, batch_size)
             if key not in self._labels:
-                self._labels[key] = predict(self.session(policy), self.dataset, batch_size, "", progress=False).labels
-            labels = self._labels[key]
-        self.bar.update(1)
-        return labels
+                missing.setdefault(key, Request(policy, data, key[2]))
+        for key, predictions in zip(missing, self.pool.predict(list(missing.values()))):
+            self._labels[key] = predictions.labels
 
-    def accuracy(self, policy, dataset: Dataset | None = None, batch_size: int | None = None) -> float:
-        labels = self.labels(policy, dataset, batch_size)
-        return accuracy(labels, (dataset if dataset is not None else self.dataset).y)
+    def labels(self, policy: ResolvedPolicy | None, data: str = ANALYSIS_DATA, batch_size: int | None = None):
+        """Predicted labels of `policy` on the dataset `data` at `batch_size` (default: the run's)."""
+        self.prefetch([(policy, data, batch_size)])
+        self.bar.update(1)
+        return self._labels[self._key(policy, data, batch_size)]
+
+    def accuracy(self, policy, data: str = ANALYSIS_DATA, batch_size: int | None = None) -> float:
+        return accuracy(self.labels(policy, data, batch_size), self.datasets[data].y)
 
 
 def _low_bits(run: SearchRun) -> list[int]:
@@ -389,7 +400,7 @@ def _low_bits(run: SearchRun) -> list[int]:
 
 def layer_sensitivity(meter: _Meter, run: SearchRun, base: ResolvedPolicy, reference: float) -> list[SensitivityRow]:
     """Each layer alone at each low width (weights and activations), the others at the base policy."""
-    rows = []
+    probes = []
     for layer in run.model.layers:
         setting = base.mapping[layer.name]
         if setting is None:
@@ -397,9 +408,10 @@ def layer_sensitivity(meter: _Meter, run: SearchRun, base: ResolvedPolicy, refer
         for bits in _low_bits(run):
             mapping = dict(base.mapping)
             mapping[layer.name] = LayerQuant(bits, bits, setting.per_channel)
-            acc = meter.accuracy(ResolvedPolicy(f"{layer.name}@{bits}", mapping, base.options))
-            rows.append(SensitivityRow(layer.name, bits, acc, drop_points(reference, acc)))
-    return rows
+            probes.append((layer.name, bits, ResolvedPolicy(f"{layer.name}@{bits}", mapping, base.options)))
+    meter.prefetch([(policy, ANALYSIS_DATA, None) for _, _, policy in probes])
+    return [SensitivityRow(name, bits, acc, drop_points(reference, acc)) for name, bits, policy in probes
+            for acc in [meter.accuracy(policy)]]
 
 
 def low_bit_frequency(run: SearchRun, count: int) -> LowBitFrequency:
@@ -468,6 +480,7 @@ def per_input(meter: _Meter, run: SearchRun, worst: ResolvedPolicy, relative_ran
 
 
 def batch_sizes(meter: _Meter, worst: ResolvedPolicy, sizes: tuple[int, ...]) -> list[BatchSizeRow]:
+    meter.prefetch([(worst, ANALYSIS_DATA, b) for b in sizes])
     return [BatchSizeRow(b, meter.accuracy(worst, batch_size=b)) for b in sizes]
 
 
@@ -497,13 +510,23 @@ def by_length(meter: _Meter, worst: ResolvedPolicy) -> list[LengthRow]:
 def padding_scenarios(meter: _Meter, run: SearchRun, worst: ResolvedPolicy) -> list[PaddingRow]:
     """Text: the worst policy with each batch padded to its longest sentence and with every sentence padded to
     --max-length, at the run's batch size (the same sentences; only the padded positions differ)."""
+    meter.prefetch([(policy, padding_key(padding), None) for padding in PADDINGS for policy in (None, worst)])
     rows = []
     for padding in PADDINGS:
-        inputs = meter.dataset.x.with_padding(padding, run.data.text.max_length)
-        padded = dataclasses.replace(meter.dataset, name=f"{meter.dataset.name} ({padding})", x=inputs)
-        fp_acc, low_acc = meter.accuracy(None, padded), meter.accuracy(worst, padded)
-        rows.append(PaddingRow(padding, describe_padding(inputs), fp_acc, low_acc, drop_points(fp_acc, low_acc)))
+        key = padding_key(padding)
+        fp_acc, low_acc = meter.accuracy(None, key), meter.accuracy(worst, key)
+        rows.append(PaddingRow(padding, describe_padding(meter.datasets[key].x), fp_acc, low_acc,
+                               drop_points(fp_acc, low_acc)))
     return rows
+
+
+def padded_datasets(run: SearchRun, dataset: Dataset) -> dict[str, Dataset]:
+    """Text: the analysis data padded per batch and to --max-length (the same sentences), by padding_key."""
+    padded = {}
+    for padding in PADDINGS:
+        inputs = dataset.x.with_padding(padding, run.data.text.max_length)
+        padded[padding_key(padding)] = dataclasses.replace(dataset, name=f"{dataset.name} ({padding})", x=inputs)
+    return padded
 
 
 def batch_composition(meter: _Meter, worst: ResolvedPolicy, relative_ranges: np.ndarray, size: int) -> BatchComposition:
@@ -513,7 +536,7 @@ def batch_composition(meter: _Meter, worst: ResolvedPolicy, relative_ranges: np.
     outlier = int(np.argmax(relative_ranges.max(axis=1)))
     others = np.flatnonzero(np.arange(len(data)) != outlier)
     chunks = [others[i:i + size - 1] for i in range(0, len(others), size - 1)]
-    session = meter.session(worst)
+    session = meter.pool.local.session(worst)
 
     def labels(indices: np.ndarray) -> np.ndarray:
         x = data.x[indices]
@@ -596,9 +619,12 @@ def _perturbed_datasets(run: SearchRun, raw: Dataset, severities: tuple[int, ...
 
 def corruptions(meter: _Meter, worst: ResolvedPolicy, sets: list[tuple[str, int, Dataset]]) -> list[CorruptionRow]:
     """FP32 and worst-case accuracy under each corruption."""
+    meter.prefetch([(policy, corruption_key(kind, severity), None) for kind, severity, _ in sets
+                    for policy in (None, worst)])
     rows = []
-    for kind, severity, corrupted in sets:
-        fp_acc, low_acc = meter.accuracy(None, corrupted), meter.accuracy(worst, corrupted)
+    for kind, severity, _ in sets:
+        key = corruption_key(kind, severity)
+        fp_acc, low_acc = meter.accuracy(None, key), meter.accuracy(worst, key)
         rows.append(CorruptionRow(kind, severity, fp_acc, low_acc, drop_points(fp_acc, low_acc)))
     return rows
 
@@ -609,30 +635,36 @@ def measure_ship_policy(meter: _Meter, run: SearchRun, settings: AnalysisSetting
     size, then on the analysis subset at each batch size and under each corruption."""
     loaded = load_policy(settings.ship_policy)
     policy = loaded.resolve(run.model.layers)
-    whole = load_dataset(run.data)
+    whole = meter.datasets[WHOLE_DATA]
     engines = KernelEngines(run.model)
+    native = engines.native
     fp32 = run.summary.fp32_accuracy  # the same data and batch size; FP32 runs no integer kernel
+    variants = mitigations(policy)
+    if native in fleet:  # this machine's family: ORT's own numbers, measured at once on the workers
+        meter.prefetch([(policy, WHOLE_DATA, None)]
+                       + [(policy, corruption_key(kind, severity), None) for kind, severity, _ in sets or []]
+                       + [(policy, ANALYSIS_DATA, b) for b in settings.batch_sizes]
+                       + [(variant, WHOLE_DATA, None) for _, variant in variants])
+
+    def measure(subject: ResolvedPolicy, family: str, data: str, batch_size: int | None = None) -> float:
+        if family == native:
+            return meter.accuracy(subject, data, batch_size)
+        dataset = meter.datasets[data]
+        labels = engines.predict(subject, family, dataset, batch_size or run.batch_size, "", progress=False).labels
+        meter.bar.update(1)
+        return accuracy(labels, dataset.y)
+
     rows = []
     for family in fleet:
-        def measure(dataset: Dataset, batch_size: int) -> float:
-            labels = engines.predict(policy, family, dataset, batch_size, "", progress=False).labels
-            meter.bar.update(1)
-            return accuracy(labels, dataset.y)
-
-        acc = measure(whole, run.batch_size)
+        acc = measure(policy, family, WHOLE_DATA)
         corrupted = [CorruptionRow(kind, severity, base.fp32_accuracy, low, drop_points(base.fp32_accuracy, low))
-                     for (kind, severity, data), base in zip(sets or [], fp32_corrupted)
-                     for low in [measure(data, run.batch_size)]]
+                     for (kind, severity, _), base in zip(sets or [], fp32_corrupted)
+                     for low in [measure(policy, family, corruption_key(kind, severity))]]
         rows.append(ShipKernels(family, kernel_source(family), acc, drop_points(fp32, acc),
-                                [BatchSizeRow(b, measure(meter.dataset, b)) for b in settings.batch_sizes], corrupted))
-    measured = []
-    for change, variant in mitigations(policy):
-        by_family = {}
-        for family in fleet:
-            by_family[family] = accuracy(engines.predict(variant, family, whole, run.batch_size, "", progress=False).labels,
-                                         whole.y)
-            meter.bar.update(1)
-        measured.append(Mitigation(change, variant.name, by_family))
+                                [BatchSizeRow(b, measure(policy, family, ANALYSIS_DATA, b)) for b in settings.batch_sizes],
+                                corrupted))
+    measured = [Mitigation(change, variant.name, {family: measure(variant, family, WHOLE_DATA) for family in fleet})
+                for change, variant in variants]
     return ShipPolicy(loaded.name, loaded.description, policy.effective_bits(run.model.layers), len(whole), fp32, rows,
                       measured)
 
@@ -646,18 +678,20 @@ def budget_curves(meter: _Meter, run: SearchRun, points: int) -> dict[str, list[
         return {str(objective): [] for objective in OBJECTIVES}
     costs = [r["effective_bits"] for r in trace]
     levels = np.linspace(min(costs), max(costs), points)
-    curves = {str(objective): [] for objective in OBJECTIVES}
+    picks = []  # (objective, level, the trace record picked)
     for objective in OBJECTIVES:
         records = [r for r in trace if r["objective"] == objective]
         for level in levels:
             # a policy counts at a level within rounding of its own cost
             admitted = [r for r in records if objective.admits(r["effective_bits"], level + objective.sign * 1e-9)]
-            if not admitted:
-                continue
-            pick = objective.pick(admitted, lambda r: r["sim_accuracy"])
-            curves[str(objective)].append(BudgetPoint(float(level), pick["effective_bits"],
-                                                      meter.accuracy(_policy_from_labels(run, pick["policy"])),
-                                                      pick["digest"]))
+            if admitted:
+                picks.append((objective, level, objective.pick(admitted, lambda r: r["sim_accuracy"])))
+    policies = [_policy_from_labels(run, pick["policy"]) for _, _, pick in picks]
+    meter.prefetch([(policy, ANALYSIS_DATA, None) for policy in policies])
+    curves = {str(objective): [] for objective in OBJECTIVES}
+    for (objective, level, pick), policy in zip(picks, policies):
+        curves[str(objective)].append(BudgetPoint(float(level), pick["effective_bits"], meter.accuracy(policy),
+                                                  pick["digest"]))
     return curves
 
 
@@ -666,8 +700,10 @@ def _policy_from_labels(run: SearchRun, labels: dict) -> ResolvedPolicy:
                                      for layer in run.model.layers}, load_policy(run.config.base_policy).options)
 
 
-def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, echo=print) -> Analysis:
-    """Every measurement of the analysis on a class-balanced subset of the run's evaluation data."""
+def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, echo=print,
+            workers: WorkerSettings = WorkerSettings()) -> Analysis:
+    """Every measurement of the analysis on a class-balanced subset of the run's evaluation data; the ORT
+    evaluations run on `workers` (identical numbers for any number of them)."""
     worst = run.policy(Objective.WORST)
     if worst is None:
         raise PtqauditError(f"{run.path} has no worst case (searched with --objective best): the vulnerability "
@@ -681,12 +717,28 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
     total = (len(run.model.layers) * len(_low_bits(run)) + 4 + len(settings.batch_sizes) + 3
              + 2 * corruption_runs + 2 * settings.budget_points + 2 * len(PADDINGS) * dataset.is_text
              + len(fleet) * (1 + len(settings.batch_sizes) + corruption_runs + MITIGATIONS))
-    meter = _Meter(run, dataset, settings.limit, progress, total)
+    corrupted = corrupted_datasets(run, settings.limit, settings.severities)
+    datasets = {ANALYSIS_DATA: dataset, WHOLE_DATA: load_dataset(run.data),
+                **{corruption_key(kind, severity): data for kind, severity, data in corrupted or []},
+                **(padded_datasets(run, dataset) if dataset.is_text else {})}
+    meter = _Meter(run, datasets, progress, total, workers)
     echo(f"analysing {run.model.path.name} on {len(dataset)} {dataset.unit} of {dataset.name} with ONNX Runtime "
          f"({dataset.padding_note}batch size {run.batch_size}); cached in {run.path / ANALYSIS_FILE}")
+    with meter.pool:
+        result = _measure(run, settings, meter, worst, base, fleet, corrupted)
+    meter.bar.close()
+    result.seconds = time.perf_counter() - started
+    write_json(run.path / ANALYSIS_FILE, result.to_dict())
+    return result
+
+
+def _measure(run: SearchRun, settings: AnalysisSettings, meter: _Meter, worst: ResolvedPolicy, base: ResolvedPolicy,
+             fleet: tuple[str, ...], corrupted) -> Analysis:
+    """The analysis's sections, in order, on the meter's datasets."""
+    dataset = meter.dataset
+    meter.prefetch([(None, ANALYSIS_DATA, None), (worst, ANALYSIS_DATA, None)])
     fp32 = meter.accuracy(None)
     relative_ranges = activation_ranges(run.model, dataset)
-    corrupted = corrupted_datasets(run, settings.limit, settings.severities)
     corruption_rows = corruptions(meter, worst, corrupted) if corrupted is not None else None
     result = Analysis(
         settings=settings, inputs=input_identity(run.model.path, [dataset]), dataset=dataset.name,
@@ -706,9 +758,6 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
         budget_curves=budget_curves(meter, run, settings.budget_points),
         ship_policy=measure_ship_policy(meter, run, settings, fleet, corrupted, corruption_rows or []),
         kernel_family=detect_kernel_family())
-    meter.bar.close()
-    result.seconds = time.perf_counter() - started
-    write_json(run.path / ANALYSIS_FILE, result.to_dict())
     return result
 
 

@@ -33,6 +33,7 @@ from .search.run import SearchConfig, load_search_inputs, run_search
 from .search.sensitivity import SENSITIVITY_METHODS
 from .search.space import OBJECTIVES, Objective
 from .text import table
+from .workers import EXECUTORS, WorkerSettings
 
 EXIT_INTERNAL_ERROR = 3  # a bug in ptqaudit, kept apart from 1 (gate failed) and 2 (bad input)
 
@@ -147,6 +148,29 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise ValueError(text)
     return value
+
+
+def worker_options(f):
+    """Where the ORT evaluations run, parsed into one WorkerSettings, as `worker_settings`."""
+    options = [
+        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Independent ORT evaluations run at once, each in a worker process with an equal share of "
+                          "the cores; results are the same for any number of workers. 0: one per available core, "
+                          "started when the work would take more than a few seconds in one process."),
+        click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
+                     help="local: worker processes on this machine; ray: tasks on a Ray cluster (pip install "
+                          "'ptqaudit[ray]'), the model and data shipped to its nodes once."),
+        click.option("--ray-address", default="", help="The Ray cluster to use with --executor ray (e.g. "
+                     "ray://head:10001, or auto for the one `ray start` runs here) [default: a Ray instance started on "
+                     "this machine for the run]."),
+    ]
+
+    def parse(workers, executor, ray_address) -> WorkerSettings:
+        settings = WorkerSettings(workers=workers, executor=executor, ray_address=ray_address)
+        settings.validate()
+        return settings
+
+    return _option_group(f, options, parse, "worker_settings")
 
 
 def optimize_option(f):
@@ -478,12 +502,13 @@ def search_options(f):
 @click.option("--output", "-o", default=None, help="Run folder [default: runs/search-<model>-<time>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output, replaying what its trace holds.")
 @optimize_option
+@worker_options
 @progress_option
 @gate_options
 @json_option
 @debug_option
-def search_command(model, data_config, search_settings, output, resume, optimize, no_progress, max_drop, min_accuracy,
-                   as_json):
+def search_command(model, data_config, search_settings, output, resume, optimize, worker_settings, no_progress, max_drop,
+                   min_accuracy, as_json):
     """Find the worst and best bit-width policies for MODEL within a budget (static ones, and with
     --dynamic an input-conditioned one): the simulator scores candidates on a subset of the data, ONNX
     Runtime measures the leading ones on all of it. Writes the run folder (run.json, trace.jsonl,
@@ -506,7 +531,7 @@ def search_command(model, data_config, search_settings, output, resume, optimize
     echo = functools.partial(progress.write, err=as_json)
     try:
         summary = run_search(config, loaded, dataset, resume=resume, progress=not no_progress, echo=echo,
-                             search_data=search_data)
+                             search_data=search_data, workers=worker_settings)
     except KeyboardInterrupt:
         click.echo(f"ptqaudit: interrupted; {output} keeps every finished evaluation: continue with "
                    f"`ptqaudit search ... -o {output} --resume`", err=True)
@@ -546,10 +571,11 @@ def search_command(model, data_config, search_settings, output, resume, optimize
 @click.option("--no-analysis", is_flag=True, help="Only the headline and gate, from the run's summary (no ORT work, "
               "unless --kernels names a family the run did not measure).")
 @click.option("--recompute", is_flag=True, help="Measure the analysis again even if RUN_DIR holds one made the same way.")
+@worker_options
 @progress_option
 @debug_option
 def report_command(run_dir, fmt, output, force, as_json, max_drop, min_accuracy, model_path, analysis_limit,
-                   ship_policy, kernels, no_analysis, recompute, no_progress):
+                   ship_policy, kernels, no_analysis, recompute, worker_settings, no_progress):
     """Report on a `search` (or `distill`) run folder. First the policy the team ships (--ship-policy) per
     kernel family, batch size and corruption; then the budget search's headline (FP32, best and worst case
     within the budget per kernel family, the drop, batch size, budget, engine agreement, verdict); then
@@ -583,7 +609,8 @@ def report_command(run_dir, fmt, output, force, as_json, max_drop, min_accuracy,
         settings = AnalysisSettings(limit=analysis_limit, ship_policy=ship_policy, kernels=kernels or ())
         analysis = None if recompute else cached_analysis(run, settings)
         if analysis is None:
-            analysis = analyse(run, settings, progress=not no_progress, echo=functools.partial(progress.write, err=True))
+            analysis = analyse(run, settings, progress=not no_progress, echo=functools.partial(progress.write, err=True),
+                               workers=worker_settings)
     report = build(run, gate, analysis, kernels, progress=not no_progress)
     figures = plots(report)
     plot_dir = run.path / "plots"

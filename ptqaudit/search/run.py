@@ -20,12 +20,12 @@ from ..onnx_graph import LoadedModel, load_model
 from ..policy import load_policy, policy_file_dict
 from ..predictions import accuracy, drop_points
 from ..progress import Progress
-from ..quantize import quantize
 from ..runs import (SEARCH_SUMMARY, RunFolder, check_fields, check_schema_version, dataclass_from_dict, input_identity,
                     typed_from_dict, without_none, write_atomic, write_json)
 from ..sim.engine import EngineAgreement, sim_predict
 from ..sim.model import SimModel
 from ..text import table
+from ..workers import EvaluationPool, Request, WorkerSettings
 from .dynamic import dynamic_policy
 from .evaluator import Candidate, Leaderboard, SimEvaluator
 from .methods import METHODS, SEARCHES
@@ -129,6 +129,7 @@ class UniformBaseline:
 
 
 SUMMARY_VERSION = 1  # the layout of summary.json; a reader refuses another
+EVALUATION_DATA = "evaluation"  # the evaluation data's key in the verification's worker pool
 
 
 @dataclass(kw_only=True)
@@ -277,9 +278,11 @@ def load_search_inputs(config: SearchConfig) -> tuple[LoadedModel, Dataset, Data
 
 
 def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resume: bool = False,
-               progress: bool = True, echo=print, search_data: Dataset | None = None) -> SearchSummary:
+               progress: bool = True, echo=print, search_data: Dataset | None = None,
+               workers: WorkerSettings = WorkerSettings()) -> SearchSummary:
     """Search, verify on ORT, write the run folder; returns the summary (also in summary.json).
-    search_data: where candidates are scored (the --search-split), else a subset of `dataset`."""
+    search_data: where candidates are scored (the --search-split), else a subset of `dataset`. The ORT
+    verification runs on `workers` (the same numbers for any number of them)."""
     config.validate()
     check_model_fits_data(model, dataset, config.batch_size)
     base = load_policy(config.base_policy).resolve(model.layers)
@@ -293,12 +296,13 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
     folder = RunFolder(config.output)
     inputs = input_identity(model.path, [d for d in (dataset, search_data) if d is not None])
     with folder.start(config.to_dict(), resume, inputs, echo):
-        return _search(config, model, dataset, search_data, folder, space, budget, objectives, resume, progress, echo)
+        return _search(config, model, dataset, search_data, folder, space, budget, objectives, resume, progress, echo,
+                       workers)
 
 
 def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_data: Dataset | None,
             folder: RunFolder, space: SearchSpace, budget: Budget, objectives: tuple[Objective, ...], resume: bool,
-            progress: bool, echo) -> SearchSummary:
+            progress: bool, echo, workers: WorkerSettings) -> SearchSummary:
     """Search, verify and write the results: run_search's work, done while it holds the run folder."""
     memo = {r["digest"]: r["sim_accuracy"] for r in folder.read_trace()} if resume else {}
     if memo:
@@ -338,7 +342,15 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
                 "family, this machine's is ORT's and the others the simulator's emulation",
         kernel_family=native, kernels={family: kernel_source(family) for family in config.fleet},
     )
-    context = _Context(config, model, dataset, search_set, space, sims, folder, progress)
+    with EvaluationPool(model, {EVALUATION_DATA: dataset}, workers) as pool:
+        context = _Context(config, model, dataset, search_set, space, sims, folder, progress, pool)
+        return _search_and_verify(context, summary, objectives, evaluator, features, sensitivity, started, echo)
+
+
+def _search_and_verify(context: "_Context", summary: SearchSummary, objectives, evaluator: SimEvaluator, features,
+                       sensitivity, started: float, echo) -> SearchSummary:
+    """Each objective's search, then its verification on ORT; summary.json written after each."""
+    config, folder = context.config, context.folder
     failures = []
     for objective in objectives:
         searching = time.perf_counter()
@@ -444,6 +456,7 @@ class _Context:
     sims: dict[str, SimModel]  # per kernel family: this machine's and the fleet's
     folder: RunFolder
     progress: bool
+    pool: EvaluationPool  # the ORT evaluations, on the workers asked for
 
     @property
     def sim(self) -> SimModel:
@@ -473,13 +486,13 @@ def _verify(context: _Context, candidates: list[Candidate], objective: Objective
     """ORT accuracy of each leading candidate on the whole evaluation set, and its accuracy under every
     kernel family of the fleet (this machine's: ORT's; the others: the simulator's emulation); ranked by
     the fleet's lowest."""
-    model, dataset, batch_size = context.model, context.dataset, context.config.batch_size
+    dataset, batch_size = context.dataset, context.config.batch_size
     native = detect_kernel_family()
+    policies = [context.space.policy(candidate.choice, f"{objective}-candidate") for candidate in candidates]
+    ort_runs = context.pool.predict([Request(policy, EVALUATION_DATA, batch_size) for policy in policies],
+                                    f"verify {objective} on ORT", context.progress)
     results = []
-    for candidate in candidates:
-        policy = context.space.policy(candidate.choice, f"{objective}-candidate")
-        ort_run = predict(make_session(quantize(model, policy)), dataset, batch_size,
-                          f"verify {objective} on ORT", context.progress)
+    for candidate, policy, ort_run in zip(candidates, policies, ort_runs):
         sim_run = sim_predict(context.sim, dataset, policy, batch_size, progress=False)
         ort_accuracy = accuracy(ort_run.labels, dataset.y)
         kernels = {}
