@@ -29,7 +29,7 @@ from .gate import Gate
 from .report import FORMATS, build, plots, render, report_inputs
 from .runs import write_atomic
 from .search.methods import METHODS
-from .search.run import SearchConfig, load_search_inputs, run_search
+from .search.run import SIM_DEVICES, SearchConfig, load_search_inputs, run_search
 from .search.sensitivity import SENSITIVITY_METHODS
 from .search.space import OBJECTIVES, Objective
 from .text import table
@@ -478,19 +478,22 @@ def search_options(f):
         click.option("--dynamic", is_flag=True, help="Also audit an input-conditioned policy: a router that sends each input "
                      "(or each batch, when --batch-size > 1) to one of the verified candidates, run on ORT by routing."),
         click.option("--seed", type=int, default=SearchConfig.seed, show_default=True, help="Fixes every random choice of the search."),
+        click.option("--device", type=click.Choice(SIM_DEVICES), default=SearchConfig.device, show_default=True,
+                     help="Where the simulator scores policies: cuda runs it on a GPU (a CUDA build of torch). ORT's "
+                          "numbers still come from this CPU's integer kernels (or the fleet's emulation)."),
         kernels_option("auto", "a policy scored by its lowest accuracy over them (the simulator's time grows with "
                                "each family)"),
     ]
 
     def parse(bits, budget_avg_bits, budget_bitops, objective, method, max_evaluations, sensitivity, base_policy, layers,
-              batch_size, search_limit, search_split, verify_top, dynamic, seed, kernels) -> dict:
+              batch_size, search_limit, search_split, verify_top, dynamic, seed, device, kernels) -> dict:
         if budget_avg_bits is None and budget_bitops is None:
             budget_avg_bits = SearchConfig.budget_avg_bits
         return dict(bits=bits, budget_avg_bits=budget_avg_bits, budget_bitops=budget_bitops, objective=objective,
                     method=method, max_evaluations=max_evaluations, sensitivity=sensitivity, base_policy=base_policy,
                     layers=layers,
                     batch_size=batch_size, search_limit=search_limit, search_split=search_split, verify_top=verify_top,
-                    dynamic=dynamic, seed=seed, kernels=kernels)
+                    dynamic=dynamic, seed=seed, device=device, kernels=kernels)
 
     return _option_group(f, options, parse, "search_settings")
 

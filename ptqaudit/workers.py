@@ -184,8 +184,11 @@ class EvaluationPool:
                 self._processes = concurrent.futures.ProcessPoolExecutor(
                     self.settings.count, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                     initargs=(self.model, self.datasets, threads))
-            futures = {self._processes.submit(_run_in_worker, requests[i]): i for i in pending}
-            broken = False
+            try:
+                futures = {self._processes.submit(_run_in_worker, requests[i]): i for i in pending}
+            except BrokenProcessPool:  # a worker died while the pool was idle
+                futures = {}
+            broken = not futures
             for future in concurrent.futures.as_completed(futures):
                 i = futures[future]
                 try:
@@ -196,8 +199,11 @@ class EvaluationPool:
                 bar.update(1)
             pending = [i for i in pending if results[i] is None]
             if broken:
-                # a worker died (killed, out of memory): the pool cannot go on, a fresh one runs what is left
-                self._processes.shutdown(cancel_futures=True)
+                # a worker died (killed, out of memory): the pool cannot go on, a fresh one runs what is left. Its
+                # surviving workers are stopped first (the pool's own clean-up would wait for their tasks)
+                for process in list(self._processes._processes.values()):
+                    process.kill()
+                self._processes.shutdown(wait=False, cancel_futures=True)
                 self._processes = None
                 self.restarts += 1
                 for i in pending:

@@ -57,6 +57,7 @@ class SearchConfig:
     kernels: tuple[str, ...] = ()  # the fleet's kernel families (ptqaudit.kernels); empty: this machine's
     sensitivity: str = "gradient"  # how the RL search's prior is estimated (search.sensitivity)
     optimize: str = ""  # the transformer model type the model is fused for first (onnx_graph.optimize_transformer)
+    device: str = "cpu"  # where the simulator scores policies (ORT's numbers come from the CPU's kernels)
 
     @property
     def fleet(self) -> tuple[str, ...]:
@@ -80,6 +81,10 @@ class SearchConfig:
         for name in ("max_evaluations", "batch_size", "search_limit", "verify_top"):
             if getattr(self, name) < 1:
                 raise PtqauditError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.device not in SIM_DEVICES:
+            raise PtqauditError(f"--device must be one of {', '.join(SIM_DEVICES)}, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise PtqauditError("--device cuda: torch sees no CUDA device (is a CUDA build of torch installed?)")
         if self.dynamic and self.verify_top < 2:
             raise PtqauditError("--dynamic routes inputs among the verified candidates: it needs --verify-top 2 or more")
 
@@ -88,7 +93,10 @@ class SearchConfig:
         values["bits"], values["layers"], values["kernels"] = list(self.bits), list(self.layers), list(self.kernels)
         values["data"] = self.data.to_dict()
         # no fleet named: this machine's family, as before fleets; no optimizer: the model as given
-        return _without_empty(values, ("kernels", "optimize"))
+        values = _without_empty(values, ("kernels", "optimize"))
+        if self.device == "cpu":  # the simulator where it always ran: run.json as before the option existed
+            del values["device"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "SearchConfig":
@@ -130,6 +138,7 @@ class UniformBaseline:
 
 SUMMARY_VERSION = 1  # the layout of summary.json; a reader refuses another
 EVALUATION_DATA = "evaluation"  # the evaluation data's key in the verification's worker pool
+SIM_DEVICES = ("cpu", "cuda")
 
 
 @dataclass(kw_only=True)
@@ -310,7 +319,8 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
 
     started = time.perf_counter()
     native = detect_kernel_family()
-    sims = {family: SimModel(model, kernel_family=family).eval() for family in dict.fromkeys((native, *config.fleet))}
+    sims = {family: SimModel(model, kernel_family=family).eval().to(config.device)
+            for family in dict.fromkeys((native, *config.fleet))}
     sim = sims[native]  # this machine's arithmetic: its agreement with ORT is measured
     search_set = (search_data if search_data is not None else dataset).subset(config.search_limit)
     fleet = "" if config.fleet == (native,) else f" | kernels {', '.join(config.fleet)} (score: the lowest)"
