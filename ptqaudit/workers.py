@@ -153,16 +153,16 @@ class EvaluationPool:
         results: list[Predictions | None] = [None] * len(requests)
         pending = list(range(len(requests)))
         try:
-            if pending and (self.settings.count == 1 or (self._processes is None and self._ray is None)):
-                # the first task in this process: it costs nothing extra, and times the work
-                started = time.perf_counter()
+            started = self._processes is not None or self._ray is not None
+            if pending and (self.settings.count == 1 or (not self.settings.workers and not started)):
+                # one worker, or the default number while none runs yet: the first task in this process, which
+                # times the work; the default starts workers only for work worth starting them
+                began = time.perf_counter()
                 results[0] = self.local(requests[0])
                 bar.update(1)
                 pending = pending[1:]
-                # workers asked for by number always run; the default (one per core) only for work worth starting them
-                small = not self.settings.workers and (time.perf_counter() - started) * len(pending) < POOL_WORTHWHILE_SECONDS
-                serial = self.settings.count == 1 or small
-                if serial and self.settings.executor == "local":
+                small = (time.perf_counter() - began) * len(pending) < POOL_WORTHWHILE_SECONDS
+                if (self.settings.count == 1 or small) and self.settings.executor == "local":
                     for i in pending:
                         results[i] = self.local(requests[i])
                         bar.update(1)

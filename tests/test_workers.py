@@ -124,3 +124,14 @@ def test_ray_executor_gives_the_serial_search_and_report(capsys, tmp_path):
     assert analyses[0]["ship_policy"] == analyses[1]["ship_policy"]
     assert analyses[0]["corruptions"] == analyses[1]["corruptions"]
     shutil.rmtree(tmp_path)
+
+
+def test_search_on_a_gpu_needs_one(capsys, tmp_path):
+    """--device cuda moves the simulator to a GPU; without one it is exit 2 saying so, before any work."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: the refusal is for machines without one")
+    code, _, err = run_cli(capsys, "search", DIGITS, "--device", "cuda", "-o", tmp_path / "run")
+    assert code == 2 and "no CUDA device" in err
+    assert not (tmp_path / "run" / "trace.jsonl").exists()
