@@ -369,6 +369,7 @@ class _Meter:
         self.pool = EvaluationPool(run.model, datasets, workers)
         self.bar = Progress(total, "analysis on ORT", "run", progress)
         self._labels: dict = {}
+        self._counted: set = set()  # measured by prefetch, which moved the bar already: not counted when read
 
     def _key(self, policy: ResolvedPolicy | None, data: str, batch_size: int | None) -> tuple:
         return None if policy is None else policy.digest, data, batch_size or self.run.batch_size
@@ -380,14 +381,24 @@ class _Meter:
             key = self._key(policy, data, batch_size)
             if key not in self._labels:
                 missing.setdefault(key, Request(policy, data, key[2]))
-        for key, predictions in zip(missing, self.pool.predict(list(missing.values()))):
+        keys = list(missing)
+
+        def done(index: int) -> None:  # the bar moves as results arrive, not when a section reads them
+            self.bar.update(1)
+            self._counted.add(keys[index])
+
+        for key, predictions in zip(keys, self.pool.predict(list(missing.values()), done=done)):
             self._labels[key] = predictions.labels
 
     def labels(self, policy: ResolvedPolicy | None, data: str = ANALYSIS_DATA, batch_size: int | None = None):
         """Predicted labels of `policy` on the dataset `data` at `batch_size` (default: the run's)."""
         self.prefetch([(policy, data, batch_size)])
-        self.bar.update(1)
-        return self._labels[self._key(policy, data, batch_size)]
+        key = self._key(policy, data, batch_size)
+        if key in self._counted:
+            self._counted.discard(key)
+        else:  # read again (a section sharing another's measurement): a step of its own
+            self.bar.update(1)
+        return self._labels[key]
 
     def accuracy(self, policy, data: str = ANALYSIS_DATA, batch_size: int | None = None) -> float:
         return accuracy(self.labels(policy, data, batch_size), self.datasets[data].y)

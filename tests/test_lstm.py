@@ -126,7 +126,7 @@ def test_unfused_lstm_at_8_bits_is_dynamic_quantize_lstm(tmp_path, monkeypatch, 
         policy = _policy(weight_bits, 8, per_channel).resolve(model.layers)
         fused = quantize(model, policy)
         with monkeypatch.context() as patch:
-            def unfused(self, node, q):
+            def unfused(self, node, layer, q):
                 stem = f"{node.name}_unfused"
                 return unfused_lstm(self, node, q, stem, self.lstm_weights(node, q, 1, stem)[3],
                                     self.lstm_weights(node, q, 2, stem)[3])

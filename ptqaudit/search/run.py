@@ -500,7 +500,7 @@ def _verify(context: _Context, candidates: list[Candidate], objective: Objective
     native = detect_kernel_family()
     policies = [context.space.policy(candidate.choice, f"{objective}-candidate") for candidate in candidates]
     ort_runs = context.pool.predict([Request(policy, EVALUATION_DATA, batch_size) for policy in policies],
-                                    f"verify {objective} on ORT", context.progress)
+                                    f"verify {objective} on ORT", context.progress, "policy")
     results = []
     for candidate, policy, ort_run in zip(candidates, policies, ort_runs):
         sim_run = sim_predict(context.sim, dataset, policy, batch_size, progress=False)
