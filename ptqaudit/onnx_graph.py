@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -337,23 +336,34 @@ def optimize_transformer(proto: onnx.ModelProto, model_type: str, path: Path) ->
 
     from onnxruntime.transformers.optimizer import optimize_model
 
-    if model_type not in transformer_types():
-        raise PtqauditError(f"--optimize: unknown model type {model_type[:40]!r}; expected one of "
-                            f"{', '.join(transformer_types())}")
+    types = transformer_types()
+    if model_type not in types:
+        raise PtqauditError(f"--optimize: unknown model type {model_type[:40]!r}; expected one of {', '.join(types)}")
     logging.disable(logging.WARNING)  # its progress and fusion warnings are noise in a CLI
     try:
-        optimized = optimize_model(copy.deepcopy(proto), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0)
+        # it rewrites the proto in place: load_model keeps only the fused graph, so no copy is needed
+        optimized = optimize_model(proto, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0)
     except Exception as exc:
         raise PtqauditError(f"onnxruntime's transformer optimizer failed on {path} (--optimize {model_type}): "
                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     finally:
         logging.disable(logging.NOTSET)
-    fused = optimized.model
     # its Python fusions leave the contrib ops' domain undeclared, which ONNX's own tools (and so quantize_dynamic) refuse
-    if any(node.domain == "com.microsoft" for node in fused.graph.node) and not any(
-            opset.domain == "com.microsoft" for opset in fused.opset_import):
-        fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return fused
+    return declare_contrib_domain(optimized.model)
+
+
+CONTRIB_DOMAIN = "com.microsoft"  # ONNX Runtime's own ops: fused transformer ops and their quantized forms
+
+
+def has_contrib_ops(model: onnx.ModelProto) -> bool:
+    return any(node.domain == CONTRIB_DOMAIN for node in model.graph.node)
+
+
+def declare_contrib_domain(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with ONNX Runtime's contrib domain among its opset imports when a node uses it (in place)."""
+    if has_contrib_ops(model) and not any(opset.domain == CONTRIB_DOMAIN for opset in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    return model
 
 
 def load_model(path: str | Path, sample_shape: SampleShape | None = None, optimize: str = "") -> LoadedModel:

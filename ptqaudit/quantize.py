@@ -15,7 +15,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from .arithmetic import activation_code_max, quantize_table, quantize_weight
 from .errors import PtqauditError
 from .layer_kinds import KINDS, kind_of
-from .onnx_graph import Layer, LoadedModel, upgrade_opset
+from .onnx_graph import CONTRIB_DOMAIN, Layer, LoadedModel, declare_contrib_domain, has_contrib_ops, upgrade_opset
 from .policy import LayerQuant, ResolvedPolicy
 from .recurrent_graph import unfused_lstm
 from .runs import write_atomic
@@ -79,7 +79,7 @@ def _quantize_with_ort(model: LoadedModel, policy: ResolvedPolicy) -> QuantizedM
     extra_options = {}
     for name in policy.quantized:
         extra_options.update(model.layer(name).kind.ort_extra_options())
-    if any(node.domain == "com.microsoft" for node in model.proto.graph.node):
+    if has_contrib_ops(model.proto):
         # ONNX's shape inference knows no contrib op, so the types of what follows one stay unknown, which
         # quantize_dynamic refuses unless told a default (they are float32 in these graphs)
         extra_options["DefaultTensorType"] = TensorProto.FLOAT
@@ -201,10 +201,10 @@ class _Rewriter:
                                          "w_codes": b_codes, "w_scale": b_scale, "acc": acc, "output": node.output[0]}
         return nodes
 
-    def lstm_weights(self, node: onnx.NodeProto, q: LayerQuant, index: int, stem: str) -> tuple[str, str, str, list]:
+    def lstm_weights(self, node: onnx.NodeProto, q: LayerQuant, index: int) -> tuple[np.ndarray, ...]:
         """An LSTM's W (index 1) or R (index 2) as DynamicQuantizeLSTM takes it: codes transposed to [D, K, 4H],
         scales per direction [D] or per gate unit [D, 4H] (onnxruntime.quantization's layout), zero points of
-        the same shape. Returns their names and each direction's [K, 4H] codes and scale for the unfused graph."""
+        the same shape."""
         stored = numpy_helper.to_array(self.initializers[node.input[index]]).astype(np.float32)  # [D, 4H, K]
         per_direction = [quantize_weight(w, q.weight_bits, 0 if q.per_channel else None) for w in stored]
         codes = np.stack([c.T for c, _ in per_direction])
@@ -213,29 +213,39 @@ class _Rewriter:
         if self.uint8_weights:
             codes = (codes.astype(np.int16) + UINT8_WEIGHT_OFFSET).astype(np.uint8)
             zero_points = np.full(scales.shape, UINT8_WEIGHT_OFFSET, dtype=np.uint8)
-        part = "weight" if index == 1 else "recurrence"
-        names = (self.constant(f"{stem}_{part}_codes", codes), self.constant(f"{stem}_{part}_scale", scales),
-                 self.constant(f"{stem}_{part}_zero_point", zero_points))
-        return (*names, [(self.constant(f"{stem}_{part}_codes_{d}", codes[d]),
-                          self.constant(f"{stem}_{part}_scale_{d}", scales[d]),
-                          self.constant(f"{stem}_{part}_zero_point_{d}", zero_points[d].reshape(-1)[:1].reshape(())))
-                         for d in range(len(codes))])
+        return codes, scales, zero_points
 
     def lstm_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
         """An LSTM at 8-bit activations is ORT's DynamicQuantizeLSTM fed the b-bit weight codes (exactly what
-        quantize_dynamic makes of it at 8 bits); below 8 bits, where that kernel cannot go, the same arithmetic
-        unfused: X quantized once, MatMulInteger by W, and a Scan whose step quantizes h and multiplies by R."""
+        quantize_dynamic makes of it at 8 bits); below 8 bits, where that kernel cannot go, unfused_lstm_layer."""
+        if q.activation_bits != 8:
+            return self.unfused_lstm_layer(node, q)
         stem = f"{node.name}_w{q.weight_bits}a{q.activation_bits}"
-        w_codes, w_scale, w_zero_point, w_parts = self.lstm_weights(node, q, 1, stem)
-        r_codes, r_scale, r_zero_point, r_parts = self.lstm_weights(node, q, 2, stem)
+        names = {part: [self.constant(f"{stem}_{part}_{what}", array)
+                        for what, array in zip(("codes", "scale", "zero_point"), self.lstm_weights(node, q, index))]
+                 for part, index in (("weight", 1), ("recurrence", 2))}
+        (w_codes, w_scale, w_zero_point), (r_codes, r_scale, r_zero_point) = names["weight"], names["recurrence"]
         self.layer_tensors[node.name] = {"w_codes": w_codes, "w_scale": w_scale, "output": node.output[0]}
-        if q.activation_bits == 8:
-            inputs = list(node.input[:8]) + [""] * (8 - len(node.input))
-            inputs[1:3] = [w_codes, r_codes]
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            return [helper.make_node("DynamicQuantizeLSTM", inputs + [w_scale, w_zero_point, r_scale, r_zero_point],
-                                     list(node.output), name=f"{stem}_quantized", domain="com.microsoft", **attrs)]
-        return unfused_lstm(self, node, q, stem, w_parts, r_parts)
+        inputs = list(node.input[:8]) + [""] * (8 - len(node.input))
+        inputs[1:3] = [w_codes, r_codes]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        return [helper.make_node("DynamicQuantizeLSTM", inputs + [w_scale, w_zero_point, r_scale, r_zero_point],
+                                 list(node.output), name=f"{stem}_quantized", domain=CONTRIB_DOMAIN, **attrs)]
+
+    def unfused_lstm_layer(self, node: onnx.NodeProto, q: LayerQuant) -> list[onnx.NodeProto]:
+        """The same arithmetic unfused (recurrent_graph.py): X quantized once, MatMulInteger by W, and a Scan
+        whose step quantizes h and multiplies by R; each direction's codes [K, 4H], scale and zero point."""
+        stem = f"{node.name}_w{q.weight_bits}a{q.activation_bits}"
+        parts = {}
+        for part, index in (("weight", 1), ("recurrence", 2)):
+            codes, scales, zero_points = self.lstm_weights(node, q, index)
+            parts[part] = [(self.constant(f"{stem}_{part}_codes_{d}", codes[d]),
+                            self.constant(f"{stem}_{part}_scale_{d}", scales[d]),
+                            self.constant(f"{stem}_{part}_zero_point_{d}", np.array(zero_points[d].flat[0])))
+                           for d in range(len(codes))]
+        w_codes, w_scale, _ = parts["weight"][0]  # the first direction's, for tests reading them back
+        self.layer_tensors[node.name] = {"w_codes": w_codes, "w_scale": w_scale, "output": node.output[0]}
+        return unfused_lstm(self, node, q, stem, parts["weight"], parts["recurrence"])
 
     def fused_attention_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
         """What quantize_dynamic makes of the optimizer's Attention, at b bits: QAttention fed the input's b-bit
@@ -260,7 +270,7 @@ class _Rewriter:
         self.layer_tensors[node.name] = {"x_codes": x_codes, "x_scale": x_scale, "x_zero_point": x_zero_point,
                                          "w_codes": names[0], "w_scale": names[1], "output": node.output[0]}
         return nodes + [helper.make_node("QAttention", inputs, list(node.output), name=f"{stem}_quantized",
-                                         domain="com.microsoft", **attrs)]
+                                         domain=CONTRIB_DOMAIN, **attrs)]
 
     def fused_embedding_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
         """What quantize_dynamic makes of the optimizer's EmbedLayerNormalization: QEmbedLayerNormalization on the
@@ -285,7 +295,7 @@ class _Rewriter:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         self.layer_tensors[node.name] = {"w_codes": codes[0], "w_scale": scales[0], "output": node.output[0]}
         return [helper.make_node("QEmbedLayerNormalization", inputs, list(node.output), name=f"{stem}_quantized",
-                                 domain="com.microsoft", **attrs)]
+                                 domain=CONTRIB_DOMAIN, **attrs)]
 
     def integer_layer(self, node: onnx.NodeProto, layer: Layer, q: LayerQuant) -> list[onnx.NodeProto]:
         """The layer kind's integer op (ConvInteger, MatMulInteger) followed by ORT's float epilogue:
@@ -358,10 +368,8 @@ class _Rewriter:
             kept + [i for i in self.new_initializers if i.name in used],
             value_info=[],
         )
-        opsets = list(self.model.opset_import)
-        if any(n.domain == "com.microsoft" for n in new_nodes) and not any(o.domain == "com.microsoft" for o in opsets):
-            opsets.append(helper.make_opsetid("com.microsoft", 1))
-        proto = helper.make_model(new_graph, opset_imports=opsets, ir_version=self.model.ir_version)
+        proto = declare_contrib_domain(helper.make_model(new_graph, opset_imports=list(self.model.opset_import),
+                                                         ir_version=self.model.ir_version))
         proto.producer_name = "ptqaudit"
         onnx.checker.check_model(proto)
         # inferred shapes in the graph, as quantize_dynamic leaves them: some of ORT's fusions need them (an Add

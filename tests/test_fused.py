@@ -14,10 +14,11 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from ptqaudit.evaluate import make_session
 from ptqaudit.onnx_graph import load_model
-from ptqaudit.policy import load_policy, parse_policy
+from ptqaudit.policy import load_policy
 from ptqaudit.quantize import quantize
 from ptqaudit.sim.model import SimModel
 from test_cli import run_cli
+from test_lstm import every_width
 
 BERT = Path(__file__).resolve().parents[1] / "sample_models" / "sst2_bert.onnx"
 LENGTH = 16
@@ -36,13 +37,6 @@ def _feed(batch: int, seed: int = 0, padded: bool = True) -> dict[str, np.ndarra
     if padded:
         mask[1::2, LENGTH // 2:] = 0
     return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-
-
-def _policy(weight_bits: int, activation_bits: int, per_channel: bool = False):
-    setting = {"weight_bits": weight_bits, "activation_bits": activation_bits}
-    if per_channel:
-        setting["granularity"] = "per-channel"
-    return parse_policy({"default": setting}, f"w{weight_bits}a{activation_bits}", "test")
 
 
 def test_optimized_model_has_fused_layers_and_token_limits(fused_bert):
@@ -87,19 +81,16 @@ def test_simulator_reproduces_fused_layers_at_every_width(fused_bert):
     simulator's logits equal ORT's on the QAttention / QEmbedLayerNormalization graph to float rounding."""
     sim = SimModel(fused_bert).eval()
     differences = []
-    for bits in range(2, 9):
-        for weight_bits, activation_bits in ((bits, 8), (8, bits), (bits, bits)):
-            for per_channel in (False, True):
-                policy = _policy(weight_bits, activation_bits, per_channel).resolve(fused_bert.layers)
-                session = make_session(quantize(fused_bert, policy))
-                for batch in (1, 4):
-                    feed = _feed(batch, seed=bits)
-                    with torch.no_grad():
-                        simulated = sim({k: torch.from_numpy(v) for k, v in feed.items()}, policy).numpy()
-                    measured = session.run(None, feed)[0]
-                    case = (weight_bits, activation_bits, per_channel, batch)
-                    np.testing.assert_array_equal(simulated.argmax(1), measured.argmax(1), err_msg=str(case))
-                    differences.append(float(np.abs(measured - simulated).max()))
+    for bits, written in every_width():
+        policy = written.resolve(fused_bert.layers)
+        session = make_session(quantize(fused_bert, policy))
+        for batch in (1, 4):
+            feed = _feed(batch, seed=bits)
+            with torch.no_grad():
+                simulated = sim({k: torch.from_numpy(v) for k, v in feed.items()}, policy).numpy()
+            measured = session.run(None, feed)[0]
+            np.testing.assert_array_equal(simulated.argmax(1), measured.argmax(1), err_msg=f"{policy.name}, batch {batch}")
+            differences.append(float(np.abs(measured - simulated).max()))
     differences = np.array(differences)
     # float ops agree to ulps, so now and then a value rounds to the neighbouring code
     assert np.mean(differences > 1e-4) <= 0.05, np.sort(differences)[-5:]

@@ -15,7 +15,6 @@ from ptqaudit.evaluate import make_session
 from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import LayerQuant, load_policy, parse_policy
 from ptqaudit.quantize import quantize
-from ptqaudit.recurrent_graph import unfused_lstm
 from ptqaudit.sim.model import SimModel
 from ptqaudit.sim.recurrent import state_block_rows
 
@@ -79,7 +78,17 @@ def _policy(weight_bits: int, activation_bits: int, per_channel: bool = False):
     setting = {"weight_bits": weight_bits, "activation_bits": activation_bits}
     if per_channel:
         setting["granularity"] = "per-channel"
-    return parse_policy({"default": setting}, f"w{weight_bits}a{activation_bits}", "test")
+    name = f"w{weight_bits}a{activation_bits}" + ("-per-channel" if per_channel else "")
+    return parse_policy({"default": setting}, name, "test")
+
+
+def every_width():
+    """(bits, policy) for every width 2-8 of the weights (activations at 8), of the activations (weights at 8) and
+    of both, per tensor and per channel."""
+    for bits in range(2, 9):
+        for weight_bits, activation_bits in ((bits, 8), (8, bits), (bits, bits)):
+            for per_channel in (False, True):
+                yield bits, _policy(weight_bits, activation_bits, per_channel)
 
 
 def _run(session_or_quantized, ids, threads: int = 0) -> np.ndarray:
@@ -126,11 +135,9 @@ def test_unfused_lstm_at_8_bits_is_dynamic_quantize_lstm(tmp_path, monkeypatch, 
         policy = _policy(weight_bits, 8, per_channel).resolve(model.layers)
         fused = quantize(model, policy)
         with monkeypatch.context() as patch:
-            def unfused(self, node, layer, q):
-                stem = f"{node.name}_unfused"
-                return unfused_lstm(self, node, q, stem, self.lstm_weights(node, q, 1, stem)[3],
-                                    self.lstm_weights(node, q, 2, stem)[3])
-            patch.setattr(quantize_module._Rewriter, "lstm_layer", unfused)
+            # the unfused graph at 8-bit activations, where the rewrite would otherwise use DynamicQuantizeLSTM
+            patch.setattr(quantize_module._Rewriter, "lstm_layer",
+                          lambda self, node, layer, q: self.unfused_lstm_layer(node, q))
             scan = quantize(model, policy, force_rewrite=True)
         assert "Scan" in {n.op_type for n in scan.proto.graph.node}
         for seed in range(3):
@@ -150,19 +157,16 @@ def test_simulator_reproduces_ort_lstm_at_every_width(tmp_path, direction):
     model = load_model(path, (9,))
     sim = SimModel(model).eval()
     differences = []
-    for bits in range(2, 9):
-        for weight_bits, activation_bits in ((bits, 8), (8, bits), (bits, bits)):
-            for per_channel in (False, True):
-                policy = _policy(weight_bits, activation_bits, per_channel).resolve(model.layers)
-                quantized = quantize(model, policy)
-                for batch in (1, 6):
-                    ids = _ids(batch, seed=bits)
-                    with torch.no_grad():
-                        simulated = sim({"input_ids": torch.from_numpy(ids)}, policy).numpy()
-                    measured = _run(quantized, ids)
-                    case = (weight_bits, activation_bits, per_channel, batch)
-                    np.testing.assert_array_equal(simulated.argmax(1), measured.argmax(1), err_msg=str(case))
-                    differences += list(np.abs(measured - simulated).max(axis=1))
+    for bits, written in every_width():
+        policy = written.resolve(model.layers)
+        quantized = quantize(model, policy)
+        for batch in (1, 6):
+            ids = _ids(batch, seed=bits)
+            with torch.no_grad():
+                simulated = sim({"input_ids": torch.from_numpy(ids)}, policy).numpy()
+            measured = _run(quantized, ids)
+            np.testing.assert_array_equal(simulated.argmax(1), measured.argmax(1), err_msg=f"{policy.name}, batch {batch}")
+            differences += list(np.abs(measured - simulated).max(axis=1))
     differences = np.array(differences)
     assert np.mean(differences > 1e-4) <= 0.05, np.sort(differences)[-10:]
     assert differences.max() < 0.05, differences.max()
