@@ -148,3 +148,29 @@ def saturating_matmul(codes: torch.Tensor, weight: torch.Tensor,
         sums = rows[:, 2 * p] * weight_pairs[p, 0, n] + rows[:, 2 * p + 1] * weight_pairs[p, 1, n]  # [M, pairs]
         total = total.index_add(1, n, (sums.clamp(INT16_MIN, INT16_MAX) - sums).to(dtype))
     return total.double().reshape(*codes.shape[:-1], weight.shape[1])
+
+
+def accumulator_bound(codes: torch.Tensor, activation_bits: int, output_axis: int) -> float:
+    """Largest |int32 accumulator| any input can produce: sum of |weight codes| feeding one output
+    times the largest |activation code - zero point| (2^b - 1)."""
+    other = tuple(a for a in range(codes.dim()) if a != output_axis)
+    return float(codes.detach().abs().sum(dim=other).max()) * activation_code_max(activation_bits)
+
+
+def product_plan(codes: torch.Tensor, activation_bits: int, output_axis: int, family: str,
+                 matrix_kernel: bool = True) -> tuple[bool, tuple[torch.Tensor, torch.Tensor] | None]:
+    """How a layer's weight codes meet b-bit activation codes on `family`: whether float32 sums of the product
+    stay exact, and the weight pairs the family's kernel can saturate on (risky_pairs; None where it cannot,
+    e.g. ConvInteger, matrix_kernel False). A matrix kernel's codes are [K, N]."""
+    exact_in_float32 = accumulator_bound(codes, activation_bits, output_axis) < EXACT_FLOAT32_LIMIT
+    saturates = family == AVX2_U8S8 and matrix_kernel and largest_pair_sum(codes, activation_bits) > INT16_MAX
+    return exact_in_float32, risky_pairs(codes, activation_code_max(activation_bits)) if saturates else None
+
+
+def saturating_product(codes: torch.Tensor, zero_point: torch.Tensor, weight: torch.Tensor,
+                       pairs: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """(codes - zero point) x weight codes [K, N] as MLAS's AVX2 u8 x s8 kernel adds them up: the raw uint8
+    codes in int16-saturated pairs (saturating_matmul), then the zero point's correction; float32, as ORT's
+    Cast of the int32 accumulator."""
+    raw = codes + zero_point
+    return (saturating_matmul(raw, weight, pairs) - zero_point.double() * weight.double().sum(dim=0)).float()

@@ -73,7 +73,7 @@ class SimEvaluator:
             for (digest, policy), score in zip(todo.items(), scores):
                 self.memo[digest] = float(score)
                 self.step += 1
-                bitops = self.space.policy_bitops(policy)
+                bitops = policy.bitops(self.space.searched)  # the budget's cost: the searched layers' BitOPs
                 records.append({"step": self.step, "objective": str(objective), "method": method, "digest": digest,
                                 "sim_accuracy": self.memo[digest], "bitops": bitops,
                                 "effective_bits": self.space.effective_bits(bitops),

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import PtqauditError
 from ..onnx_graph import Layer
-from ..policy import MAX_BITS, MIN_BITS, LayerQuant, ResolvedPolicy, bitops_of, effective_bits_of, operand_bits
+from ..policy import MAX_BITS, MIN_BITS, LayerQuant, ResolvedPolicy, bitops_of, effective_bits_of
 
 
 
@@ -138,10 +138,6 @@ class SearchSpace:
     def bitops(self, choice: np.ndarray) -> int:
         chosen = self._bits[choice]
         return int(np.sum(bitops_of(self._macs, chosen[:, WEIGHT], chosen[:, ACTIVATION])))
-
-    def policy_bitops(self, policy: ResolvedPolicy) -> int:
-        """A policy's cost as the budget counts it: the BitOPs of the searched layers."""
-        return sum(bitops_of(layer.macs, *operand_bits(policy.mapping[layer.name])) for layer in self.searched)
 
     def effective_bits(self, bitops: int) -> float:
         """A cost in effective bits over the searched layers, the budget's unit."""

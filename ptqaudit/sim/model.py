@@ -15,8 +15,7 @@ from onnx import numpy_helper
 from ..arithmetic import (activation_code_max, activation_scale_zero_point, centered_activation_codes, table_codes,
                           weight_codes)
 from ..errors import PtqauditError
-from ..kernels import (AVX2_U8S8, EXACT, EXACT_FLOAT32_LIMIT, INT16_MAX, detect_kernel_family, largest_pair_sum,
-                       risky_pairs, saturating_matmul)
+from ..kernels import EXACT, EXACT_FLOAT32_LIMIT, detect_kernel_family, product_plan, saturating_product
 from ..onnx_graph import Layer, LoadedModel, upgrade_opset
 from ..policy import LayerQuant, ResolvedPolicy
 from ..text_data import feeds
@@ -25,13 +24,6 @@ from .recurrent import QuantLSTM
 
 OPS_OPSET = 13  # the op handlers follow opset-13+ semantics; older graphs are converted first
 RANGES = ("batch", "sample")  # activation range over the whole batch (ORT), or per input (batch size 1)
-
-
-def accumulator_bound(codes: torch.Tensor, activation_bits: int, output_axis: int) -> float:
-    """Largest |int32 accumulator| any input can produce: sum of |weight codes| feeding one output
-    times the largest |activation code - zero point| (2^b - 1)."""
-    other = tuple(a for a in range(codes.dim()) if a != output_axis)
-    return float(codes.detach().abs().sum(dim=other).max()) * activation_code_max(activation_bits)
 
 
 class QuantLayer(nn.Module):
@@ -65,15 +57,12 @@ class QuantLayer(nn.Module):
     def _weight_at(self, setting: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, bool, tuple | None]:
         """Codes, scale, whether float32 sums stay exact, and the weight pairs this CPU's kernel can saturate
         on (kernels.risky_pairs; None when it cannot saturate here)."""
-        output_axis = self.kind.output_axis
         if self.kind.weight_only:
             codes, scale, _ = table_codes(self.weight, setting.weight_bits)
             return codes, scale, True, None
         codes, scale = weight_codes(self.weight, setting.weight_bits, self.kind.scale_axis(setting.per_channel))
-        exact = accumulator_bound(codes, setting.activation_bits, output_axis) < EXACT_FLOAT32_LIMIT
-        saturates = (self.kernel_family == AVX2_U8S8 and self.kind.matrix_kernel
-                     and largest_pair_sum(codes, setting.activation_bits) > INT16_MAX)
-        pairs = risky_pairs(codes, activation_code_max(setting.activation_bits)) if saturates else None
+        exact, pairs = product_plan(codes, setting.activation_bits, self.kind.output_axis, self.kernel_family,
+                                    self.kind.matrix_kernel)
         return codes, scale, exact, pairs
 
     def _quantized_weight(self, setting: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, bool, tuple | None]:
@@ -104,9 +93,7 @@ class QuantLayer(nn.Module):
         w_codes, w_scale, exact_in_float32, pairs = self._quantized_weight(setting)
         # MLAS's AVX2 u8 x s8 kernel sums raw uint8 codes in int16-saturated pairs, then corrects the zero point
         if pairs is not None and not exact_products:
-            raw_codes = x_codes + x_zero_point
-            acc = (saturating_matmul(raw_codes, w_codes, pairs)
-                   - x_zero_point.double() * w_codes.double().sum(dim=0)).float()
+            acc = saturating_product(x_codes, x_zero_point, w_codes, pairs)
         elif exact_in_float32:
             acc = self._linear(x_codes, w_codes, None)
         else:  # sums could pass 2^24: accumulate in float64, exact like ORT's int32, then round as its Cast does

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..arithmetic import activation_code_max, activation_scale_zero_point, centered_activation_codes, weight_codes
-from ..kernels import (AVX2_U8S8, EXACT_FLOAT32_LIMIT, INT16_MAX, detect_kernel_family, largest_pair_sum,
-                       risky_pairs, saturating_matmul)
+from ..arithmetic import activation_scale_zero_point, centered_activation_codes, weight_codes
+from ..kernels import detect_kernel_family, product_plan, saturating_product
 from ..layer_kinds import KINDS
+from ..onnx_graph import CONTRIB_DOMAIN
 from ..policy import LayerQuant
 from .ops import lstm_forward
 
@@ -57,11 +57,11 @@ def detect_default_threads() -> int:
     tensors = {"W": w, "R": r, "ws": one * 0.01, "wz": zero, "rs": one * 0.01, "rz": zero}
     graph = helper.make_graph(
         [helper.make_node("DynamicQuantizeLSTM", ["x", "W", "R", "", "", "", "", "", "ws", "wz", "rs", "rz"], ["y"],
-                          hidden_size=hidden, domain="com.microsoft")],
+                          hidden_size=hidden, domain=CONTRIB_DOMAIN)],
         "threads_probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(v, k) for k, v in tensors.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14), helper.make_opsetid(CONTRIB_DOMAIN, 1)])
     options = ort.SessionOptions()
     options.log_severity_level = 4
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -121,11 +121,8 @@ class QuantLSTM(nn.Module):
         for w in weight:
             codes, scale = weight_codes(w, setting.weight_bits, 0 if setting.per_channel else None)
             codes_t = codes.t()
-            saturates = (self.kernel_family == AVX2_U8S8
-                         and largest_pair_sum(codes_t, setting.activation_bits) > INT16_MAX)
-            pairs = risky_pairs(codes_t, activation_code_max(setting.activation_bits)) if saturates else None
-            bound = float(codes_t.detach().abs().sum(dim=0).max()) * activation_code_max(setting.activation_bits)
-            parts.append((codes_t, scale.reshape(-1), pairs, bound < EXACT_FLOAT32_LIMIT))
+            exact_in_float32, pairs = product_plan(codes_t, setting.activation_bits, 1, self.kernel_family)
+            parts.append((codes_t, scale.reshape(-1), pairs, exact_in_float32))
         return parts
 
     def _quantized(self, setting: LayerQuant) -> tuple[list, list]:
@@ -142,8 +139,7 @@ class QuantLSTM(nn.Module):
         """(codes - zero point) x weight codes as the CPU's kernel adds them up, in float32."""
         weight, _, pairs, exact_in_float32 = part
         if pairs is not None and not exact_products:
-            raw = codes + zero_point
-            return (saturating_matmul(raw, weight, pairs) - zero_point.double() * weight.double().sum(dim=0)).float()
+            return saturating_product(codes, zero_point, weight, pairs)
         if exact_in_float32:
             return codes @ weight
         return (codes.double() @ weight.double()).float()
