@@ -125,19 +125,6 @@ def _session_threads(model: LoadedModel, settings: WorkerSettings) -> int:
     return max(1, available_cores() // settings.count)
 
 
-@dataclass
-class _Steps:
-    """A request's result arriving: the bar's step, and the caller's callback."""
-
-    progress: Progress
-    done: Callable[[int], None] | None
-
-    def step(self, index: int) -> None:
-        self.progress.update(1)
-        if self.done is not None:
-            self.done(index)
-
-
 class EvaluationPool:
     """ORT predictions of one model on named datasets, many at a time. Small batches of work run in this process;
     a worker pool starts when the work is worth it, and stays until close()."""
@@ -165,7 +152,13 @@ class EvaluationPool:
                 done: Callable[[int], None] | None = None) -> list[Predictions]:
         """The predictions of every request, in the order given (progress: a bar with one step per request done;
         done(i): called as request i's result arrives)."""
-        bar = _Steps(Progress(len(requests), desc or "ORT evaluations", unit, progress), done)
+        bar = Progress(len(requests), desc or "ORT evaluations", unit, progress)
+
+        def step(index: int) -> None:  # request `index`'s result has arrived
+            bar.update(1)
+            if done is not None:
+                done(index)
+
         results: list[Predictions | None] = [None] * len(requests)
         pending = list(range(len(requests)))
         try:
@@ -175,23 +168,23 @@ class EvaluationPool:
                 # times the work; the default starts workers only for work worth starting them
                 began = time.perf_counter()
                 results[0] = self.local(requests[0])
-                bar.step(0)
+                step(0)
                 pending = pending[1:]
                 small = (time.perf_counter() - began) * len(pending) < POOL_WORTHWHILE_SECONDS
                 if (self.settings.count == 1 or small) and self.settings.executor == "local":
                     for i in pending:
                         results[i] = self.local(requests[i])
-                        bar.step(i)
+                        step(i)
                     pending = []
             if pending and self.settings.executor == "ray":
-                self._on_ray(requests, pending, results, bar)
+                self._on_ray(requests, pending, results, step)
             elif pending:
-                self._on_processes(requests, pending, results, bar)
+                self._on_processes(requests, pending, results, step)
         finally:
-            bar.progress.close()
+            bar.close()
         return results
 
-    def _on_processes(self, requests: list[Request], pending: list[int], results: list, bar: "_Steps") -> None:
+    def _on_processes(self, requests: list[Request], pending: list[int], results: list, step: Callable[[int], None]) -> None:
         attempts = {i: 0 for i in pending}
         while pending:
             if self._processes is None:
@@ -212,7 +205,7 @@ class EvaluationPool:
                 except BrokenProcessPool:
                     broken = True
                     continue
-                bar.step(i)
+                step(i)
             pending = [i for i in pending if results[i] is None]
             if broken:
                 # a worker died (killed, out of memory): the pool cannot go on, a fresh one runs what is left. Its
@@ -227,7 +220,7 @@ class EvaluationPool:
                 if any(attempts[i] >= MAX_ATTEMPTS for i in pending):
                     raise PtqauditError(f"an ORT evaluation's worker process died {MAX_ATTEMPTS} times; giving up")
 
-    def _on_ray(self, requests: list[Request], pending: list[int], results: list, bar: "_Steps") -> None:
+    def _on_ray(self, requests: list[Request], pending: list[int], results: list, step: Callable[[int], None]) -> None:
         try:
             import ray
         except ImportError as exc:
@@ -252,4 +245,4 @@ class EvaluationPool:
             finished, waiting = ray.wait(waiting, num_returns=1)
             for reference in finished:
                 results[references[reference]] = ray.get(reference)
-                bar.step(references[reference])
+                step(references[reference])
