@@ -8,10 +8,15 @@ instance started here with the same number of workers. The logits must be identi
 Part B (analysis): the report's analysis of a short search run of the same model (--analysis-limit images), with 1
 worker and with --workers; the two analysis.json files must agree.
 
+Part C (search): a whole search of the same model (--search-evaluations policies per objective, scored by the
+simulator on 1000 images, then verified on --limit), with 1 worker and with --workers: the simulator's groups of
+policies and the verification are split among the workers. The traces and summaries must be identical.
+
 Targets: N workers at least 1.7x faster than 1 on 2 cores; Ray within 15% of the process pool.
 
     python benchmarks/bench_scale.py [--data-root DIR] [--model ../shared/models/cifar10_resnet20.onnx]
-        [--limit 2000] [--policies 8] [--analysis-limit 500] [--workers 2] [--part a|b|all]
+        [--limit 2000] [--policies 8] [--analysis-limit 500] [--search-evaluations 100] [--method rl]
+        [--workers 2] [--part a|b|c|all]
 """
 
 from __future__ import annotations
@@ -94,6 +99,32 @@ def part_b(args, out: Path) -> bool:
     return same
 
 
+def part_c(args, out: Path) -> bool:
+    data = DataConfig("cifar10", root=args.data_root, limit=args.limit)
+    dataset = load_dataset(data)
+    model = load_model(args.model, dataset.x.shape[1:])
+    print(f"\nC. a {args.method} search of {Path(args.model).name}: {args.search_evaluations} policies per objective on "
+          f"1000 images, 3 candidates each verified on {len(dataset)} (times include starting the workers)")
+    print(f"{'workers':10s} {'search s':>9s} {'total s':>8s} {'speed-up':>9s}")
+    results = {}
+    for workers in (1, args.workers):
+        config = SearchConfig(model=args.model, data=data, output=str(out / f"search{workers}"), method=args.method,
+                              max_evaluations=args.search_evaluations, seed=0)
+        started = time.perf_counter()
+        summary = run_search(config, model, dataset, progress=False, echo=lambda m: None,
+                             workers=WorkerSettings(workers=workers))
+        seconds = time.perf_counter() - started
+        trace = (out / f"search{workers}" / "trace.jsonl").read_text()
+        values = dataclasses.replace(summary, search_seconds=0.0, total_seconds=0.0).to_dict()
+        results[workers] = (seconds, summary.search_seconds, trace, values)
+        print(f"{workers:<10d} {summary.search_seconds:9.1f} {seconds:8.1f} {results[1][0] / seconds:8.2f}x")
+    (_, _, trace_one, summary_one), (_, _, trace_many, summary_many) = results[1], results[args.workers]
+    same = trace_one == trace_many and json.dumps(summary_one, sort_keys=True) == json.dumps(summary_many, sort_keys=True)
+    print(f"search phase {results[1][1] / results[args.workers][1]:.2f}x faster on {args.workers} workers; traces and "
+          f"summaries identical: {same}")
+    return same
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO.parent / "shared/models/cifar10_resnet20.onnx"))
@@ -101,8 +132,10 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=2000, help="CIFAR-10 test images each policy is measured on")
     parser.add_argument("--policies", type=int, default=8, help="part A: candidate policies verified")
     parser.add_argument("--analysis-limit", type=int, default=500, help="part B: the analysis's images")
+    parser.add_argument("--search-evaluations", type=int, default=100, help="part C: policies per objective")
+    parser.add_argument("--method", default="rl", help="part C: the search method")
     parser.add_argument("--workers", type=int, default=available_cores())
-    parser.add_argument("--part", choices=["a", "b", "all"], default="all")
+    parser.add_argument("--part", choices=["a", "b", "c", "all"], default="all")
     args = parser.parse_args()
     print(f"hardware: {platform.processor() or platform.machine()}, {available_cores()} cores available; python "
           f"{platform.python_version()}, onnxruntime {ort.__version__}")
@@ -112,6 +145,9 @@ def main() -> int:
     if args.part in ("b", "all"):
         with tempfile.TemporaryDirectory() as tmp:
             ok &= part_b(args, Path(tmp))
+    if args.part in ("c", "all"):
+        with tempfile.TemporaryDirectory() as tmp:
+            ok &= part_c(args, Path(tmp))
     return 0 if ok else 1
 
 

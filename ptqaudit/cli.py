@@ -151,12 +151,13 @@ def _positive_int(text: str) -> int:
 
 
 def worker_options(f):
-    """Where the ORT evaluations run, parsed into one WorkerSettings, as `worker_settings`."""
+    """Where the independent evaluations run, parsed into one WorkerSettings, as `worker_settings`."""
     options = [
         click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Independent ORT evaluations run at once, each in a worker process with an equal share of "
-                          "the cores; results are the same for any number of workers. 0: one per available core, "
-                          "started when the work would take more than a few seconds in one process."),
+                     help="Independent evaluations run at once (ORT's, and the search's groups of policies scored by "
+                          "the simulator), each in a worker process with an equal share of the cores; results are the "
+                          "same for any number of workers. 0: one per available core, started when the work would take "
+                          "more than a few seconds in one process."),
         click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
                      help="local: worker processes on this machine; ray: tasks on a Ray cluster (pip install "
                           "'ptqaudit[ray]'), the model and data shipped to its nodes once."),

@@ -31,7 +31,7 @@ from .search.sensitivity import probe_sensitivity
 from .search.run import SUMMARY_VERSION, SearchConfig, run_search, searched_layers
 from .search.space import Objective, SearchSpace, check_bits, layer_features
 from .sim.engine import EngineAgreement, sim_predict, simulation_plan
-from .sim.model import SimModel
+from .sim.model import SimModel, prepare_device
 from .text import table
 
 MODES = ("detrimental", "robust")
@@ -263,9 +263,7 @@ def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, tes
     check_model_fits_data(teacher, test, config.batch_size)
     check_model_fits_data(teacher, train, config.batch_size)
     torch.manual_seed(config.seed)
-    if config.device == "cuda":  # TF32 would make the integer convolutions inexact
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    prepare_device(config.device)
     base = load_policy("w8a8").resolve(teacher.layers)
     space = SearchSpace(teacher.layers, base, config.bits, searched_layers(teacher), config.budget_avg_bits)
     space.check_budget(Objective.WORST)

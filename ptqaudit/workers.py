@@ -1,13 +1,15 @@
-"""Many independent ONNX Runtime evaluations at once: in this process, on local worker processes, or on a Ray cluster.
+"""Many independent evaluations at once: in this process, on local worker processes, or on a Ray cluster.
 
-An audit's ORT work is a list of independent predictions (a policy, a dataset, a batch size): the search's
-verification, the report's analysis. An EvaluationPool takes such lists and returns the predictions in the
+An audit is mostly lists of independent predictions: ORT's (a policy, a dataset, a batch size: the search's
+verification, the report's analysis) and the simulator's (a group of policies scored by the search's methods and
+agent, the verification's agreement). An EvaluationPool takes such lists and returns the predictions in the
 order asked, identical to a serial run whatever the number of workers or nodes. The model and the datasets go to
 each worker once (process start-up arguments, or Ray's object store), not with every task. Each worker's ORT
-sessions get an explicit share of the cores (cores / workers intra-op threads), so that N workers do not
+sessions and torch get an explicit share of the cores (cores / workers threads), so that N workers do not
 oversubscribe them. Where the thread count is part of the arithmetic (DynamicQuantizeLSTM splits the batch
-among threads, sim/recurrent.py), every session keeps the audit's own thread setting instead. A task whose worker
-dies is run again (up to MAX_ATTEMPTS times), and its result is kept once.
+among threads, sim/recurrent.py), every ORT session keeps the audit's own thread setting instead, and the
+simulators reproduce that setting. A task whose worker dies is run again (up to MAX_ATTEMPTS times), and its
+result is kept once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from .data import Dataset
 from .errors import PtqauditError
 from .evaluate import make_session, predict
@@ -29,6 +33,8 @@ from .policy import ResolvedPolicy
 from .predictions import Predictions
 from .progress import Progress
 from .quantize import quantize
+from .sim.engine import sim_predict_many
+from .sim.model import SimModel
 
 EXECUTORS = ("local", "ray")
 MAX_ATTEMPTS = 3  # runs of one task whose worker died before it gives up
@@ -75,12 +81,33 @@ class Request:
     batch_size: int
 
 
-class _Evaluator:
-    """What every worker holds: the model, the datasets and one session per policy."""
+@dataclass(frozen=True)
+class SimRequest:
+    """The simulator's predictions of a group of policies on one of the pool's datasets at a batch size, with the
+    integer arithmetic of a kernel family (ptqaudit.kernels). A group shares the work its policies have in common
+    (SimModel.forward_many), so a caller splits its policies into as few groups as there are workers."""
 
-    def __init__(self, model: LoadedModel, datasets: dict[str, Dataset], threads: int):
+    policies: tuple[ResolvedPolicy, ...]
+    data: str
+    batch_size: int
+    kernel_family: str
+
+
+class _Evaluator:
+    """What every worker holds: the model, the datasets, one ORT session per policy and one simulator per kernel
+    family (in this process: the caller's own simulators, on whatever device they are)."""
+
+    def __init__(self, model: LoadedModel, datasets: dict[str, Dataset], threads: int,
+                 sims: dict[str, SimModel] | None = None):
         self.model, self.datasets, self.threads = model, datasets, threads
         self._sessions: dict = {}
+        self._sims = dict(sims or {})
+
+    def sim(self, kernel_family: str) -> SimModel:
+        """The simulator of a kernel family, made once; it reproduces the ORT sessions' thread setting."""
+        if kernel_family not in self._sims:
+            self._sims[kernel_family] = SimModel(self.model, kernel_family, ort_threads=self.threads).eval()
+        return self._sims[kernel_family]
 
     def session(self, policy: ResolvedPolicy | None):
         """The ORT session of a policy's graph (None: FP32), made once."""
@@ -90,7 +117,10 @@ class _Evaluator:
             self._sessions[key] = make_session(graph, threads=self.threads)
         return self._sessions[key]
 
-    def __call__(self, request: Request) -> Predictions:
+    def __call__(self, request: Request | SimRequest) -> Predictions | list[Predictions]:
+        if isinstance(request, SimRequest):
+            return sim_predict_many(self.sim(request.kernel_family), self.datasets[request.data],
+                                    list(request.policies), request.batch_size, progress=False)
         return predict(self.session(request.policy), self.datasets[request.data], request.batch_size, "",
                        progress=False)
 
@@ -98,44 +128,57 @@ class _Evaluator:
 _WORKER: _Evaluator | None = None  # a local worker process's evaluator, made once at its start
 
 
-def _start_worker(model: LoadedModel, datasets: dict[str, Dataset], threads: int) -> None:
+def _start_worker(model: LoadedModel, datasets: dict[str, Dataset], threads: int, torch_threads: int) -> None:
     global _WORKER
+    torch.set_num_threads(torch_threads)
     _WORKER = _Evaluator(model, datasets, threads)
 
 
-def _run_in_worker(request: Request) -> Predictions:
+def _run_in_worker(request: Request | SimRequest) -> Predictions | list[Predictions]:
     return _WORKER(request)
 
 
 _RAY_EVALUATORS: dict[str, _Evaluator] = {}  # a Ray worker's evaluators, by pool (its sessions outlive a task)
 
 
-def _run_on_ray(context: tuple, request: Request) -> Predictions:
-    token, model, datasets, threads = context
+def _run_on_ray(context: tuple, request: Request | SimRequest) -> Predictions | list[Predictions]:
+    token, model, datasets, threads, torch_threads = context
     if token not in _RAY_EVALUATORS:
         _RAY_EVALUATORS.clear()  # one pool at a time per worker: an earlier pool's sessions are not needed again
+        torch.set_num_threads(torch_threads)
         _RAY_EVALUATORS[token] = _Evaluator(model, datasets, threads)
     return _RAY_EVALUATORS[token](request)
+
+
+def _core_share(settings: WorkerSettings) -> int:
+    """Each worker's equal share of the cores."""
+    return max(1, available_cores() // settings.count)
 
 
 def _session_threads(model: LoadedModel, settings: WorkerSettings) -> int:
     """Intra-op threads of each worker's sessions: a share of the cores, unless threads change the numbers."""
     if settings.threads or any(layer.kind.op_type == "LSTM" for layer in model.layers):
         return settings.threads
-    return max(1, available_cores() // settings.count)
+    return _core_share(settings)
 
 
 class EvaluationPool:
-    """ORT predictions of one model on named datasets, many at a time. Small batches of work run in this process;
-    a worker pool starts when the work is worth it, and stays until close()."""
+    """Predictions of one model on named datasets, many at a time: ORT's (Request) and the simulator's
+    (SimRequest). Work runs in this process until workers are worth starting (an explicit --workers above one, Ray,
+    or the default once the work would take more than POOL_WORTHWHILE_SECONDS serially); the workers then stay
+    until close()."""
 
-    def __init__(self, model: LoadedModel, datasets: dict[str, Dataset], settings: WorkerSettings = WorkerSettings()):
+    def __init__(self, model: LoadedModel, datasets: dict[str, Dataset], settings: WorkerSettings = WorkerSettings(),
+                 sims: dict[str, SimModel] | None = None):
+        """sims: the caller's simulators by kernel family, which requests run in this process use (the workers make
+        their own, on the CPU)."""
         settings.validate()
         self.model, self.datasets, self.settings = model, datasets, settings
-        self.local = _Evaluator(model, datasets, settings.threads)
+        self.local = _Evaluator(model, datasets, settings.threads, sims)
         self.restarts = 0  # times a dead worker process was replaced
         self._processes: concurrent.futures.ProcessPoolExecutor | None = None
         self._ray = None  # (the remote function, the shipped context) once Ray is in use
+        self._wanted = False  # the default number of workers, once the work was found worth them
 
     def __enter__(self) -> "EvaluationPool":
         return self
@@ -148,43 +191,60 @@ class EvaluationPool:
             self._processes.shutdown(cancel_futures=True)
             self._processes = None
 
-    def predict(self, requests: list[Request], desc: str = "", progress: bool = False, unit: str = "run",
-                done: Callable[[int], None] | None = None) -> list[Predictions]:
-        """The predictions of every request, in the order given (progress: a bar with one step per request done;
-        done(i): called as request i's result arrives)."""
-        bar = Progress(len(requests), desc or "ORT evaluations", unit, progress)
+    @property
+    def distributes(self) -> bool:
+        """Whether requests go to the workers (else they run in this process)."""
+        if self.settings.executor == "ray":
+            return True
+        return self.settings.count > 1 and (self.settings.workers > 1 or self._wanted)
+
+    @property
+    def parallelism(self) -> int:
+        """How many requests run at once: the groups a caller should split its work into."""
+        return self.settings.count if self.distributes else 1
+
+    def consider(self, serial_seconds: float) -> None:
+        """Start using the default number of workers if the work ahead would take more than
+        POOL_WORTHWHILE_SECONDS in this process (a worker takes a few seconds to start)."""
+        if serial_seconds > POOL_WORTHWHILE_SECONDS:
+            self._wanted = True
+
+    def predict(self, requests: list[Request | SimRequest], desc: str = "", progress: bool = False, unit: str = "run",
+                done: Callable[[int], None] | None = None) -> list:
+        """The result of every request, in the order given: a Request's Predictions, a SimRequest's list of them
+        (progress: a bar with one step per request done; done(i): called as request i's result arrives)."""
+        bar = Progress(len(requests), desc or "evaluations", unit, progress)
 
         def step(index: int) -> None:  # request `index`'s result has arrived
             bar.update(1)
             if done is not None:
                 done(index)
 
-        results: list[Predictions | None] = [None] * len(requests)
+        results: list = [None] * len(requests)
         pending = list(range(len(requests)))
+
+        def run_here(index: int) -> None:
+            results[index] = self.local(requests[index])
+            step(index)
+
         try:
-            started = self._processes is not None or self._ray is not None
-            if pending and (self.settings.count == 1 or (not self.settings.workers and not started)):
-                # one worker, or the default number while none runs yet: the first task in this process, which
-                # times the work; the default starts workers only for work worth starting them
+            if pending and not self.distributes and self.settings.count > 1:
+                # the default number of workers, none running yet: the first request here times the work
                 began = time.perf_counter()
-                results[0] = self.local(requests[0])
-                step(0)
-                pending = pending[1:]
-                small = (time.perf_counter() - began) * len(pending) < POOL_WORTHWHILE_SECONDS
-                if (self.settings.count == 1 or small) and self.settings.executor == "local":
-                    for i in pending:
-                        results[i] = self.local(requests[i])
-                        step(i)
-                    pending = []
-            if pending and self.settings.executor == "ray":
+                run_here(pending.pop(0))
+                self.consider((time.perf_counter() - began) * len(pending))
+            if not self.distributes:
+                for i in pending:
+                    run_here(i)
+            elif self.settings.executor == "ray":
                 self._on_ray(requests, pending, results, step)
-            elif pending:
+            else:
                 self._on_processes(requests, pending, results, step)
         finally:
             bar.close()
         return results
 
-    def _on_processes(self, requests: list[Request], pending: list[int], results: list, step: Callable[[int], None]) -> None:
+    def _on_processes(self, requests: list, pending: list[int], results: list, step: Callable[[int], None]) -> None:
         attempts = {i: 0 for i in pending}
         while pending:
             if self._processes is None:
@@ -192,7 +252,7 @@ class EvaluationPool:
                 # spawned, not forked: a fork of a process running torch's thread pools can deadlock
                 self._processes = concurrent.futures.ProcessPoolExecutor(
                     self.settings.count, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                    initargs=(self.model, self.datasets, threads))
+                    initargs=(self.model, self.datasets, threads, _core_share(self.settings)))
             try:
                 futures = {self._processes.submit(_run_in_worker, requests[i]): i for i in pending}
             except BrokenProcessPool:  # a worker died while the pool was idle
@@ -220,7 +280,7 @@ class EvaluationPool:
                 if any(attempts[i] >= MAX_ATTEMPTS for i in pending):
                     raise PtqauditError(f"an ORT evaluation's worker process died {MAX_ATTEMPTS} times; giving up")
 
-    def _on_ray(self, requests: list[Request], pending: list[int], results: list, step: Callable[[int], None]) -> None:
+    def _on_ray(self, requests: list, pending: list[int], results: list, step: Callable[[int], None]) -> None:
         try:
             import ray
         except ImportError as exc:
@@ -236,7 +296,7 @@ class EvaluationPool:
             threads = _session_threads(self.model, self.settings)
             # Ray runs a task again when its worker dies (max_retries); the model and data travel once
             remote = ray.remote(num_cpus=max(1, threads), max_retries=MAX_ATTEMPTS - 1)(_run_on_ray)
-            context = ray.put((uuid.uuid4().hex, self.model, self.datasets, threads))
+            context = ray.put((uuid.uuid4().hex, self.model, self.datasets, threads, _core_share(self.settings)))
             self._ray = (remote, context)
         remote, context = self._ray
         references = {remote.remote(context, requests[i]): i for i in pending}

@@ -1,5 +1,5 @@
-"""The worker pool: ORT evaluations on worker processes and on Ray give what a serial run gives, in order, and a
-worker that dies is replaced without losing or repeating a result."""
+"""The worker pool: ORT and simulator evaluations on worker processes and on Ray give what a serial run gives, in
+order, and a worker that dies is replaced without losing or repeating a result."""
 
 import json
 import os
@@ -98,6 +98,33 @@ def test_a_worker_killed_mid_task_is_retried(digits):
         np.testing.assert_array_equal(a, b)
 
 
+def _trace(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
+
+
+def _summary(run: Path) -> dict:
+    values = json.loads((run / "summary.json").read_text())
+    for key in ("search_seconds", "total_seconds", "model"):
+        values.pop(key)
+    return values
+
+
+@pytest.mark.parametrize("method", ["rl", "greedy"])
+def test_processes_give_the_serial_search(capsys, tmp_path, method):
+    """A search on two worker processes (the simulator's groups of policies split between them, the verification's
+    ORT and simulator runs spread over them) against one in this process: the same trace, record for record, and
+    the same summary, for a fleet of both kernel families (the emulated one scored on the workers too)."""
+    runs = {}
+    for workers in (1, 2):
+        run = runs[workers] = tmp_path / f"workers{workers}"
+        code, _, err = run_cli(capsys, "search", DIGITS, "-o", run, "--method", method, "--max-evaluations", 20,
+                               "--kernels", "exact,avx2-u8s8", "--no-progress", "--workers", workers)
+        assert code == 0, err
+    assert len(_trace(runs[1])) >= 20
+    assert _trace(runs[1]) == _trace(runs[2])
+    assert _summary(runs[1]) == _summary(runs[2])
+
+
 def test_ray_executor_gives_the_serial_search_and_report(capsys, tmp_path):
     """search and report with --executor ray (a Ray instance started for the run, two workers) write the summary
     and the analysis a serial run writes."""
@@ -113,6 +140,7 @@ def test_ray_executor_gives_the_serial_search_and_report(capsys, tmp_path):
         assert code == 0, err
         runs[label] = run
     ray.shutdown()
+    assert _trace(runs["serial"]) == _trace(runs["ray"])  # the search's simulator work ran on Ray too
     summaries = [json.loads((runs[label] / "summary.json").read_text()) for label in ("serial", "ray")]
     analyses = [json.loads((runs[label] / "analysis.json").read_text()) for label in ("serial", "ray")]
     for values in summaries + analyses:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..data import Dataset
-from ..predictions import accuracy
+from ..predictions import Predictions, accuracy
 from ..sim.engine import sim_predict_many
 from ..sim.model import SimModel
+from ..workers import EvaluationPool, SimRequest
 from .space import Objective, SearchSpace
+
+
+PACE_TRIALS = 2  # groups timed in each place before a search keeps scoring in the faster one
 
 
 @dataclass(order=True)
@@ -27,13 +32,17 @@ class SimEvaluator:
     (seeded from a resumed run's trace, so a replayed search skips work already done), and every new
     evaluation is handed to `record` for the run's trace. A search may count at most `limit` distinct
     policies (memoized ones included, each once): the cap is kept here, whatever group sizes the search
-    methods ask for, so that --max-evaluations holds exactly."""
+    methods ask for, so that --max-evaluations holds exactly. With a worker pool, a group of policies may be
+    split among the workers instead, where that was measured faster (the same scores, in the same order)."""
 
     def __init__(self, sims: SimModel | list[SimModel], dataset: Dataset, batch_size: int, space: SearchSpace, record,
-                 memo: dict):
-        """sims: one simulator, or one per kernel family of a fleet: a policy scores its lowest accuracy."""
+                 memo: dict, pool: tuple[EvaluationPool, str] | None = None):
+        """sims: one simulator, or one per kernel family of a fleet: a policy scores its lowest accuracy.
+        pool: a worker pool holding `dataset` under the given key, and these simulators for work it runs here."""
         self.sims = sims if isinstance(sims, list) else [sims]
         self.dataset, self.batch_size, self.space = dataset, batch_size, space
+        self.pool = pool
+        self._pace: dict[str, list[float]] = {"here": [], "workers": []}  # seconds per policy of each group
         self.record = record
         self.memo = memo  # digest -> simulator accuracy
         self.step = len(memo)  # records in the run's trace so far: the next record's step number
@@ -67,8 +76,8 @@ class SimEvaluator:
             policies.append(policy)
         todo = {p.digest: p for p in policies if p.digest not in self.memo}
         if todo:
-            scores = np.min([[accuracy(run.labels, self.dataset.y) for run in sim_predict_many(
-                sim, self.dataset, list(todo.values()), self.batch_size, progress=False)] for sim in self.sims], axis=0)
+            scores = np.min([[accuracy(run.labels, self.dataset.y) for run in runs]
+                             for runs in self._predictions(list(todo.values()))], axis=0)
             records = []
             for (digest, policy), score in zip(todo.items(), scores):
                 self.memo[digest] = float(score)
@@ -80,6 +89,45 @@ class SimEvaluator:
                                 "policy": {name: (q.label if q else "fp32") for name, q in policy.mapping.items()}})
             self.record(records)
         return [self.memo[p.digest] for p in policies]
+
+    def _predictions(self, policies: list) -> list[list[Predictions]]:
+        """Each simulator's predictions of every policy, in order: here, or split among the pool's workers,
+        whichever was measured faster (the numbers are the same either way)."""
+        place = self._place()
+        began = time.perf_counter()
+        if place == "here":
+            results = [sim_predict_many(sim, self.dataset, policies, self.batch_size, progress=False)
+                       for sim in self.sims]
+        else:
+            results = self._on_workers(policies)
+        seconds = time.perf_counter() - began
+        self._pace[place].append(seconds / len(policies))
+        if self.pool is not None and self.limit is not None:  # the work ahead at this pace: the rest of the cap
+            self.pool[0].consider(seconds / len(policies) * (self.limit - self.evaluations))
+        return results
+
+    def _place(self) -> str:
+        """Where the next group is scored. Torch's threads in this process share the work of a group's policies
+        (forward_many); workers split the group and lose part of that sharing but not the threads' overhead,
+        so which is faster depends on the model and the machine: each place is timed on a few groups (the
+        workers' first, which starts them, not counted), then the faster is kept."""
+        if self.pool is None or not self.pool[0].distributes:
+            return "here"
+        if len(self._pace["workers"]) < 1 + PACE_TRIALS:
+            return "workers"
+        if len(self._pace["here"]) < PACE_TRIALS:
+            return "here"
+        return min(("workers", "here"), key=lambda place: np.mean(self._pace[place][-PACE_TRIALS:]))
+
+    def _on_workers(self, policies: list) -> list[list[Predictions]]:
+        pool, data = self.pool
+        # consecutive policies stay together: a method orders them so that neighbours share work (forward_many)
+        groups = np.array_split(np.arange(len(policies)), min(pool.parallelism, len(policies)))
+        requests = [SimRequest(tuple(policies[i] for i in group), data, self.batch_size, sim.kernel_family)
+                    for sim in self.sims for group in groups]
+        results = pool.predict(requests)
+        return [[run for runs in results[f * len(groups):(f + 1) * len(groups)] for run in runs]
+                for f in range(len(self.sims))]
 
 
 class Leaderboard:

@@ -22,10 +22,10 @@ from ..predictions import accuracy, drop_points
 from ..progress import Progress
 from ..runs import (SEARCH_SUMMARY, RunFolder, check_fields, check_schema_version, dataclass_from_dict, input_identity,
                     typed_from_dict, without_none, write_atomic, write_json)
-from ..sim.engine import EngineAgreement, sim_predict
-from ..sim.model import SimModel
+from ..sim.engine import EngineAgreement
+from ..sim.model import SimModel, prepare_device
 from ..text import table
-from ..workers import EvaluationPool, Request, WorkerSettings
+from ..workers import EvaluationPool, Request, SimRequest, WorkerSettings
 from .dynamic import dynamic_policy
 from .evaluator import Candidate, Leaderboard, SimEvaluator
 from .methods import METHODS, SEARCHES
@@ -137,7 +137,8 @@ class UniformBaseline:
 
 
 SUMMARY_VERSION = 1  # the layout of summary.json; a reader refuses another
-EVALUATION_DATA = "evaluation"  # the evaluation data's key in the verification's worker pool
+EVALUATION_DATA = "evaluation"  # the evaluation data's key in the search's worker pool
+SEARCH_DATA = "search"  # the key of the examples candidates are scored on
 SIM_DEVICES = ("cpu", "cuda")
 
 
@@ -319,7 +320,9 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
 
     started = time.perf_counter()
     native = detect_kernel_family()
-    sims = {family: SimModel(model, kernel_family=family).eval().to(config.device)
+    prepare_device(config.device)
+    # the ORT sessions' thread setting is reproduced (an LSTM's arithmetic depends on it), as the workers do
+    sims = {family: SimModel(model, kernel_family=family, ort_threads=workers.threads).eval().to(config.device)
             for family in dict.fromkeys((native, *config.fleet))}
     sim = sims[native]  # this machine's arithmetic: its agreement with ORT is measured
     search_set = (search_data if search_data is not None else dataset).subset(config.search_limit)
@@ -329,30 +332,32 @@ def _search(config: SearchConfig, model: LoadedModel, dataset: Dataset, search_d
          f"{budget.effective_bits(space.macs):.2f} effective bits over {len(space.searched)} searched layers | "
          f"{config.method}, seed {config.seed}{fleet}" + (f"\n{model.unaudited_note}" if model.unaudited_note else ""))
     features = layer_features(space.searched, [sim.weight_array(layer.name) for layer in space.searched])
-    evaluator = SimEvaluator([sims[family] for family in config.fleet], search_set, config.batch_size, space,
-                             folder.append_trace, memo)
-    sensitivity = None
-    if config.method == "rl" and config.sensitivity == "gradient":
-        images = min(GRADIENT_IMAGES, len(search_set))
-        echo(f"estimating each operand's sensitivity from the simulator's gradients on {images} {dataset.unit} "
-             "(no policy evaluations)")
-        sensitivity = gradient_sensitivity(space, sim, search_set, config.batch_size)
+    datasets = {EVALUATION_DATA: dataset, SEARCH_DATA: search_set}
+    with EvaluationPool(model, datasets, workers, sims) as pool:
+        # the simulator's groups of policies go to the workers too, unless it runs on a GPU
+        evaluator = SimEvaluator([sims[family] for family in config.fleet], search_set, config.batch_size, space,
+                                 folder.append_trace, memo, (pool, SEARCH_DATA) if config.device == "cpu" else None)
+        sensitivity = None
+        if config.method == "rl" and config.sensitivity == "gradient":
+            images = min(GRADIENT_IMAGES, len(search_set))
+            echo(f"estimating each operand's sensitivity from the simulator's gradients on {images} {dataset.unit} "
+                 "(no policy evaluations)")
+            sensitivity = gradient_sensitivity(space, sim, search_set, config.batch_size)
 
-    echo(f"measuring fp32 on ORT ({len(dataset)} {dataset.unit})")
-    fp32 = predict(make_session(model.proto), dataset, config.batch_size, "fp32 (ORT)", progress)
-    fp32_accuracy = accuracy(fp32.labels, dataset.y)
-    summary = SearchSummary(
-        model=config.model, dataset=dataset.name, images=len(dataset), search_dataset=search_set.name,
-        search_images=len(search_set), batch_size=config.batch_size, seed=config.seed, method=config.method,
-        budget={"bitops": budget.bitops, "effective_bits": budget.effective_bits(space.macs),
-                "worst": "policies at or above it", "best": "policies at or below it"},
-        bits=list(space.bits), searched_layers=[layer.name for layer in space.searched],
-        base_policy=config.base_policy, fp32_accuracy=fp32_accuracy,
-        numbers="accuracies are ONNX Runtime's on the whole evaluation set; sim_* are the simulator's; per kernel "
-                "family, this machine's is ORT's and the others the simulator's emulation",
-        kernel_family=native, kernels={family: kernel_source(family) for family in config.fleet},
-    )
-    with EvaluationPool(model, {EVALUATION_DATA: dataset}, workers) as pool:
+        echo(f"measuring fp32 on ORT ({len(dataset)} {dataset.unit})")
+        fp32 = predict(make_session(model.proto), dataset, config.batch_size, "fp32 (ORT)", progress)
+        fp32_accuracy = accuracy(fp32.labels, dataset.y)
+        summary = SearchSummary(
+            model=config.model, dataset=dataset.name, images=len(dataset), search_dataset=search_set.name,
+            search_images=len(search_set), batch_size=config.batch_size, seed=config.seed, method=config.method,
+            budget={"bitops": budget.bitops, "effective_bits": budget.effective_bits(space.macs),
+                    "worst": "policies at or above it", "best": "policies at or below it"},
+            bits=list(space.bits), searched_layers=[layer.name for layer in space.searched],
+            base_policy=config.base_policy, fp32_accuracy=fp32_accuracy,
+            numbers="accuracies are ONNX Runtime's on the whole evaluation set; sim_* are the simulator's; per kernel "
+                    "family, this machine's is ORT's and the others the simulator's emulation",
+            kernel_family=native, kernels={family: kernel_source(family) for family in config.fleet},
+        )
         context = _Context(config, model, dataset, search_set, space, sims, folder, progress, pool)
         return _search_and_verify(context, summary, objectives, evaluator, features, sensitivity, started, echo)
 
@@ -432,7 +437,8 @@ def _verified_case(context: "_Context", summary: SearchSummary, board: Leaderboa
     if uniform is not None:
         candidates.setdefault(uniform.digest, uniform)
     count = len(candidates)
-    echo(f"verifying {count} {objective}-case candidate{'s' * (count != 1)} on ORT ({len(context.dataset)} {context.dataset.unit} each)")
+    echo(f"verifying {count} {objective}-case candidate{'s' * (count != 1)} on ORT and the simulator "
+         f"({len(context.dataset)} {context.dataset.unit} each)")
     verified = _verify(context, list(candidates.values()), objective)
     chosen = verified[0]
     policy = space.policy(candidates[chosen.digest].choice, f"{objective}-case")
@@ -499,22 +505,26 @@ def _verify(context: _Context, candidates: list[Candidate], objective: Objective
     dataset, batch_size = context.dataset, context.config.batch_size
     native = detect_kernel_family()
     policies = [context.space.policy(candidate.choice, f"{objective}-candidate") for candidate in candidates]
-    ort_runs = context.pool.predict([Request(policy, EVALUATION_DATA, batch_size) for policy in policies],
-                                    f"verify {objective} on ORT", context.progress, "policy")
+    # each policy on ORT, and on the simulator of every kernel family the summary shows (this machine's for the
+    # agreement with ORT, the fleet's others emulated), all on the pool at once
+    families = [native] + [family for family in context.config.fleet if family != native]
+    requests = [Request(policy, EVALUATION_DATA, batch_size) for policy in policies]
+    requests += [SimRequest((policy,), EVALUATION_DATA, batch_size, family) for family in families for policy in policies]
+    runs = context.pool.predict(requests, f"verify {objective}", context.progress, "evaluation")
+    ort_runs = runs[:len(policies)]
+    sim_runs = {family: [run for (run,) in runs[len(policies) * (f + 1):len(policies) * (f + 2)]]
+                for f, family in enumerate(families)}
     results = []
-    for candidate, policy, ort_run in zip(candidates, policies, ort_runs):
-        sim_run = sim_predict(context.sim, dataset, policy, batch_size, progress=False)
+    for index, (candidate, policy, ort_run) in enumerate(zip(candidates, policies, ort_runs)):
         ort_accuracy = accuracy(ort_run.labels, dataset.y)
         kernels = {}
         if context.config.fleet != (native,):
-            for family in context.config.fleet:
-                kernels[family] = ort_accuracy if family == native else accuracy(sim_predict(
-                    context.sims[family], dataset, policy, batch_size, f"verify {objective}, {family} emulated",
-                    context.progress).labels, dataset.y)
+            kernels = {family: ort_accuracy if family == native else accuracy(sim_runs[family][index].labels, dataset.y)
+                       for family in context.config.fleet}
         results.append(Verified(
             rank=0, digest=candidate.digest, ort_accuracy=ort_accuracy,
             sim_accuracy_search_subset=candidate.sim_accuracy,
-            sim_top1_agreement_with_ort=EngineAgreement.between(ort_run, sim_run).top1_agreement,
+            sim_top1_agreement_with_ort=EngineAgreement.between(ort_run, sim_runs[native][index]).top1_agreement,
             bitops=candidate.bitops, effective_bits=context.space.effective_bits(candidate.bitops),
             layers={name: (q.label if q else "fp32") for name, q in policy.mapping.items()}, kernels=kernels,
         ))

@@ -239,6 +239,14 @@ class _Step:
     frees: tuple[str, ...] = ()  # tensors no later step reads, dropped after this step
 
 
+def prepare_device(device: str) -> None:
+    """Make torch's float32 arithmetic on `device` as exact as the simulator needs: CUDA's TF32 mode (on by default
+    for convolutions) would round the integer products the simulator keeps exact in float32."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 class SimModel(nn.Module):
     """ONNX graph interpreted with torch ops; constant sub-graphs are folded once at construction."""
 
