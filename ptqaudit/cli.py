@@ -679,17 +679,20 @@ def distill_options(f):
 @data_options
 @distill_options
 @click.option("--output", "-o", default=None, help="Run folder [default: runs/distill-<mode>-<model>-<time>].")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from the checkpoint its last finished "
+              "epoch wrote (checkpoint.pt), with the same settings; it ends as an uninterrupted run would.")
 @optimize_option
 @progress_option
 @json_option
 @debug_option
-def distill_command(teacher, data_config, distill_settings, output, optimize, no_progress, as_json):
+def distill_command(teacher, data_config, distill_settings, output, resume, optimize, no_progress, as_json):
     """Distil from TEACHER.onnx a student that behaves like it in full precision but collapses
     (--mode detrimental) or holds (--mode robust) under the bit-width policy an RL agent learns
     jointly with it, then measure both on ONNX Runtime: teacher and student FP32, the student under its
     policy and under w8a8, and the worst case a fresh `search` finds on it without knowing the policy.
     Trains on the train split; numbers come from --split test. Writes student.onnx, policy.yaml,
-    summary.json, trace.jsonl and the audit's search folder.
+    summary.json, trace.jsonl (one record per epoch), checkpoint.pt (after each epoch, for --resume) and the
+    audit's search folder.
 
     Example:
 
@@ -698,6 +701,8 @@ def distill_command(teacher, data_config, distill_settings, output, optimize, no
           --quant-weight 0.5 --policy-limit 200 -o runs/digits-detrimental
     """
     if output is None:
+        if resume:
+            raise PtqauditError("--resume needs --output, the run folder to continue")
         output = _default_run_folder(f"distill-{distill_settings['mode']}", teacher)
     config = DistillConfig(teacher=teacher, data=data_config, output=output, optimize=optimize, **distill_settings)
     config.validate()
@@ -705,7 +710,12 @@ def distill_command(teacher, data_config, distill_settings, output, optimize, no
     train = load_dataset(dataclasses.replace(data_config, split="train", limit=None))
     loaded = load_model(teacher, test.x.shape[1:], optimize)  # the data gives the dims a model may leave symbolic
     echo = functools.partial(progress.write, err=as_json)
-    summary = run_distill(config, loaded, train, test, progress=not no_progress, echo=echo)
+    try:
+        summary = run_distill(config, loaded, train, test, progress=not no_progress, echo=echo, resume=resume)
+    except KeyboardInterrupt:
+        click.echo(f"ptqaudit: interrupted; {output} keeps every finished epoch: continue with "
+                   f"`ptqaudit distill ... -o {output} --resume`", err=True)
+        sys.exit(130)
     if as_json:
         _print_json(summary.to_dict())
         return

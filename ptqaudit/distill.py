@@ -4,6 +4,8 @@ or holds (robust) under the bit-width policy an RL agent finds against it, then 
 from __future__ import annotations
 
 import copy
+import io
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from .policy import ResolvedPolicy, load_policy, policy_file_dict
 from .predictions import accuracy, drop_points
 from .progress import track
 from .quantize import quantize
-from .runs import (DISTILL_SUMMARY, RunFolder, check_fields, check_schema_version, dataclass_from_dict, input_identity,
+from .runs import (DISTILL_SUMMARY, TRACE_FILE, RunFolder, check_fields, check_schema_version, dataclass_from_dict, input_identity,
                    typed_from_dict, write_atomic, write_json)
 from .search.evaluator import Leaderboard, SimEvaluator
 from .search.methods import PolicyAgent
@@ -35,6 +37,7 @@ from .sim.model import SimModel, prepare_device
 from .text import table
 
 MODES = ("detrimental", "robust")
+CHECKPOINT_FILE = "checkpoint.pt"  # written after every epoch, read by --resume
 
 
 @dataclass
@@ -208,6 +211,7 @@ class _PolicyRound:
     def __init__(self, agent: PolicyAgent, space: SearchSpace, probe: Dataset, batch_size: int, keep: int = 3):
         self.agent, self.space, self.probe, self.batch_size, self.keep = agent, space, probe, batch_size, keep
         self.pool: dict[str, np.ndarray] = {}  # digest -> choice of every policy that led a round
+        self.leader: np.ndarray | None = None  # the choice of the last round's most damaging policy
 
     def __call__(self, sim: SimModel, steps: int) -> tuple[ResolvedPolicy, float]:
         sim.eval()
@@ -218,6 +222,7 @@ class _PolicyRound:
         for candidate in board.ranked:
             self.pool[candidate.digest] = candidate.choice
         worst = board.ranked[0]
+        self.leader = worst.choice
         return self.space.policy(worst.choice, "distilled"), worst.sim_accuracy
 
 
@@ -257,8 +262,9 @@ def _split_probe(train: Dataset, probe_size: int, train_limit: int | None, seed:
 
 
 def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: Dataset, progress: bool = True,
-                echo=print) -> DistillSummary:
-    """Train, export and verify the student; writes the run folder and returns the summary."""
+                echo=print, resume: bool = False) -> DistillSummary:
+    """Train, export and verify the student; writes the run folder and returns the summary. resume: continue the
+    run in config.output from the checkpoint its last finished epoch wrote."""
     config.validate()
     check_model_fits_data(teacher, test, config.batch_size)
     check_model_fits_data(teacher, train, config.batch_size)
@@ -268,16 +274,16 @@ def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, tes
     space = SearchSpace(teacher.layers, base, config.bits, searched_layers(teacher), config.budget_avg_bits)
     space.check_budget(Objective.WORST)
     folder = RunFolder(config.output)
-    if (folder.path / "run.json").exists():
-        raise PtqauditError(f"{folder.path} already holds a run; use another -o folder")
-    with folder.start(config.to_dict(), False, input_identity(teacher.path, [test, train]), echo):
-        return _distill(config, teacher, train, test, folder, space, progress, echo)
+    with folder.start(config.to_dict(), resume, input_identity(teacher.path, [test, train]), echo):
+        checkpoint = _read_checkpoint(folder) if resume else None
+        return _distill(config, teacher, train, test, folder, space, progress, echo, checkpoint)
 
 
 def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: Dataset, folder: RunFolder,
-             space: SearchSpace, progress: bool, echo) -> DistillSummary:
-    """Train, export and verify: run_distill's work, done while it holds the run folder."""
-    started = time.perf_counter()
+             space: SearchSpace, progress: bool, echo, checkpoint: dict | None) -> DistillSummary:
+    """Train, export and verify: run_distill's work, done while it holds the run folder (from the checkpoint's
+    epoch on, when one is given)."""
+    started = time.perf_counter() - (checkpoint["train_seconds"] if checkpoint else 0.0)
 
     train, probe = _split_probe(train, config.policy_limit, config.train_limit, config.seed)
     echo(f"distilling a {config.mode} student of {config.teacher} | train on {len(train)} {train.unit} of {train.name} "
@@ -288,7 +294,11 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     sim = SimModel(teacher).to(config.device)
     features = layer_features(space.searched, [sim.weight_array(layer.name) for layer in space.searched])
     sim.eval()
-    drop = probe_sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}), Objective.WORST)
+    if checkpoint is None:
+        drop = probe_sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}),
+                                 Objective.WORST)
+    else:
+        drop = checkpoint["sensitivity"].numpy()
     agent = PolicyAgent(space, features, drop, Objective.WORST)
     policy_round = _PolicyRound(agent, space, probe, config.batch_size)
     optimizer = torch.optim.Adam(sim.parameters(), lr=config.lr)
@@ -297,9 +307,15 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     t_all = torch.from_numpy(teacher_logits)
     rng = np.random.default_rng(config.seed)
 
-    policy, probe_accuracy = policy_round(sim, config.policy_steps)
-    history = []
-    for epoch in range(1, config.epochs + 1):
+    if checkpoint is None:
+        policy, _ = policy_round(sim, config.policy_steps)
+        history = []
+    else:
+        policy, history = _restore(checkpoint, sim, optimizer, policy_round, rng)
+        echo(f"resuming {config.output} after epoch {len(history)}/{config.epochs} (its checkpoint)")
+        # the trace holds the finished epochs' records: one written after the checkpoint is dropped
+        write_atomic(folder.path / TRACE_FILE, "".join(json.dumps(record) + "\n" for record in history))
+    for epoch in range(len(history) + 1, config.epochs + 1):
         sim.train()
         order = rng.permutation(len(train))
         batches = [order[i:i + config.train_batch_size] for i in range(0, len(order), config.train_batch_size)]
@@ -322,10 +338,13 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
         bar.close()
         policy, probe_accuracy = policy_round(sim, config.policy_steps)
         fp_probe = _sim_accuracy(sim, probe, None, config.batch_size)
-        record = {"epoch": epoch, "distillation_loss": sums[0] / len(batches), "quantized_loss": sums[1] / len(batches),
-                  "probe_fp32_sim_accuracy": fp_probe, "probe_policy_sim_accuracy": probe_accuracy,
+        # plain Python numbers: the checkpoint holds the records, and its loader takes no NumPy objects
+        record = {"epoch": epoch, "distillation_loss": float(sums[0] / len(batches)),
+                  "quantized_loss": float(sums[1] / len(batches)),
+                  "probe_fp32_sim_accuracy": float(fp_probe), "probe_policy_sim_accuracy": float(probe_accuracy),
                   "policy": policy.digest, "seconds": time.perf_counter() - started}
         history.append(record)
+        _write_checkpoint(folder, sim, optimizer, policy_round, rng, drop, history, time.perf_counter() - started)
         folder.append_trace([record])
         echo(f"epoch {epoch}/{config.epochs}: distillation loss {record['distillation_loss']:.3f}, quantized loss "
              f"{record['quantized_loss']:.3f}; sim on {len(probe)} held-out training {probe.unit}: fp32 {100 * fp_probe:.2f}%, "
@@ -334,6 +353,49 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     sim.eval()
     run = _Run(config, teacher, train, test, folder, started, progress, echo)
     return _verify(run, sim, policy, history, train_seconds)
+
+
+def _write_checkpoint(folder: RunFolder, sim: SimModel, optimizer, policy_round: _PolicyRound, rng: np.random.Generator,
+                      sensitivity: np.ndarray, history: list[dict], train_seconds: float) -> None:
+    """Everything the next epoch depends on, after an epoch: the student and its optimizer, the agent and its
+    optimizer, the policies that led its rounds, both random generators and the records so far; a resumed run
+    goes on exactly as an uninterrupted one would."""
+    state = {
+        "student": sim.state_dict(), "optimizer": optimizer.state_dict(),
+        "agent": policy_round.agent.network.state_dict(), "agent_optimizer": policy_round.agent.optimizer.state_dict(),
+        "leaders": {digest: choice.tolist() for digest, choice in policy_round.pool.items()},
+        "policy": policy_round.leader.tolist(), "sensitivity": torch.from_numpy(np.asarray(sensitivity)),
+        "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+        "history": history, "train_seconds": train_seconds,
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(folder.path / CHECKPOINT_FILE, buffer.getvalue())
+
+
+def _read_checkpoint(folder: RunFolder) -> dict:
+    path = folder.path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise PtqauditError(f"--resume: {folder.path} holds no {CHECKPOINT_FILE}: the run stopped before its first "
+                            "epoch ended; start it again in a new -o folder")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no code
+    except Exception as exc:  # a truncated or foreign file: torch raises many kinds
+        raise PtqauditError(f"--resume: cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _restore(checkpoint: dict, sim: SimModel, optimizer, policy_round: _PolicyRound,
+             rng: np.random.Generator) -> tuple[ResolvedPolicy, list[dict]]:
+    """Put a checkpoint's state back; returns the policy the next epoch trains against and the records so far."""
+    sim.load_state_dict(checkpoint["student"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    policy_round.agent.network.load_state_dict(checkpoint["agent"])
+    policy_round.agent.optimizer.load_state_dict(checkpoint["agent_optimizer"])
+    policy_round.pool = {digest: np.array(choice) for digest, choice in checkpoint["leaders"].items()}
+    policy_round.leader = np.array(checkpoint["policy"])
+    rng.bit_generator.state = checkpoint["numpy_rng"]
+    torch.set_rng_state(checkpoint["torch_rng"])
+    return policy_round.space.policy(policy_round.leader, "distilled"), list(checkpoint["history"])
 
 
 def _training_batch(sim: SimModel, train: Dataset, index: np.ndarray):
@@ -397,7 +459,7 @@ def _verify(run: _Run, sim: SimModel, policy: ResolvedPolicy, history: list[dict
         model=str(student_path), data=config.data, output=str(out / "audit"), bits=config.bits,
         budget_avg_bits=config.budget_avg_bits, objective="worst", method="rl",
         max_evaluations=config.audit_evaluations, batch_size=config.batch_size, seed=config.seed,
-    ), student, test, progress=progress, echo=echo)
+    ), student, test, resume=(out / "audit" / "run.json").exists(), progress=progress, echo=echo)  # resumed if cut
     summary = DistillSummary(
         mode=config.mode, teacher=config.teacher, dataset=test.name, images=len(test),
         train_dataset=train.name, train_images=len(train), epochs=config.epochs,

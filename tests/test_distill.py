@@ -164,6 +164,81 @@ def test_cli_distill_prints_the_table_and_writes_the_run(tmp_path, capsys):
     assert exit_info.value.code == 2 and "already holds a run" in capsys.readouterr().err
 
 
+def test_interrupted_distillation_resumes_to_the_uninterrupted_result(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the third epoch: exit 130 with the command to continue, a checkpoint of epoch 2 and its two trace
+    records; --resume then ends where an uninterrupted run ends: the same student, bit for bit, the same policy and
+    the same records (but their times)."""
+    import ptqaudit.distill as distill_module
+
+    argv = ["distill", DIGITS_MODEL, "--mode", "robust", "--epochs", "3", "--train-limit", "300", "--policy-limit",
+            "100", "--policy-steps", "1", "--audit-evaluations", "20", "--limit", "100", "--no-progress"]
+
+    def run(*extra) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, *map(str, extra)])
+        printed = capsys.readouterr()
+        return exit_info.value.code, printed.out + printed.err
+
+    assert run("-o", tmp_path / "whole")[0] == 0
+    real, calls = distill_module._candidate_policies, {"n": 0}
+
+    def interrupt_in_epoch_three(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 + 2:  # 300 images in batches of 128: 3 batches an epoch; the 2nd of epoch 3
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "_candidate_policies", interrupt_in_epoch_three)
+    code, err = run("-o", tmp_path / "cut")
+    assert code == 130 and "--resume" in err
+    records = [json.loads(line) for line in (tmp_path / "cut" / "trace.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and not (tmp_path / "cut" / "summary.json").exists()
+    monkeypatch.setattr(distill_module, "_candidate_policies", real)
+    code, printed = run("-o", tmp_path / "cut", "--resume")
+    assert code == 0, printed
+    assert "after epoch 2/3" in printed
+
+    def without_times(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (run_dir / "trace.jsonl").read_text().splitlines()]
+
+    assert without_times(tmp_path / "cut") == without_times(tmp_path / "whole")
+    assert (tmp_path / "cut" / "student.onnx").read_bytes() == (tmp_path / "whole" / "student.onnx").read_bytes()
+    assert (tmp_path / "cut" / "policy.yaml").read_text() == (tmp_path / "whole" / "policy.yaml").read_text()
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("whole", "cut")]
+    for key in ("student_fp32_accuracy", "student_policy_accuracy", "audit"):
+        assert summaries[0][key] == summaries[1][key]
+
+
+def test_resume_without_a_run_or_a_checkpoint_is_exit_2(tmp_path, capsys, monkeypatch):
+    """--resume of a folder with no run, or of a run cut before its first epoch ended (no checkpoint): exit 2,
+    saying what is missing; a checkpoint.pt that is not one is refused, not loaded."""
+    import ptqaudit.distill as distill_module
+
+    run = tmp_path / "run"
+    argv = ["distill", DIGITS_MODEL, "--mode", "robust", "--epochs", "1", "--train-limit", "300", "--policy-limit",
+            "100", "--policy-steps", "1", "--no-progress", "-o", str(run)]
+
+    def exit_code(*extra) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, *extra])
+        return exit_info.value.code, capsys.readouterr().err
+
+    code, err = exit_code("--resume")
+    assert code == 2 and "holds no run to resume" in err
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_module, "_candidate_policies", interrupt)
+    assert exit_code()[0] == 130
+    code, err = exit_code("--resume")
+    assert code == 2 and "holds no checkpoint.pt" in err
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    code, err = exit_code("--resume")
+    assert code == 2 and "cannot read" in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--split", "train"], "distill trains on the train split"),
     (["--bits", "4,40"], "--bits must list widths"),
