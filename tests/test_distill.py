@@ -237,6 +237,20 @@ def test_resume_without_a_run_or_a_checkpoint_is_exit_2(tmp_path, capsys, monkey
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
     code, err = exit_code("--resume")
     assert code == 2 and "cannot read" in err
+    marker = tmp_path / "code-ran"
+    torch.save({"student": _TouchesAFile(marker)}, run / "checkpoint.pt")  # a planted checkpoint that runs code
+    code, err = exit_code("--resume")
+    assert code == 2 and "cannot read" in err and not marker.exists()
+
+
+class _TouchesAFile:
+    """Unpickled, it would create a file: what a planted checkpoint could do instead."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
 
 
 @pytest.mark.parametrize("args, message", [
