@@ -256,6 +256,8 @@ class Analysis:
     budget_curves: dict[str, list[BudgetPoint]]  # objective -> points, lowest budget first
     ship_policy: ShipPolicy | None = None
     kernel_family: str = ""  # the family of the machine whose ORT kernels measured the analysis
+    # a robust distill run's teacher, measured the same way (drops from the teacher's fp32), to compare with
+    teacher_layer_sensitivity: list[SensitivityRow] = dataclasses.field(default_factory=list)
     numbers: str = ANALYSIS_NUMBERS
     seconds: float = 0.0
 
@@ -364,10 +366,10 @@ class _Meter:
     the worker pool (prefetch), and one progress bar counting what the sections read."""
 
     def __init__(self, run: SearchRun, datasets: dict[str, Dataset], progress: bool, total: int,
-                 workers: WorkerSettings):
+                 workers: WorkerSettings, desc: str = "analysis on ORT"):
         self.run, self.datasets, self.dataset = run, datasets, datasets[ANALYSIS_DATA]
         self.pool = EvaluationPool(run.model, datasets, workers)
-        self.bar = Progress(total, "analysis on ORT", "run", progress)
+        self.bar = Progress(total, desc, "run", progress)
         self._labels: dict = {}
         self._counted: set = set()  # measured by prefetch, which moved the bar already: not counted when read
 
@@ -423,6 +425,25 @@ def layer_sensitivity(meter: _Meter, run: SearchRun, base: ResolvedPolicy, refer
     meter.prefetch([(policy, ANALYSIS_DATA, None) for _, _, policy in probes])
     return [SensitivityRow(name, bits, acc, drop_points(reference, acc)) for name, bits, policy in probes
             for acc in [meter.accuracy(policy)]]
+
+
+def teacher_run(run: SearchRun) -> SearchRun | None:
+    """A robust distill run's search of its teacher (distill.TEACHER_AUDIT, beside the student's audit), if any."""
+    if run.distill is None or run.distill.teacher_audit is None:
+        return None
+    return load_run(run.path.parent / run.distill.teacher_audit.run)
+
+
+def teacher_sensitivity(teacher: SearchRun, dataset: Dataset, progress: bool,
+                        workers: WorkerSettings) -> list[SensitivityRow]:
+    """The teacher's per-layer sensitivity on the same examples, as layer_sensitivity measures the student's."""
+    base = load_policy(teacher.config.base_policy).resolve(teacher.model.layers)
+    probes = sum(base.mapping[layer.name] is not None for layer in teacher.model.layers) * len(_low_bits(teacher))
+    meter = _Meter(teacher, {ANALYSIS_DATA: dataset}, progress, 1 + probes, workers, "teacher's sensitivity on ORT")
+    with meter.pool:
+        rows = layer_sensitivity(meter, teacher, base, meter.accuracy(None))
+    meter.bar.close()
+    return rows
 
 
 def low_bit_frequency(run: SearchRun, count: int) -> LowBitFrequency:
@@ -738,6 +759,9 @@ def analyse(run: SearchRun, settings: AnalysisSettings, progress: bool = True, e
     with meter.pool:
         result = _measure(run, settings, meter, worst, base, fleet, corrupted)
     meter.bar.close()
+    teacher = teacher_run(run)
+    if teacher is not None:
+        result.teacher_layer_sensitivity = teacher_sensitivity(teacher, dataset, progress, workers)
     result.seconds = time.perf_counter() - started
     write_json(run.path / ANALYSIS_FILE, result.to_dict())
     return result
@@ -788,4 +812,6 @@ def cached_analysis(run: SearchRun, settings: AnalysisSettings) -> Analysis | No
     inputs = input_identity(run.model.path, [load_dataset(dataclasses.replace(run.data, limit=settings.limit))])
     if stored.get("inputs") != inputs:
         return None
+    if run.distill is not None and run.distill.teacher_audit is not None and not stored.get("teacher_layer_sensitivity"):
+        return None  # made before the teacher was measured beside the student
     return Analysis.from_dict(stored, path, " (--recompute measures the analysis again)")

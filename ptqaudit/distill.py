@@ -26,7 +26,7 @@ from .predictions import accuracy, drop_points
 from .progress import track
 from .quantize import quantize
 from .runs import (DISTILL_SUMMARY, TRACE_FILE, RunFolder, check_fields, check_schema_version, dataclass_from_dict, input_identity,
-                   typed_from_dict, write_atomic, write_json)
+                   typed_from_dict, without_none, write_atomic, write_json)
 from .search.evaluator import Leaderboard, SimEvaluator
 from .search.methods import PolicyAgent
 from .search.sensitivity import probe_sensitivity
@@ -38,6 +38,7 @@ from .text import table
 
 MODES = ("detrimental", "robust")
 CHECKPOINT_FILE = "checkpoint.pt"  # written after every epoch, read by --resume
+TEACHER_AUDIT = "teacher-audit"  # a robust run's search of the teacher, beside the student's audit/
 
 
 @dataclass
@@ -137,6 +138,7 @@ class DistillSummary:
     policy_drop_points: float
     w8a8_drop_points: float = 0.0
     audit: DistillAudit
+    teacher_audit: DistillAudit | None = None  # robust: the teacher searched the same way (drop from its fp32)
     sim_top1_agreement_with_ort: float = 0.0
     history: list[dict] = field(default_factory=list)  # one record per epoch
     train_seconds: float = 0.0
@@ -152,6 +154,8 @@ class DistillSummary:
                 ["student under its policy", self.student_policy_accuracy, student],
                 ["student w8a8", self.student_w8a8_accuracy, student],
                 ["student, fresh search's worst case", self.audit.worst_accuracy, student]]
+        if self.teacher_audit is not None:
+            rows.append(["teacher, the same search's worst case", self.teacher_audit.worst_accuracy, teacher])
         return "\n".join([
             f"{self.mode} student of {self.teacher} | trained on {self.train_images} {self.unit} of {self.train_dataset}, "
             f"{self.epochs} epochs | data {self.dataset}, {self.images} {self.unit} | batch size {self.batch_size} | "
@@ -162,7 +166,7 @@ class DistillSummary:
             f"simulator = ORT on the student's policy: {100 * self.sim_top1_agreement_with_ort:.2f}% top-1"])
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return without_none(asdict(self), ("teacher_audit",))
 
     @classmethod
     def from_dict(cls, values, where: str | Path) -> "DistillSummary":
@@ -454,12 +458,23 @@ def _verify(run: _Run, sim: SimModel, policy: ResolvedPolicy, history: list[dict
     sim_cpu = SimModel(student).eval()
     agreement = EngineAgreement.between(runs["student_policy"], sim_predict(sim_cpu, test, policy, config.batch_size,
                                                                             progress=False))
+    def fresh_search(model: LoadedModel, model_file: str, folder: str, optimize: str = "") -> DistillAudit:
+        """The worst case a fresh search of `model` finds, not told the policy (resumed if a run was cut in it)."""
+        found = run_search(SearchConfig(
+            model=model_file, data=config.data, output=str(out / folder), bits=config.bits,
+            budget_avg_bits=config.budget_avg_bits, objective="worst", method="rl",
+            max_evaluations=config.audit_evaluations, batch_size=config.batch_size, seed=config.seed, optimize=optimize,
+        ), model, test, resume=(out / folder / "run.json").exists(), progress=progress, echo=echo).worst
+        fp32 = acc["student_fp32" if model is student else "teacher_fp32"]
+        return DistillAudit(folder, found.ort_accuracy, drop_points(fp32, found.ort_accuracy), f"{folder}/worst.yaml",
+                            found.evaluations)
+
     echo(f"auditing the student with a fresh search ({config.audit_evaluations} evaluations, not told its policy)")
-    audit = run_search(SearchConfig(
-        model=str(student_path), data=config.data, output=str(out / "audit"), bits=config.bits,
-        budget_avg_bits=config.budget_avg_bits, objective="worst", method="rl",
-        max_evaluations=config.audit_evaluations, batch_size=config.batch_size, seed=config.seed,
-    ), student, test, resume=(out / "audit" / "run.json").exists(), progress=progress, echo=echo)  # resumed if cut
+    audit = fresh_search(student, str(student_path), "audit")
+    teacher_audit = None
+    if config.mode == "robust":  # is the student more robust than the teacher against the same search?
+        echo(f"auditing the teacher with the same search ({config.audit_evaluations} evaluations), for comparison")
+        teacher_audit = fresh_search(teacher, config.teacher, TEACHER_AUDIT, config.optimize)
     summary = DistillSummary(
         mode=config.mode, teacher=config.teacher, dataset=test.name, images=len(test),
         train_dataset=train.name, train_images=len(train), epochs=config.epochs,
@@ -478,8 +493,7 @@ def _verify(run: _Run, sim: SimModel, policy: ResolvedPolicy, history: list[dict
         fp32_gap_points=drop_points(acc["teacher_fp32"], acc["student_fp32"]),
         policy_drop_points=drop_points(acc["student_fp32"], acc["student_policy"]),
         w8a8_drop_points=drop_points(acc["student_fp32"], acc["student_w8a8"]),
-        audit=DistillAudit("audit", audit.worst.ort_accuracy, drop_points(acc["student_fp32"], audit.worst.ort_accuracy),
-                           "audit/worst.yaml", audit.worst.evaluations),
+        audit=audit, teacher_audit=teacher_audit,
         sim_top1_agreement_with_ort=agreement.top1_agreement,
         history=history, train_seconds=train_seconds, total_seconds=time.perf_counter() - run.started,
         numbers="accuracies are ONNX Runtime's on the evaluation data; drops are from the student's fp32 accuracy",

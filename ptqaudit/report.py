@@ -10,7 +10,7 @@ import json
 import os
 import textwrap
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 from .analysis import Analysis, BudgetPoint, SearchRun, ShipPolicy, case_under_kernels
@@ -118,7 +118,8 @@ def headline(run: SearchRun, gate: Gate, kernels: tuple[str, ...] | None = None,
 
 
 DISTILL_FIGURES = ("mode", "teacher", "teacher_fp32_accuracy", "teacher_policy_accuracy", "student_fp32_accuracy",
-                   "student_policy_accuracy", "student_w8a8_accuracy", "policy_drop_points", "policy_effective_bits")
+                   "student_policy_accuracy", "student_w8a8_accuracy", "policy_drop_points", "policy_effective_bits",
+                   "audit", "teacher_audit")
 
 
 @dataclass
@@ -134,7 +135,9 @@ class Report:
         document = {"headline": asdict(self.headline), "analysis": self.analysis and self.analysis.to_dict(),
                     "run": self.run}
         if self.distill is not None:
-            document["distill"] = {key: getattr(self.distill, key) for key in DISTILL_FIGURES}
+            figures = {key: getattr(self.distill, key) for key in DISTILL_FIGURES}
+            document["distill"] = {key: asdict(value) if is_dataclass(value) else value
+                                   for key, value in figures.items() if value is not None}
         return document
 
 
@@ -281,19 +284,32 @@ def tables(report: Report) -> list[Section]:
         ["verdict", verdict],
     ] + [[c.name, ("pass" if c.passed else "FAIL") + f" ({c.value:.2f})"] for c in h.gate.checks], None))
     if report.distill is not None:
-        d = report.distill
-        sections.append(("distill", f"Distilled {d.mode} student", ["model", "ORT accuracy"], [
-            ["teacher fp32", _pct(d.teacher_fp32_accuracy)],
-            ["teacher under the student's policy", _pct(d.teacher_policy_accuracy)],
-            ["student fp32", _pct(d.student_fp32_accuracy)],
-            ["student under its policy", _pct(d.student_policy_accuracy)],
-            ["student w8a8", _pct(d.student_w8a8_accuracy)]], None))
+        sections.append(_distill_section(report.distill))
     sections.append(("worst-policy", "Worst policy found", ["layer", "setting"],
                      [[name, label] for name, label in h.worst_policy.items()], None))
     a = report.analysis
     if a:
         sections += _analysis_sections(a, h)
     return sections
+
+
+def _distill_section(d: DistillSummary) -> Section:
+    """Teacher and student side by side on ORT: fp32, the student's policy, w8a8 (student), and the worst case
+    the same fresh search found on each (a robust run audits both), with drops from each one's fp32."""
+
+    def cell(accuracy: float | None, fp32: float) -> str:
+        return "" if accuracy is None else f"{_pct(accuracy)} ({drop_points(fp32, accuracy):+.2f})"
+
+    teacher, student = d.teacher_fp32_accuracy, d.student_fp32_accuracy
+    return ("distill", f"Distilled {d.mode} student against its teacher (ORT accuracy, drop in points from each "
+                       "one's fp32)", ["", "teacher", "student"], [
+        ["fp32", _pct(teacher), _pct(student)],
+        [f"under the student's policy ({d.policy_effective_bits:.2f} effective bits)",
+         cell(d.teacher_policy_accuracy, teacher), cell(d.student_policy_accuracy, student)],
+        ["w8a8", "", cell(d.student_w8a8_accuracy, student)],
+        ["worst case a fresh search found (not told the policy)",
+         cell(d.teacher_audit and d.teacher_audit.worst_accuracy, teacher) or "not searched (detrimental run)",
+         cell(d.audit.worst_accuracy, student)]], None)
 
 
 def _ship_sections(ship: ShipPolicy, a: Analysis, h: Headline) -> list[Section]:
@@ -339,9 +355,15 @@ def _analysis_sections(a: Analysis, h: Headline) -> list[Section]:
     widths = sorted({r.bits for r in a.layer_sensitivity})
     frequency = a.low_bit_frequency.layers
     ranked = sorted(by_layer, key=lambda layer: -max(by_layer[layer].values()))
-    sections = [("sensitivity", f"Per-layer sensitivity: drop in points with one layer at WbAb ({note})",
-                 ["layer"] + [f"W{b}A{b}" for b in widths] + ["low bits in worst policies"],
+    teacher: dict[str, dict] = {}
+    for r in a.teacher_layer_sensitivity:  # a robust distill run: the teacher beside the student
+        teacher.setdefault(r.layer, {})[r.bits] = r.drop_points
+    sections = [("sensitivity", f"Per-layer sensitivity: drop in points with one layer at WbAb ({note})"
+                 + ("; the student's, then its teacher's" if teacher else ""),
+                 ["layer"] + [f"W{b}A{b}" for b in widths] + [f"teacher W{b}A{b}" for b in widths if teacher]
+                 + ["low bits in worst policies"],
                  [[layer] + [f"{by_layer[layer][b]:+.2f}" for b in widths]
+                  + [f"{teacher[layer][b]:+.2f}" if b in teacher.get(layer, {}) else "" for b in widths if teacher]
                   + [f"{100 * frequency.get(layer, 0):.0f}%"] for layer in ranked], "sensitivity")]
     if any(a.budget_curves.values()):
         differs = "" if a.images == h.images else f"; the headline's figures come from all {h.images:,}"

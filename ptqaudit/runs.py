@@ -420,7 +420,9 @@ DISTILL_SUMMARY = {"mode": str, "teacher": str, "student_file": str, "audit": {"
                                                                              "evaluations": int},
                    **{f"{name}_accuracy": float for name in ("teacher_fp32", "teacher_policy", "student_fp32",
                                                              "student_policy", "student_w8a8")},
-                   "policy_drop_points": float, "policy_effective_bits": float, "unit?": str}
+                   "policy_drop_points": float, "policy_effective_bits": float, "unit?": str,
+                   "teacher_audit?": {"run": str, "worst_accuracy": float, "drop_points": float, "policy_file": str,
+                                      "evaluations": int}}
 _ACCURACIES = {"fp32_accuracy": float, "worst_accuracy": float, "drop_points": float}
 _CORRUPTIONS = ListOf({"corruption": str, "severity": int, **_ACCURACIES})
 _BATCH_SIZES = ListOf({"batch_size": int, "worst_accuracy": float})
@@ -431,6 +433,7 @@ ANALYSIS = {
     "inputs": MapOf(str), "dataset": str, "images": int, "batch_size": int, "fp32_accuracy": float,
     "worst_accuracy": float, "base_policy": str,
     "layer_sensitivity": ListOf({"layer": str, "bits": int, "accuracy": float, "drop_points": float}),
+    "teacher_layer_sensitivity?": ListOf({"layer": str, "bits": int, "accuracy": float, "drop_points": float}),
     "low_bit_frequency": {"policies": int, "layers": MapOf(float)},
     "budget_curves": {"worst": _CURVE, "best": _CURVE},
     "per_input": {"images": int, "flipped": int, "flipped_fraction": float, "mean_range_score_flipped": (float, None),

@@ -23,7 +23,7 @@ from ptqaudit.cli import main
 from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.errors import PtqauditError
 from ptqaudit.onnx_graph import load_model
-from ptqaudit.policy import load_policy
+from ptqaudit.policy import LayerQuant, ResolvedPolicy, load_policy
 from ptqaudit.quantize import quantize
 from ptqaudit.gate import Gate
 from ptqaudit.report import build, render_markdown, set_title
@@ -217,8 +217,46 @@ def test_report_of_a_distill_run_includes_the_student_table(tmp_path, capsys):
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert "Distilled detrimental student" in text
-    assert f"| student under its policy | {100 * summary['student_policy_accuracy']:.2f}% |" in text
+    assert f"{100 * summary['student_policy_accuracy']:.2f}% (" in text
+    assert "not searched (detrimental run)" in text and "teacher_audit" not in summary
     assert str(out / "student.onnx") in text
+
+
+def test_report_of_a_robust_run_sets_teacher_and_student_side_by_side(tmp_path, capsys):
+    """A robust run also searches its teacher the same way (teacher-audit/); the report shows both worst cases
+    and both per-layer sensitivities. The teacher's numbers are measured again here on ORT from the files."""
+    out = tmp_path / "robust"
+    code, _, err = _run_cli(["distill", DIGITS_MODEL, "--mode", "robust", "--epochs", "1", "--policy-steps", "1",
+                             "--train-limit", "300", "--policy-limit", "100", "--audit-evaluations", "30",
+                             "--no-progress", "-o", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    teacher_audit = summary["teacher_audit"]
+    teacher = load_model(DIGITS_MODEL)
+    test = load_dataset(DataConfig("digits"))
+    worst = load_policy(str(out / teacher_audit["policy_file"])).resolve(teacher.layers)
+    measured = float(np.mean(ort_labels(quantize(teacher, worst).proto, test.x, 1) == test.y))
+    assert teacher_audit["worst_accuracy"] == pytest.approx(measured)
+    assert teacher_audit["drop_points"] == pytest.approx(100 * (summary["teacher_fp32_accuracy"] - measured))
+
+    code, text, err = _run_cli(["report", str(out), "--analysis-limit", str(LIMIT), "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"{100 * measured:.2f}% ({teacher_audit['drop_points']:+.2f})" in text
+    assert f"{100 * summary['audit']['worst_accuracy']:.2f}% ({summary['audit']['drop_points']:+.2f})" in text
+    assert "teacher W4A4" in text
+    analysis = json.loads((out / "audit" / ANALYSIS_FILE).read_text())
+    rows = analysis["teacher_layer_sensitivity"]
+    assert {r["layer"] for r in rows} == {layer.name for layer in teacher.layers}
+    subset = load_dataset(DataConfig("digits", limit=LIMIT))
+    base = load_policy("w8a8").resolve(teacher.layers)
+    fp32 = float(np.mean(ort_labels(teacher.proto, subset.x, 1) == subset.y))
+    row = rows[0]  # one row against a policy built here: that layer alone at W4A4, the rest at w8a8
+    mapping = dict(base.mapping)
+    mapping[row["layer"]] = LayerQuant(row["bits"], row["bits"], base.mapping[row["layer"]].per_channel)
+    probe = ResolvedPolicy("probe", mapping, base.options)
+    accuracy = float(np.mean(ort_labels(quantize(teacher, probe).proto, subset.x, 1) == subset.y))
+    assert row["accuracy"] == pytest.approx(accuracy)
+    assert row["drop_points"] == pytest.approx(100 * (fp32 - accuracy))
 
 
 def test_report_bad_input_is_exit_2(tmp_path, capsys):
