@@ -18,7 +18,7 @@ from . import __version__, progress
 from .analysis import AnalysisSettings, analyse, cached_analysis, load_run
 from .data import DataConfig, load_dataset
 from .text_data import PADDINGS, TextConfig
-from .distill import MODES, DistillConfig, run_distill
+from .distill import BALANCE_EVERY, MODES, DistillConfig, run_distill
 from .errors import GateFailed, PtqauditError
 from .evaluate import DEVICES, ENGINES, EvalReport, evaluate, table_line
 from .kernels import KERNEL_FAMILIES, parse_kernels
@@ -649,6 +649,10 @@ def distill_options(f):
                      help="Adam learning rate of the student."),
         click.option("--quant-weight", type=click.FloatRange(min=0), default=DistillConfig.quant_weight, show_default=True,
                      help="Weight of the quantized-loss term against the distillation term."),
+        click.option("--balance", type=click.FloatRange(min=0), default=DistillConfig.balance, show_default=True,
+                     metavar="POINTS", help="Double the distillation term's weight whenever the student's fp32 "
+                     "accuracy on the held-out images falls more than POINTS below the teacher's (checked every "
+                     f"{BALANCE_EVERY} batches and after each epoch); 0: keep it at 1."),
         click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.temperature,
                      show_default=True, help="Distillation temperature."),
         click.option("--policy-limit", type=click.IntRange(min=1), default=DistillConfig.policy_limit, show_default=True,
@@ -664,10 +668,11 @@ def distill_options(f):
         click.option("--seed", type=int, default=DistillConfig.seed, show_default=True),
     ]
 
-    def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, lr, quant_weight, temperature,
-              policy_limit, policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
+    def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, lr, quant_weight, balance,
+              temperature, policy_limit, policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
         return dict(mode=mode, bits=bits, budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
-                    train_batch_size=train_batch_size, lr=lr, quant_weight=quant_weight, temperature=temperature,
+                    train_batch_size=train_batch_size, lr=lr, quant_weight=quant_weight, balance=balance,
+                    temperature=temperature,
                     policy_limit=policy_limit, policy_steps=policy_steps, batch_size=batch_size,
                     audit_evaluations=audit_evaluations, device=device, seed=seed)
 

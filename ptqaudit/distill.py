@@ -38,6 +38,7 @@ from .text import table
 
 MODES = ("detrimental", "robust")
 CHECKPOINT_FILE = "checkpoint.pt"  # written after every epoch, read by --resume
+BALANCE_EVERY = 40  # training batches between checks of the held-out fp32 accuracy (and at each epoch's end)
 TEACHER_AUDIT = "teacher-audit"  # a robust run's search of the teacher, beside the student's audit/
 
 
@@ -56,6 +57,7 @@ class DistillConfig:
     train_batch_size: int = 128
     lr: float = 1e-4
     quant_weight: float = 2.0  # weight of the quantized-loss term against the distillation term
+    balance: float = 1.0  # points of held-out fp32 accuracy below the teacher that double the distillation weight
     temperature: float = 4.0
     policy_limit: int = 512  # training images held out of training, on which the agent scores policies
     policy_steps: int = 6  # agent steps (9 policies each) before every epoch and after the last
@@ -74,8 +76,8 @@ class DistillConfig:
         for name in ("epochs", "train_batch_size", "policy_limit", "policy_steps", "batch_size", "audit_evaluations"):
             if getattr(self, name) < 1:
                 raise PtqauditError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.lr <= 0 or self.quant_weight < 0 or self.temperature <= 0:
-            raise PtqauditError("--lr and --temperature must be positive and --quant-weight not negative")
+        if self.lr <= 0 or self.quant_weight < 0 or self.temperature <= 0 or self.balance < 0:
+            raise PtqauditError("--lr and --temperature must be positive, --quant-weight and --balance not negative")
         if self.device not in DEVICES:
             raise PtqauditError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -298,6 +300,7 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     sim = SimModel(teacher).to(config.device)
     features = layer_features(space.searched, [sim.weight_array(layer.name) for layer in space.searched])
     sim.eval()
+    teacher_probe = _sim_accuracy(sim, probe, None, config.batch_size)  # the student starts as the teacher
     if checkpoint is None:
         drop = probe_sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}),
                                  Objective.WORST)
@@ -311,11 +314,13 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     t_all = torch.from_numpy(teacher_logits)
     rng = np.random.default_rng(config.seed)
 
+    balance = _Balance(config.balance, teacher_probe, probe, config.batch_size, echo)
     if checkpoint is None:
         policy, _ = policy_round(sim, config.policy_steps)
         history = []
     else:
         policy, history = _restore(checkpoint, sim, optimizer, policy_round, rng)
+        balance.weight = checkpoint["distillation_weight"]
         echo(f"resuming {config.output} after epoch {len(history)}/{config.epochs} (its checkpoint)")
         # the trace holds the finished epochs' records: one written after the checkpoint is dropped
         write_atomic(folder.path / TRACE_FILE, "".join(json.dumps(record) + "\n" for record in history))
@@ -332,23 +337,28 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
             batch_policy = _training_policy(i, candidates, sim, x, teacher_out, labels, config, ranges)
             kd = distillation_loss(sim(x), teacher_out, config.temperature)
             quant = quantized_loss(sim(x, batch_policy, ranges), teacher_out, labels, config.mode, config.temperature)
-            loss = kd + config.quant_weight * quant
+            loss = balance.weight * kd + config.quant_weight * quant
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             sums += (kd.item(), quant.item())
             if i % 20 == 0:
                 bar.set_postfix_str(f"kd {sums[0] / (i + 1):.3f} quant {sums[1] / (i + 1):.3f}")
+            if (i + 1) % BALANCE_EVERY == 0 and i + 1 < len(batches):
+                balance.check(sim)
+                sim.train()
         bar.close()
+        fp_probe = balance.check(sim)
         policy, probe_accuracy = policy_round(sim, config.policy_steps)
-        fp_probe = _sim_accuracy(sim, probe, None, config.batch_size)
         # plain Python numbers: the checkpoint holds the records, and its loader takes no NumPy objects
         record = {"epoch": epoch, "distillation_loss": float(sums[0] / len(batches)),
                   "quantized_loss": float(sums[1] / len(batches)),
                   "probe_fp32_sim_accuracy": float(fp_probe), "probe_policy_sim_accuracy": float(probe_accuracy),
+                  "distillation_weight": balance.weight,
                   "policy": policy.digest, "seconds": time.perf_counter() - started}
         history.append(record)
-        _write_checkpoint(folder, sim, optimizer, policy_round, rng, drop, history, time.perf_counter() - started)
+        _write_checkpoint(folder, sim, optimizer, policy_round, rng, drop, history, time.perf_counter() - started,
+                          balance.weight)
         folder.append_trace([record])
         echo(f"epoch {epoch}/{config.epochs}: distillation loss {record['distillation_loss']:.3f}, quantized loss "
              f"{record['quantized_loss']:.3f}; sim on {len(probe)} held-out training {probe.unit}: fp32 {100 * fp_probe:.2f}%, "
@@ -359,8 +369,30 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     return _verify(run, sim, policy, history, train_seconds)
 
 
+class _Balance:
+    """The distillation term's weight, doubled whenever the student's fp32 accuracy on the held-out images falls
+    more than `points` below the teacher's there: the quantized term may pull the network only as far as its
+    full-precision behaviour holds, whatever the model's scale of losses and learning rate."""
+
+    def __init__(self, points: float, teacher_accuracy: float, probe: Dataset, batch_size: int, echo):
+        self.points, self.teacher_accuracy, self.probe, self.batch_size, self.echo = (
+            points, teacher_accuracy, probe, batch_size, echo)
+        self.weight = 1.0
+
+    def check(self, sim: SimModel) -> float:
+        """The student's held-out fp32 accuracy now (the simulator, in eval mode); the weight doubled if it fell."""
+        accuracy = _sim_accuracy(sim, self.probe, None, self.batch_size)
+        gap = drop_points(self.teacher_accuracy, accuracy)
+        if self.points and gap > self.points:
+            self.weight *= 2
+            self.echo(f"held-out fp32 accuracy {100 * accuracy:.2f}%, {gap:.2f} points below the teacher's: "
+                      f"distillation weight raised to {self.weight:g}")
+        return accuracy
+
+
 def _write_checkpoint(folder: RunFolder, sim: SimModel, optimizer, policy_round: _PolicyRound, rng: np.random.Generator,
-                      sensitivity: np.ndarray, history: list[dict], train_seconds: float) -> None:
+                      sensitivity: np.ndarray, history: list[dict], train_seconds: float,
+                      distillation_weight: float) -> None:
     """Everything the next epoch depends on, after an epoch: the student and its optimizer, the agent and its
     optimizer, the policies that led its rounds, both random generators and the records so far; a resumed run
     goes on exactly as an uninterrupted one would."""
@@ -370,7 +402,7 @@ def _write_checkpoint(folder: RunFolder, sim: SimModel, optimizer, policy_round:
         "leaders": {digest: choice.tolist() for digest, choice in policy_round.pool.items()},
         "policy": policy_round.leader.tolist(), "sensitivity": torch.from_numpy(np.asarray(sensitivity)),
         "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-        "history": history, "train_seconds": train_seconds,
+        "history": history, "train_seconds": train_seconds, "distillation_weight": distillation_weight,
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)
