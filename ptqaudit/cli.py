@@ -651,8 +651,9 @@ def distill_options(f):
                      help="Weight of the quantized-loss term against the distillation term."),
         click.option("--balance", type=click.FloatRange(min=0), default=DistillConfig.balance, show_default=True,
                      metavar="POINTS", help="Double the distillation term's weight whenever the student's fp32 "
-                     "accuracy on the held-out images falls more than POINTS below the teacher's (checked every "
-                     f"{BALANCE_EVERY} batches and after each epoch); 0: keep it at 1."),
+                     "accuracy on the held-out images falls more than POINTS below the teacher's, and halve it again "
+                     f"(not below 1) once the gap is under POINTS / 2 (checked every {BALANCE_EVERY} batches and after "
+                     "each epoch); 0: keep it at 1."),
         click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.temperature,
                      show_default=True, help="Distillation temperature."),
         click.option("--policy-limit", type=click.IntRange(min=1), default=DistillConfig.policy_limit, show_default=True,

@@ -255,19 +255,27 @@ class _TouchesAFile:
 
 def test_balance_doubles_the_distillation_weight_when_fp32_falls_behind(digits, digits_data):
     """The weight doubles exactly when the student's held-out fp32 accuracy (here the teacher's own, measured
-    independently on ORT) is more than the allowed points below the teacher's reference; --balance 0 never moves it."""
+    independently on ORT) is more than the allowed points below the teacher's reference, and halves (not below 1)
+    once the gap is under half of them; --balance 0 never moves it."""
     from ptqaudit.distill import _Balance
 
     probe = digits_data[1].subset(100)
     measured = float(np.mean(ort_labels(digits.proto, probe.x, 1) == probe.y))
     sim = SimModel(digits).eval()
     lines = []
-    for points, reference, expected in ((1.0, measured + 0.02, 2.0), (1.0, measured + 0.005, 1.0),
+    for points, reference, expected in ((1.0, measured + 0.02, 2.0), (1.0, measured + 0.008, 1.0),
                                         (0.0, measured + 0.5, 1.0)):
         balance = _Balance(points, reference, probe, 1, lines.append)
         assert balance.check(sim) == pytest.approx(measured)
         assert balance.weight == expected
     assert len(lines) == 1 and "distillation weight raised to 2" in lines[0]
+    # a raised weight stays while the gap is between half the allowance and all of it, and halves below that
+    for reference, before, after in ((measured + 0.008, 4.0, 4.0), (measured + 0.004, 4.0, 2.0),
+                                     (measured, 1.0, 1.0)):
+        balance = _Balance(1.0, reference, probe, 1, lines.append)
+        balance.weight = before
+        balance.check(sim)
+        assert balance.weight == after
 
 
 @pytest.mark.parametrize("args, message", [
