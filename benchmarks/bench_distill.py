@@ -11,7 +11,7 @@ its policy >= 65 points, fresh search finds a drop >= 50 points; robust: drop un
 and under the fresh search's worst < 2 points; each mode under 30 minutes on 2 CPU cores.
 
     python benchmarks/bench_distill.py [--mode detrimental|robust|both] [--data-root DIR] [--device cpu|cuda]
-        [--epochs N] [--train-limit N] [--limit N] [--lr X] [--quant-weight X] [--output DIR]
+        [--epochs N] [--train-limit N] [--limit N] [--lr X] [--quant-weight X] [--balance POINTS] [--output DIR]
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def run_mode(mode: str, args, out: Path) -> tuple[DistillSummary, float]:
     train, test = load_dataset(DataConfig(name="cifar10", root=args.data_root, split="train")), load_dataset(data)
     config = DistillConfig(teacher=str(args.teacher), data=data, output=str(out / mode), mode=mode,
                            epochs=args.epochs, train_limit=args.train_limit, lr=args.lr,
-                           quant_weight=args.quant_weight, audit_evaluations=args.audit_evaluations,
+                           quant_weight=args.quant_weight, balance=args.balance,
+                           audit_evaluations=args.audit_evaluations,
                            seed=args.seed, device=args.device)
     started = time.perf_counter()
     summary = run_distill(config, teacher, train, test, progress=False, echo=lambda line: print(f"  [{mode}] {line}", flush=True))
@@ -73,6 +74,8 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="test images (default: all 10,000)")
     parser.add_argument("--lr", type=float, default=DistillConfig.lr)
     parser.add_argument("--quant-weight", type=float, default=DistillConfig.quant_weight)
+    parser.add_argument("--balance", type=float, default=DistillConfig.balance,
+                        help="distill --balance POINTS (0: off)")
     parser.add_argument("--audit-evaluations", type=int, default=DistillConfig.audit_evaluations)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="keep the run folders here")
