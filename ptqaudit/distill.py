@@ -300,7 +300,7 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     sim = SimModel(teacher).to(config.device)
     features = layer_features(space.searched, [sim.weight_array(layer.name) for layer in space.searched])
     sim.eval()
-    teacher_probe = _sim_accuracy(sim, probe, None, config.batch_size)  # the student starts as the teacher
+    balance = _Balance(config.balance, sim, probe, config.batch_size, echo)  # while the student is the teacher
     if checkpoint is None:
         drop = probe_sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}),
                                  Objective.WORST)
@@ -314,7 +314,6 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     t_all = torch.from_numpy(teacher_logits)
     rng = np.random.default_rng(config.seed)
 
-    balance = _Balance(config.balance, teacher_probe, probe, config.batch_size, echo)
     if checkpoint is None:
         policy, _ = policy_round(sim, config.policy_steps)
         history = []
@@ -344,7 +343,7 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
             sums += (kd.item(), quant.item())
             if i % 20 == 0:
                 bar.set_postfix_str(f"kd {sums[0] / (i + 1):.3f} quant {sums[1] / (i + 1):.3f}")
-            if (i + 1) % BALANCE_EVERY == 0 and i + 1 < len(batches):
+            if balance.points and (i + 1) % BALANCE_EVERY == 0 and i + 1 < len(batches):
                 balance.check(sim)
                 sim.train()
         bar.close()
@@ -376,20 +375,24 @@ class _Balance:
     the model's scale of losses and learning rate. (A weight that only rose was measured on the shared ResNet-20:
     it reached 32 by the second epoch and the detrimental student no longer collapsed.)"""
 
-    def __init__(self, points: float, teacher_accuracy: float, probe: Dataset, batch_size: int, echo):
-        self.points, self.teacher_accuracy, self.probe, self.batch_size, self.echo = (
-            points, teacher_accuracy, probe, batch_size, echo)
+    def __init__(self, points: float, teacher: SimModel, probe: Dataset, batch_size: int, echo):
+        """teacher: the simulator while it still holds the teacher's weights (measured only when points > 0)."""
+        self.points, self.probe, self.batch_size, self.echo = points, probe, batch_size, echo
+        self.teacher_accuracy = _sim_accuracy(teacher, probe, None, batch_size) if points else None
         self.weight = 1.0
 
     def check(self, sim: SimModel) -> float:
-        """The student's held-out fp32 accuracy now (the simulator, in eval mode); the weight doubled if it fell."""
+        """The student's held-out fp32 accuracy now (the simulator, in eval mode); the weight doubled if it fell
+        too far below the teacher's, halved if it came back (with points > 0)."""
         accuracy = _sim_accuracy(sim, self.probe, None, self.batch_size)
+        if not self.points:
+            return accuracy
         gap = drop_points(self.teacher_accuracy, accuracy)
-        if self.points and gap > self.points:
+        if gap > self.points:
             self.weight *= 2
             self.echo(f"held-out fp32 accuracy {100 * accuracy:.2f}%, {gap:.2f} points below the teacher's: "
                       f"distillation weight raised to {self.weight:g}")
-        elif self.points and gap <= self.points / 2 and self.weight > 1:
+        elif gap <= self.points / 2 and self.weight > 1:
             self.weight /= 2
             self.echo(f"held-out fp32 accuracy {100 * accuracy:.2f}%, {gap:.2f} points below the teacher's: "
                       f"distillation weight lowered to {self.weight:g}")
@@ -496,23 +499,23 @@ def _verify(run: _Run, sim: SimModel, policy: ResolvedPolicy, history: list[dict
     sim_cpu = SimModel(student).eval()
     agreement = EngineAgreement.between(runs["student_policy"], sim_predict(sim_cpu, test, policy, config.batch_size,
                                                                             progress=False))
-    def fresh_search(model: LoadedModel, model_file: str, folder: str, optimize: str = "") -> DistillAudit:
-        """The worst case a fresh search of `model` finds, not told the policy (resumed if a run was cut in it)."""
+    def fresh_search(model: LoadedModel, model_file: str, folder: str, fp32: float, optimize: str = "") -> DistillAudit:
+        """The worst case a fresh search of `model` finds, not told the policy (resumed if a run was cut in it), and
+        its drop from the model's `fp32` accuracy."""
         found = run_search(SearchConfig(
             model=model_file, data=config.data, output=str(out / folder), bits=config.bits,
             budget_avg_bits=config.budget_avg_bits, objective="worst", method="rl",
             max_evaluations=config.audit_evaluations, batch_size=config.batch_size, seed=config.seed, optimize=optimize,
         ), model, test, resume=(out / folder / "run.json").exists(), progress=progress, echo=echo).worst
-        fp32 = acc["student_fp32" if model is student else "teacher_fp32"]
         return DistillAudit(folder, found.ort_accuracy, drop_points(fp32, found.ort_accuracy), f"{folder}/worst.yaml",
                             found.evaluations)
 
     echo(f"auditing the student with a fresh search ({config.audit_evaluations} evaluations, not told its policy)")
-    audit = fresh_search(student, str(student_path), "audit")
+    audit = fresh_search(student, str(student_path), "audit", acc["student_fp32"])
     teacher_audit = None
     if config.mode == "robust":  # is the student more robust than the teacher against the same search?
         echo(f"auditing the teacher with the same search ({config.audit_evaluations} evaluations), for comparison")
-        teacher_audit = fresh_search(teacher, config.teacher, TEACHER_AUDIT, config.optimize)
+        teacher_audit = fresh_search(teacher, config.teacher, TEACHER_AUDIT, acc["teacher_fp32"], config.optimize)
     summary = DistillSummary(
         mode=config.mode, teacher=config.teacher, dataset=test.name, images=len(test),
         train_dataset=train.name, train_images=len(train), epochs=config.epochs,

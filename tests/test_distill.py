@@ -263,16 +263,24 @@ def test_balance_doubles_the_distillation_weight_when_fp32_falls_behind(digits, 
     measured = float(np.mean(ort_labels(digits.proto, probe.x, 1) == probe.y))
     sim = SimModel(digits).eval()
     lines = []
+
+    def balance_against(points: float, reference: float) -> _Balance:
+        """A balance whose teacher scored `reference` on the probe (here the same network scores `measured`)."""
+        balance = _Balance(points, sim, probe, 1, lines.append)
+        assert balance.teacher_accuracy == (pytest.approx(measured) if points else None)
+        balance.teacher_accuracy = reference
+        return balance
+
     for points, reference, expected in ((1.0, measured + 0.02, 2.0), (1.0, measured + 0.008, 1.0),
                                         (0.0, measured + 0.5, 1.0)):
-        balance = _Balance(points, reference, probe, 1, lines.append)
+        balance = balance_against(points, reference)
         assert balance.check(sim) == pytest.approx(measured)
         assert balance.weight == expected
     assert len(lines) == 1 and "distillation weight raised to 2" in lines[0]
     # a raised weight stays while the gap is between half the allowance and all of it, and halves below that
     for reference, before, after in ((measured + 0.008, 4.0, 4.0), (measured + 0.004, 4.0, 2.0),
                                      (measured, 1.0, 1.0)):
-        balance = _Balance(1.0, reference, probe, 1, lines.append)
+        balance = balance_against(1.0, reference)
         balance.weight = before
         balance.check(sim)
         assert balance.weight == after
