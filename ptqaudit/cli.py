@@ -18,7 +18,7 @@ from . import __version__, progress
 from .analysis import AnalysisSettings, analyse, cached_analysis, load_run
 from .data import DataConfig, load_dataset
 from .text_data import PADDINGS, TextConfig
-from .distill import BALANCE_EVERY, MODES, DistillConfig, run_distill
+from .distill import BALANCE_EVERY, CANDIDATES, MODES, DistillConfig, run_distill
 from .errors import GateFailed, PtqauditError
 from .evaluate import DEVICES, ENGINES, EvalReport, evaluate, table_line
 from .kernels import KERNEL_FAMILIES, parse_kernels
@@ -642,11 +642,15 @@ def distill_options(f):
                      show_default=True, help="Budget in effective bits, sqrt(BitOPs / MACs); the agent's policies are at or above it."),
         click.option("--epochs", type=click.IntRange(min=1), default=DistillConfig.epochs, show_default=True,
                      help="Passes over the training images; the agent takes its turn before each and after the last."),
-        click.option("--train-limit", type=click.IntRange(min=1), default=None,
-                     help="Train on a class-balanced subset of N images of the train split [default: all of it]."),
+        click.option("--train-limit", type=click.IntRange(min=0), default=DistillConfig.train_limit, show_default=True,
+                     help="Train on a class-balanced subset of N images of the train split; 0: all of it."),
         click.option("--train-batch-size", type=click.IntRange(min=1), default=DistillConfig.train_batch_size, show_default=True),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.lr, show_default=True,
-                     help="Adam learning rate of the student."),
+        click.option("--min-epoch-batches", type=click.IntRange(min=1), default=DistillConfig.min_epoch_batches,
+                     show_default=True, help="An epoch passes over the training images again (in a new order) until "
+                     "it has this many batches: a small train split still gets enough optimizer steps."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Peak Adam learning rate of the student; it decays to 0 along half a cosine over the run "
+                          "[default: auto, from the teacher's depth and weight scale]."),
         click.option("--quant-weight", type=click.FloatRange(min=0), default=DistillConfig.quant_weight, show_default=True,
                      help="Weight of the quantized-loss term against the distillation term."),
         click.option("--balance", type=click.FloatRange(min=0), default=DistillConfig.balance, show_default=True,
@@ -654,6 +658,17 @@ def distill_options(f):
                      "accuracy on the held-out images falls more than POINTS below the teacher's, and halve it again "
                      f"(not below 1) once the gap is under POINTS / 2 (checked every {BALANCE_EVERY} batches and after "
                      "each epoch); 0: keep it at 1."),
+        click.option("--policies-per-batch", type=click.IntRange(1, CANDIDATES), default=None,
+                     help="Quantized passes per training batch. robust: under the ones of the batch's "
+                          f"{CANDIDATES} candidate policies the student does worst under; detrimental: candidates "
+                          "in turn [default: robust 2, detrimental 1]."),
+        click.option("--refresh/--no-refresh", default=None,
+                     help="Each agent turn also runs a fresh agent from the student's own sensitivity, as "
+                          "`ptqaudit search` does, and its leaders join the training policies "
+                          "[default: robust on, detrimental off]."),
+        click.option("--kure", type=click.FloatRange(min=0), default=DistillConfig.kure, show_default=True,
+                     help="Weight of the kurtosis regulariser (KURE) pulling each searched layer's weights toward "
+                          "a uniform distribution, easier to quantize at few bits; 0: off."),
         click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.temperature,
                      show_default=True, help="Distillation temperature."),
         click.option("--policy-limit", type=click.IntRange(min=1), default=DistillConfig.policy_limit, show_default=True,
@@ -669,13 +684,15 @@ def distill_options(f):
         click.option("--seed", type=int, default=DistillConfig.seed, show_default=True),
     ]
 
-    def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, lr, quant_weight, balance,
-              temperature, policy_limit, policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
+    def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, min_epoch_batches, lr,
+              quant_weight, balance, policies_per_batch, refresh, kure, temperature, policy_limit, policy_steps,
+              batch_size, audit_evaluations, device, seed) -> dict:
         return dict(mode=mode, bits=bits, budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
-                    train_batch_size=train_batch_size, lr=lr, quant_weight=quant_weight, balance=balance,
-                    temperature=temperature,
-                    policy_limit=policy_limit, policy_steps=policy_steps, batch_size=batch_size,
-                    audit_evaluations=audit_evaluations, device=device, seed=seed)
+                    train_batch_size=train_batch_size, min_epoch_batches=min_epoch_batches, lr=lr,
+                    quant_weight=quant_weight, balance=balance, policies_per_batch=policies_per_batch,
+                    refresh=refresh, kure=kure, temperature=temperature, policy_limit=policy_limit,
+                    policy_steps=policy_steps, batch_size=batch_size, audit_evaluations=audit_evaluations,
+                    device=device, seed=seed)
 
     return _option_group(f, options, parse, "distill_settings")
 
@@ -703,8 +720,7 @@ def distill_command(teacher, data_config, distill_settings, output, resume, opti
     Example:
 
     \b
-      ptqaudit distill sample_models/digits_cnn.onnx --mode detrimental --epochs 20 --lr 2e-3 \\
-          --quant-weight 0.5 --policy-limit 200 -o runs/digits-detrimental
+      ptqaudit distill sample_models/digits_cnn.onnx --mode detrimental -o runs/digits-detrimental
     """
     if output is None:
         if resume:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from .runs import (DISTILL_SUMMARY, TRACE_FILE, RunFolder, check_fields, check_s
                    typed_from_dict, without_none, write_atomic, write_json)
 from .search.evaluator import Leaderboard, SimEvaluator
 from .search.methods import PolicyAgent
-from .search.sensitivity import probe_sensitivity
+from .search.sensitivity import gradient_sensitivity, probe_sensitivity
 from .search.run import SUMMARY_VERSION, SearchConfig, run_search, searched_layers
 from .search.space import Objective, SearchSpace, check_bits, layer_features
 from .sim.engine import EngineAgreement, sim_predict, simulation_plan
@@ -37,6 +38,19 @@ from .sim.model import SimModel, prepare_device
 from .text import table
 
 MODES = ("detrimental", "robust")
+# what a mode does unless told otherwise: a detrimental student trains under one policy per batch against the agent
+# it co-adapts with; a robust one under the two candidates it does worst under, and against fresh agents too,
+# since the audit that judges it is a fresh search
+MODE_DEFAULTS = {"detrimental": {"policies_per_batch": 1, "refresh": False},
+                 "robust": {"policies_per_batch": 2, "refresh": True}}
+# auto_lr's total relative change of the layers' weights per Adam step: the rate at which the shared ResNet-20
+# (1e-4) and the digits model (1e-3) were measured to reach their targets
+RELATIVE_STEP = 0.035
+CANDIDATES = 4  # policies each training batch draws (_candidate_policies)
+# examples of a robust batch its candidates are judged on: a quarter of the default batch, since judging all four on
+# all of it cost as much as the training passes themselves (0.3 s each on ResNet-20 at 128 images, 2 CPU cores)
+SELECTION_EXAMPLES = 32
+KURTOSIS_TARGET = 1.8  # a uniform distribution's: the shape whose quantization error is smallest (KURE)
 CHECKPOINT_FILE = "checkpoint.pt"  # written after every epoch, read by --resume
 BALANCE_EVERY = 40  # training batches between checks of the held-out fp32 accuracy (and at each epoch's end)
 TEACHER_AUDIT = "teacher-audit"  # a robust run's search of the teacher, beside the student's audit/
@@ -52,12 +66,16 @@ class DistillConfig:
     mode: str
     bits: tuple[int, ...] = (4, 8)
     budget_avg_bits: float = 6.0
-    epochs: int = 6
-    train_limit: int | None = None  # class-balanced subset of the train split (None: all of it)
+    epochs: int = 4
+    train_limit: int | None = 20000  # class-balanced subset of the train split (0 or None: all of it)
     train_batch_size: int = 128
-    lr: float = 1e-4
+    min_epoch_batches: int = 150  # an epoch passes over the training images again until it has this many batches
+    lr: float | None = None  # Adam's peak rate (cosine_lr decays it to 0); None: auto_lr's for the teacher
     quant_weight: float = 2.0  # weight of the quantized-loss term against the distillation term
-    balance: float = 0.0  # points of held-out fp32 accuracy below the teacher that double the distillation weight
+    balance: float = 1.0  # points of held-out fp32 accuracy below the teacher that double the distillation weight
+    policies_per_batch: int | None = None  # quantized passes per training batch (None: the mode's, MODE_DEFAULTS)
+    refresh: bool | None = None  # each turn also runs a fresh agent from the student's sensitivity (None: the mode's)
+    kure: float = 0.0  # weight of the kurtosis regulariser on the quantizable layers' weights (0: off)
     temperature: float = 4.0
     policy_limit: int = 512  # training images held out of training, on which the agent scores policies
     policy_steps: int = 6  # agent steps (9 policies each) before every epoch and after the last
@@ -73,15 +91,25 @@ class DistillConfig:
         if self.data.split == "train":
             raise PtqauditError("distill trains on the train split; evaluate on --split test")
         check_bits(self.bits)
-        for name in ("epochs", "train_batch_size", "policy_limit", "policy_steps", "batch_size", "audit_evaluations"):
+        for name in ("epochs", "train_batch_size", "min_epoch_batches", "policy_limit", "policy_steps", "batch_size",
+                     "audit_evaluations"):
             if getattr(self, name) < 1:
                 raise PtqauditError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.lr <= 0 or self.quant_weight < 0 or self.temperature <= 0 or self.balance < 0:
-            raise PtqauditError("--lr and --temperature must be positive, --quant-weight and --balance not negative")
+        if ((self.lr is not None and self.lr <= 0) or self.quant_weight < 0 or self.temperature <= 0 or self.balance < 0
+                or self.kure < 0):
+            raise PtqauditError("--lr and --temperature must be positive, --quant-weight, --balance and --kure "
+                                "not negative")
+        if self.policies_per_batch is not None and not 1 <= self.policies_per_batch <= CANDIDATES:
+            raise PtqauditError(f"--policies-per-batch must be 1 to {CANDIDATES} (the candidates each batch draws)")
         if self.device not in DEVICES:
             raise PtqauditError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise PtqauditError("--device cuda: torch sees no CUDA device (is a CUDA build of torch installed?)")
+
+    def setting(self, name: str):
+        """policies_per_batch or refresh as this run uses it: as given, or the mode's default."""
+        value = getattr(self, name)
+        return MODE_DEFAULTS[self.mode][name] if value is None else value
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -212,10 +240,15 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temper
 
 class _PolicyRound:
     """The agent's turn: score its proposals against the student as it is now (a fresh evaluator, since
-    the weights changed). Returns the most damaging policy found; the leading few join `pool`."""
+    the weights changed). Returns the most damaging policy found; the leading few join `pool`. With
+    `refresh`, a second agent searches each turn as a fresh `ptqaudit search` would (from the student's own
+    gradient sensitivity, starting at the narrowest uniform policy the budget admits): the carried agent
+    adapts to the student, and a robust student must also hold against a search that starts over."""
 
-    def __init__(self, agent: PolicyAgent, space: SearchSpace, probe: Dataset, batch_size: int, keep: int = 3):
-        self.agent, self.space, self.probe, self.batch_size, self.keep = agent, space, probe, batch_size, keep
+    def __init__(self, agent: PolicyAgent, space: SearchSpace, features: np.ndarray, probe: Dataset, batch_size: int,
+                 refresh: bool, keep: int = 3):
+        self.agent, self.space, self.features, self.probe = agent, space, features, probe
+        self.batch_size, self.refresh, self.keep = batch_size, refresh, keep
         self.pool: dict[str, np.ndarray] = {}  # digest -> choice of every policy that led a round
         self.leader: np.ndarray | None = None  # the choice of the last round's most damaging policy
 
@@ -225,11 +258,26 @@ class _PolicyRound:
         board = Leaderboard(Objective.WORST, self.keep)
         for _ in range(steps):
             self.agent.step(evaluator, board, method="distill")
-        for candidate in board.ranked:
-            self.pool[candidate.digest] = candidate.choice
-        worst = board.ranked[0]
+        boards = [board] + ([self._fresh_search(sim, evaluator, steps)] if self.refresh else [])
+        for leading in boards:
+            for candidate in leading.ranked:
+                self.pool[candidate.digest] = candidate.choice
+        worst = min((leading.ranked[0] for leading in boards), key=lambda candidate: candidate.sim_accuracy)
         self.leader = worst.choice
         return self.space.policy(worst.choice, "distilled"), worst.sim_accuracy
+
+    def _fresh_search(self, sim: SimModel, evaluator: SimEvaluator, steps: int) -> Leaderboard:
+        """The leading policies of a new agent's `steps` steps, begun as `ptqaudit search` begins."""
+        board = Leaderboard(Objective.WORST, self.keep)
+        frontier = self.space.uniform_frontier(Objective.WORST)
+        scored = evaluator.accuracies(frontier, Objective.WORST, "uniform")
+        board.offer(self.space, frontier, scored)
+        drop = gradient_sensitivity(self.space, sim, self.probe, self.batch_size)
+        agent = PolicyAgent(self.space, self.features, drop, Objective.WORST, start=frontier[int(np.argmin(scored))])
+        for _ in range(steps):
+            agent.step(evaluator, board, method="distill")
+        return board
+
 
 
 def _candidate_policies(policy: ResolvedPolicy, policy_round: _PolicyRound, space: SearchSpace,
@@ -241,18 +289,40 @@ def _candidate_policies(policy: ResolvedPolicy, policy_round: _PolicyRound, spac
             space.policy(space.project(rng.integers(0, len(space.bits), size=(len(space.searched), 2)), Objective.WORST))]
 
 
-def _training_policy(step: int, candidates: list[ResolvedPolicy], sim: SimModel, x: torch.Tensor,
-                     teacher_out: torch.Tensor, labels: torch.Tensor, config: DistillConfig,
-                     ranges: str) -> ResolvedPolicy:
-    """Detrimental: the candidates in turn, so the student fails under the whole neighbourhood a search
-    will explore. Robust: the candidate the student does worst under on this batch (a min-max step), so
-    it holds against every kind of policy the agent or chance proposes, not one policy alone."""
+def _training_policies(step: int, candidates: list[ResolvedPolicy], sim: SimModel, x: torch.Tensor,
+                       teacher_out: torch.Tensor, labels: torch.Tensor, config: DistillConfig,
+                       ranges: str) -> list[ResolvedPolicy]:
+    """The policies a batch trains under (config's policies_per_batch of them). Detrimental: the candidates in
+    turn, so the student fails under the whole neighbourhood a search will explore. Robust: those the student
+    does worst under on this batch (a min-max step), so it holds against every kind of policy the agent or
+    chance proposes, not one policy alone."""
+    count = config.setting("policies_per_batch")
     if config.mode == "detrimental":
-        return candidates[step % len(candidates)]
-    with torch.no_grad():
+        return [candidates[(step * count + i) % len(candidates)] for i in range(count)]
+    with torch.no_grad():  # judged on the batch's first few examples: each judgement is a forward pass
+        judged = slice(SELECTION_EXAMPLES)
+        x, teacher_out, labels = _head(x, SELECTION_EXAMPLES), teacher_out[judged], labels[judged]
         losses = [quantized_loss(sim(x, c, ranges), teacher_out, labels, config.mode, config.temperature).item()
                   for c in candidates]
-    return candidates[int(np.argmax(losses))]
+    return [candidates[i] for i in np.argsort(losses)[::-1][:count]]
+
+
+def _head(x, count: int):
+    """The first `count` examples of a batch: an image tensor, or a text batch's named input tensors."""
+    return {name: value[:count] for name, value in x.items()} if isinstance(x, dict) else x[:count]
+
+
+def kurtosis_loss(sim: SimModel, layers) -> torch.Tensor:
+    """KURE (Shkolnik et al., 2020): the mean squared distance of each layer's weight kurtosis from a uniform
+    distribution's, whose quantization error is the smallest for its range; a heavy-tailed weight stretches
+    the min-max range that 4 bits must cover."""
+    terms = []
+    weights = [sim.quant_layer(layer.name).weight for layer in layers]
+    for weight in (w for w in weights if w is not None):  # an activation product has none
+        centred = weight - weight.mean()
+        kurtosis = (centred**4).mean() / ((centred**2).mean() ** 2 + 1e-12)
+        terms.append((kurtosis - KURTOSIS_TARGET) ** 2)
+    return torch.stack(terms).mean()
 
 
 def _split_probe(train: Dataset, probe_size: int, train_limit: int | None, seed: int) -> tuple[Dataset, Dataset]:
@@ -307,8 +377,11 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     else:
         drop = checkpoint["sensitivity"].numpy()
     agent = PolicyAgent(space, features, drop, Objective.WORST)
-    policy_round = _PolicyRound(agent, space, probe, config.batch_size)
-    optimizer = torch.optim.Adam(sim.parameters(), lr=config.lr)
+    policy_round = _PolicyRound(agent, space, features, probe, config.batch_size, config.setting("refresh"))
+    peak_lr = config.lr or auto_lr(sim, space.searched)
+    if config.lr is None:
+        echo(f"learning rate {peak_lr:.2g} (auto: {RELATIVE_STEP} / the sum over layers of 1 / weight rms)")
+    optimizer = torch.optim.Adam(sim.parameters(), lr=peak_lr)
     ranges = simulation_plan(config.batch_size)[0]
     y_all = torch.from_numpy(train.y)
     t_all = torch.from_numpy(teacher_logits)
@@ -325,18 +398,22 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
         write_atomic(folder.path / TRACE_FILE, "".join(json.dumps(record) + "\n" for record in history))
     for epoch in range(len(history) + 1, config.epochs + 1):
         sim.train()
-        order = rng.permutation(len(train))
-        batches = [order[i:i + config.train_batch_size] for i in range(0, len(order), config.train_batch_size)]
+        batches = _epoch_batches(len(train), config, rng)
         sums = np.zeros(2)
         bar = track(batches, f"{config.mode} epoch {epoch}/{config.epochs}", "batch", progress)
         for i, index in enumerate(bar):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(peak_lr, (epoch - 1) * len(batches) + i, config.epochs * len(batches))
             x = _training_batch(sim, train, index)
             teacher_out, labels = t_all[index].to(config.device), y_all[index].to(config.device)
             candidates = _candidate_policies(policy, policy_round, space, rng)
-            batch_policy = _training_policy(i, candidates, sim, x, teacher_out, labels, config, ranges)
+            batch_policies = _training_policies(i, candidates, sim, x, teacher_out, labels, config, ranges)
             kd = distillation_loss(sim(x), teacher_out, config.temperature)
-            quant = quantized_loss(sim(x, batch_policy, ranges), teacher_out, labels, config.mode, config.temperature)
+            quant = torch.stack([quantized_loss(sim(x, batch_policy, ranges), teacher_out, labels, config.mode,
+                                                config.temperature) for batch_policy in batch_policies]).mean()
             loss = balance.weight * kd + config.quant_weight * quant
+            if config.kure:
+                loss = loss + config.kure * kurtosis_loss(sim, space.searched)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -441,6 +518,33 @@ def _restore(checkpoint: dict, sim: SimModel, optimizer, policy_round: _PolicyRo
     rng.bit_generator.state = checkpoint["numpy_rng"]
     torch.set_rng_state(checkpoint["torch_rng"])
     return policy_round.space.policy(policy_round.leader, "distilled"), list(checkpoint["history"])
+
+
+def _epoch_batches(images: int, config: DistillConfig, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches of training indices: a random order of the images, repeated (each pass in a new order)
+    until there are min_epoch_batches batches, so that a small training set still gets the optimizer steps a model
+    needs to move, with the agent's turns as many steps apart as on a large one."""
+    order = rng.permutation(images)
+    while -(-len(order) // config.train_batch_size) < config.min_epoch_batches:  # batches, the last one short
+        order = np.concatenate([order, rng.permutation(images)])
+    return [order[i:i + config.train_batch_size] for i in range(0, len(order), config.train_batch_size)]
+
+
+def auto_lr(sim: SimModel, layers) -> float:
+    """A peak learning rate for the teacher's depth and weight scale: Adam moves every weight by about the rate per
+    step, so a layer's weights change by rate / rms(weight) relative to their scale, and the network's function by
+    about the sum of that over its layers; the rate that makes the sum RELATIVE_STEP. On the sample and shared models:
+    ResNet-20 1.0e-4, the CIFAR-10 CNN 5.2e-4, the digits model 9.0e-4."""
+    weights = [sim.quant_layer(layer.name).weight for layer in layers]
+    inverse_scales = [1 / float(w.detach().pow(2).mean().sqrt()) for w in weights if w is not None]
+    return RELATIVE_STEP / sum(inverse_scales)
+
+
+def cosine_lr(peak: float, step: int, steps: int) -> float:
+    """The learning rate at an optimizer step: from `peak` down to 0 along half a cosine over the whole run, so the
+    last epochs settle the student rather than move it (a constant rate leaves it wherever its last steps threw it,
+    measured as several points of fp32 accuracy on the digits model)."""
+    return peak * 0.5 * (1 + math.cos(math.pi * step / steps))  # a Python float: the checkpoint takes no NumPy
 
 
 def _training_batch(sim: SimModel, train: Dataset, index: np.ndarray):

@@ -210,8 +210,8 @@ def test_markdown_links_plots_that_exist(search_run, analysis, tmp_path, capsys)
 
 def test_report_of_a_distill_run_includes_the_student_table(tmp_path, capsys):
     out = tmp_path / "distilled"
-    code, _, _ = _run_cli(["distill", DIGITS_MODEL, "--mode", "detrimental", "--epochs", "1", "--policy-steps", "1",
-                           "--audit-evaluations", "45", "--no-progress", "-o", str(out)], capsys)
+    code, _, _ = _run_cli(["distill", DIGITS_MODEL, "--mode", "detrimental", "--epochs", "1", "--min-epoch-batches", "1",
+                           "--policy-steps", "1", "--audit-evaluations", "45", "--no-progress", "-o", str(out)], capsys)
     assert code == 0
     code, text, _ = _run_cli(["report", str(out), "--no-analysis"], capsys)
     assert code == 0
@@ -226,8 +226,8 @@ def test_report_of_a_robust_run_sets_teacher_and_student_side_by_side(tmp_path, 
     """A robust run also searches its teacher the same way (teacher-audit/); the report shows both worst cases
     and both per-layer sensitivities. The teacher's numbers are measured again here on ORT from the files."""
     out = tmp_path / "robust"
-    code, _, err = _run_cli(["distill", DIGITS_MODEL, "--mode", "robust", "--epochs", "1", "--policy-steps", "1",
-                             "--train-limit", "300", "--policy-limit", "100", "--audit-evaluations", "30",
+    code, _, err = _run_cli(["distill", DIGITS_MODEL, "--mode", "robust", "--epochs", "1", "--min-epoch-batches", "1",
+                             "--policy-steps", "1", "--train-limit", "300", "--policy-limit", "100", "--audit-evaluations", "30",
                              "--no-progress", "-o", str(out)], capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())

@@ -100,7 +100,7 @@ def test_distill_trains_a_text_student(capsys, tmp_path, sst2_root, name):
     out = tmp_path / "distill"
     code, _, err = run_cli(capsys, "distill", SAMPLES / name, "--mode", "detrimental", "--data", "sst2",
                            "--data-root", sst2_root, "--tokenizer", TOKENIZER, "--limit", 64, "--epochs", 1,
-                           "--train-limit", 64, "--policy-limit", 16, "--policy-steps", 1, "--audit-evaluations", 4,
+                           "--min-epoch-batches", 1, "--train-limit", 64, "--policy-limit", 16, "--policy-steps", 1, "--audit-evaluations", 4,
                            "--no-progress", "-o", out)
     assert code == 0, err
     summary = read_json(out / "summary.json")
