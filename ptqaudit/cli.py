@@ -18,7 +18,7 @@ from . import __version__, progress
 from .analysis import AnalysisSettings, analyse, cached_analysis, load_run
 from .data import DataConfig, load_dataset
 from .text_data import PADDINGS, TextConfig
-from .distill import BALANCE_EVERY, CANDIDATES, MODES, DistillConfig, run_distill
+from .distill import BALANCE_EVERY, CANDIDATES, MODES, SCHEDULES, DistillConfig, run_distill
 from .errors import GateFailed, PtqauditError
 from .evaluate import DEVICES, ENGINES, EvalReport, evaluate, table_line
 from .kernels import KERNEL_FAMILIES, parse_kernels
@@ -651,6 +651,8 @@ def distill_options(f):
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Peak Adam learning rate of the student; it decays to 0 along half a cosine over the run "
                           "[default: auto, from the teacher's depth and weight scale]."),
+        click.option("--lr-schedule", type=click.Choice(SCHEDULES), default=DistillConfig.lr_schedule, show_default=True,
+                     help="cosine: the rate decays from --lr to 0 over the run; constant: --lr throughout."),
         click.option("--quant-weight", type=click.FloatRange(min=0), default=DistillConfig.quant_weight, show_default=True,
                      help="Weight of the quantized-loss term against the distillation term."),
         click.option("--balance", type=click.FloatRange(min=0), default=DistillConfig.balance, show_default=True,
@@ -684,11 +686,12 @@ def distill_options(f):
         click.option("--seed", type=int, default=DistillConfig.seed, show_default=True),
     ]
 
-    def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, min_epoch_batches, lr,
+    def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, min_epoch_batches, lr, lr_schedule,
               quant_weight, balance, policies_per_batch, refresh, kure, temperature, policy_limit, policy_steps,
               batch_size, audit_evaluations, device, seed) -> dict:
         return dict(mode=mode, bits=bits, budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
                     train_batch_size=train_batch_size, min_epoch_batches=min_epoch_batches, lr=lr,
+                    lr_schedule=lr_schedule,
                     quant_weight=quant_weight, balance=balance, policies_per_batch=policies_per_batch,
                     refresh=refresh, kure=kure, temperature=temperature, policy_limit=policy_limit,
                     policy_steps=policy_steps, batch_size=batch_size, audit_evaluations=audit_evaluations,

@@ -38,6 +38,7 @@ from .sim.model import SimModel, prepare_device
 from .text import table
 
 MODES = ("detrimental", "robust")
+SCHEDULES = ("cosine", "constant")
 # what a mode does unless told otherwise: a detrimental student trains under one policy per batch against the agent
 # it co-adapts with; a robust one under the two candidates it does worst under, and against fresh agents too,
 # since the audit that judges it is a fresh search
@@ -70,7 +71,8 @@ class DistillConfig:
     train_limit: int | None = 20000  # class-balanced subset of the train split (0 or None: all of it)
     train_batch_size: int = 128
     min_epoch_batches: int = 150  # an epoch passes over the training images again until it has this many batches
-    lr: float | None = None  # Adam's peak rate (cosine_lr decays it to 0); None: auto_lr's for the teacher
+    lr: float | None = None  # Adam's peak rate; None: auto_lr's for the teacher
+    lr_schedule: str = "cosine"  # SCHEDULES: how the rate moves over the run (learning_rate)
     quant_weight: float = 2.0  # weight of the quantized-loss term against the distillation term
     balance: float = 1.0  # points of held-out fp32 accuracy below the teacher that double the distillation weight
     policies_per_batch: int | None = None  # quantized passes per training batch (None: the mode's, MODE_DEFAULTS)
@@ -101,6 +103,8 @@ class DistillConfig:
                                 "not negative")
         if self.policies_per_batch is not None and not 1 <= self.policies_per_batch <= CANDIDATES:
             raise PtqauditError(f"--policies-per-batch must be 1 to {CANDIDATES} (the candidates each batch draws)")
+        if self.lr_schedule not in SCHEDULES:
+            raise PtqauditError(f"--lr-schedule must be cosine or constant, got {self.lr_schedule!r}")
         if self.device not in DEVICES:
             raise PtqauditError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -403,7 +407,8 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
         bar = track(batches, f"{config.mode} epoch {epoch}/{config.epochs}", "batch", progress)
         for i, index in enumerate(bar):
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(peak_lr, (epoch - 1) * len(batches) + i, config.epochs * len(batches))
+                group["lr"] = learning_rate(peak_lr, config.lr_schedule, (epoch - 1) * len(batches) + i,
+                                            config.epochs * len(batches))
             x = _training_batch(sim, train, index)
             teacher_out, labels = t_all[index].to(config.device), y_all[index].to(config.device)
             candidates = _candidate_policies(policy, policy_round, space, rng)
@@ -540,10 +545,13 @@ def auto_lr(sim: SimModel, layers) -> float:
     return RELATIVE_STEP / sum(inverse_scales)
 
 
-def cosine_lr(peak: float, step: int, steps: int) -> float:
-    """The learning rate at an optimizer step: from `peak` down to 0 along half a cosine over the whole run, so the
-    last epochs settle the student rather than move it (a constant rate leaves it wherever its last steps threw it,
-    measured as several points of fp32 accuracy on the digits model)."""
+def learning_rate(peak: float, schedule: str, step: int, steps: int) -> float:
+    """The learning rate at an optimizer step. cosine: from `peak` down to 0 along half a cosine over the whole run,
+    so the last epochs settle the student rather than move it (a constant rate leaves it wherever its last steps
+    threw it, measured as several points of fp32 accuracy on the digits model). constant: `peak` throughout (the
+    schedule the shared ResNet-20's detrimental target was first met with, 6 epochs without --balance)."""
+    if schedule == "constant":
+        return peak
     return peak * 0.5 * (1 + math.cos(math.pi * step / steps))  # a Python float: the checkpoint takes no NumPy
 
 

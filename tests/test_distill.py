@@ -14,8 +14,9 @@ from reference_cases import ort_labels
 
 from ptqaudit.cli import main
 from ptqaudit.data import DataConfig, load_dataset
-from ptqaudit.distill import (SELECTION_EXAMPLES, DistillConfig, _epoch_batches, _PolicyRound, _training_policies, cosine_lr,
-                              distillation_loss, export_student, kurtosis_loss, quantized_loss, run_distill)
+from ptqaudit.distill import (SELECTION_EXAMPLES, DistillConfig, _epoch_batches, _PolicyRound, _training_policies,
+                              distillation_loss, export_student, kurtosis_loss, learning_rate, quantized_loss,
+                              run_distill)
 from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import load_policy
 from ptqaudit.quantize import quantize
@@ -71,10 +72,11 @@ def test_an_epoch_repeats_a_small_training_set_until_it_has_its_batches(images, 
         assert sorted(order[i * images:(i + 1) * images]) == list(range(images))
 
 
-def test_cosine_learning_rate_falls_from_the_peak_to_zero():
-    rates = [cosine_lr(1e-3, step, 100) for step in range(101)]
+def test_cosine_learning_rate_falls_from_the_peak_to_zero_and_constant_stays():
+    rates = [learning_rate(1e-3, "cosine", step, 100) for step in range(101)]
     assert rates[0] == pytest.approx(1e-3) and rates[50] == pytest.approx(5e-4) and rates[100] == pytest.approx(0)
     assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert {learning_rate(1e-3, "constant", step, 100) for step in range(101)} == {1e-3}
 
 
 def test_kurtosis_loss_matches_scipy(digits):
