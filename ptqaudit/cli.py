@@ -649,7 +649,7 @@ def distill_options(f):
                      show_default=True, help="An epoch passes over the training images again (in a new order) until "
                      "it has this many batches: a small train split still gets enough optimizer steps."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Peak Adam learning rate of the student; it decays to 0 along half a cosine over the run "
+                     help="Peak Adam learning rate of the student (--lr-schedule says how it moves over the run) "
                           "[default: auto, from the teacher's depth and weight scale]."),
         click.option("--lr-schedule", type=click.Choice(SCHEDULES), default=DistillConfig.lr_schedule, show_default=True,
                      help="cosine: the rate decays from --lr to 0 over the run; constant: --lr throughout."),

@@ -316,13 +316,18 @@ def _head(x, count: int):
     return {name: value[:count] for name, value in x.items()} if isinstance(x, dict) else x[:count]
 
 
+def _layer_weights(sim: SimModel, layers) -> list[torch.Tensor]:
+    """The weight of each of `layers` in the simulator (an activation product has none)."""
+    weights = [sim.quant_layer(layer.name).weight for layer in layers]
+    return [weight for weight in weights if weight is not None]
+
+
 def kurtosis_loss(sim: SimModel, layers) -> torch.Tensor:
     """KURE (Shkolnik et al., 2020): the mean squared distance of each layer's weight kurtosis from a uniform
     distribution's, whose quantization error is the smallest for its range; a heavy-tailed weight stretches
     the min-max range that 4 bits must cover."""
     terms = []
-    weights = [sim.quant_layer(layer.name).weight for layer in layers]
-    for weight in (w for w in weights if w is not None):  # an activation product has none
+    for weight in _layer_weights(sim, layers):
         centred = weight - weight.mean()
         kurtosis = (centred**4).mean() / ((centred**2).mean() ** 2 + 1e-12)
         terms.append((kurtosis - KURTOSIS_TARGET) ** 2)
@@ -540,8 +545,7 @@ def auto_lr(sim: SimModel, layers) -> float:
     step, so a layer's weights change by rate / rms(weight) relative to their scale, and the network's function by
     about the sum of that over its layers; the rate that makes the sum RELATIVE_STEP. On the sample and shared models:
     ResNet-20 1.0e-4, the CIFAR-10 CNN 5.2e-4, the digits model 9.0e-4."""
-    weights = [sim.quant_layer(layer.name).weight for layer in layers]
-    inverse_scales = [1 / float(w.detach().pow(2).mean().sqrt()) for w in weights if w is not None]
+    inverse_scales = [1 / float(w.detach().pow(2).mean().sqrt()) for w in _layer_weights(sim, layers)]
     return RELATIVE_STEP / sum(inverse_scales)
 
 
