@@ -13,7 +13,7 @@ points; each mode under 60 minutes on 2 CPU cores.
 
     python benchmarks/bench_distill.py [--mode detrimental|robust|both] [--data-root DIR] [--device cpu|cuda]
         [--teacher MODEL.onnx] [--seeds 0,1,...] [--epochs N] [--train-limit N] [--limit N] [--lr X]
-        [--quant-weight X] [--balance POINTS] [--policies-per-batch N] [--[no-]refresh] [--kure X] [--output DIR]
+        [--quant-weight X] [--balance POINTS] [--policies-per-batch N] [--[no-]refresh] [--[no-]equalize] [--kure X] [--output DIR]
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def run_mode(mode: str, seed: int, args, out: Path) -> tuple[DistillSummary, flo
     config = DistillConfig(teacher=str(args.teacher), data=data, output=str(out / f"{mode}-seed{seed}"), mode=mode,
                            epochs=args.epochs, train_limit=args.train_limit, lr=args.lr, lr_schedule=args.lr_schedule,
                            quant_weight=args.quant_weight, balance=args.balance,
-                           policies_per_batch=args.policies_per_batch, refresh=args.refresh, kure=args.kure,
+                           policies_per_batch=args.policies_per_batch, refresh=args.refresh, equalize=args.equalize,
+                           kure=args.kure,
                            audit_evaluations=args.audit_evaluations,
                            seed=seed, device=args.device)
     started = time.perf_counter()
@@ -118,6 +119,7 @@ def main() -> int:
                         help="distill --balance POINTS (0: off)")
     parser.add_argument("--policies-per-batch", type=int, default=None, help="distill --policies-per-batch")
     parser.add_argument("--refresh", action=argparse.BooleanOptionalAction, default=None, help="distill --refresh")
+    parser.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=False, help="distill --equalize")
     parser.add_argument("--kure", type=float, default=DistillConfig.kure, help="distill --kure")
     parser.add_argument("--audit-evaluations", type=int, default=400,
                         help="the fresh search's evaluations (the targets are stated for 400)")

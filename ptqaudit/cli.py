@@ -668,6 +668,10 @@ def distill_options(f):
                      help="Each agent turn also runs a fresh agent from the student's own sensitivity, as "
                           "`ptqaudit search` does, and its leaders join the training policies "
                           "[default: robust on, detrimental off]."),
+        click.option("--equalize/--no-equalize", default=DistillConfig.equalize, show_default=True,
+                     help="Start the student from the teacher's weights after cross-layer equalization: layers "
+                          "joined only by ReLU or pooling are rescaled per channel so that their weight ranges even "
+                          "out (the same function; per-tensor low-bit weights lose less)."),
         click.option("--kure", type=click.FloatRange(min=0), default=DistillConfig.kure, show_default=True,
                      help="Weight of the kurtosis regulariser (KURE) pulling each searched layer's weights toward "
                           "a uniform distribution, easier to quantize at few bits; 0: off."),
@@ -687,13 +691,13 @@ def distill_options(f):
     ]
 
     def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, min_epoch_batches, lr, lr_schedule,
-              quant_weight, balance, policies_per_batch, refresh, kure, temperature, policy_limit, policy_steps,
-              batch_size, audit_evaluations, device, seed) -> dict:
+              quant_weight, balance, policies_per_batch, refresh, equalize, kure, temperature, policy_limit,
+              policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
         return dict(mode=mode, bits=bits, budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
                     train_batch_size=train_batch_size, min_epoch_batches=min_epoch_batches, lr=lr,
                     lr_schedule=lr_schedule,
                     quant_weight=quant_weight, balance=balance, policies_per_batch=policies_per_batch,
-                    refresh=refresh, kure=kure, temperature=temperature, policy_limit=policy_limit,
+                    refresh=refresh, equalize=equalize, kure=kure, temperature=temperature, policy_limit=policy_limit,
                     policy_steps=policy_steps, batch_size=batch_size, audit_evaluations=audit_evaluations,
                     device=device, seed=seed)
 

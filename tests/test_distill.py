@@ -246,11 +246,12 @@ def test_cli_distill_prints_the_table_and_writes_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["distill", DIGITS_MODEL, "--mode", "robust", "--epochs", "1", "--min-epoch-batches", "10",
-              "--audit-evaluations", "45", "--policy-steps", "1", "--no-progress", "-o", str(out)])
+              "--audit-evaluations", "45", "--policy-steps", "1", "--equalize", "--no-progress", "-o", str(out)])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     for row in ("teacher fp32", "student fp32", "student under its policy", "student w8a8", "fresh search's worst"):
         assert row in printed
+    assert "cross-layer equalization of" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert f"{100 * summary['student_policy_accuracy']:.2f}%" in printed
     assert yaml.safe_load((out / "policy.yaml").read_text())["layers"]
