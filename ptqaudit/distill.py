@@ -463,7 +463,7 @@ def _equalize(sim: SimModel, teacher: LoadedModel, echo) -> None:
     """Cross-layer equalization of the student before training: the teacher's function, with per-tensor weight
     ranges that low bit widths cover better (equalize.py)."""
     pairs = equalizable_pairs(teacher, sim)
-    names = [name for pair in pairs for name in pair]
+    names = list(dict.fromkeys(name for pair in pairs for name in pair))  # a layer in two pairs counts once
     before = range_spread(sim, names)
     equalize(sim, pairs)
     echo(f"cross-layer equalization of {len(pairs)} pairs of layers (function unchanged): median channel weight "
