@@ -108,15 +108,15 @@ def main() -> int:
     parser.add_argument("--teacher", type=Path, default=TEACHER)
     parser.add_argument("--data-root", default=os.environ.get("PTQAUDIT_DATA"))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--epochs", type=int, default=DistillConfig.epochs)
+    parser.add_argument("--epochs", type=int, default=None, help="distill --epochs (default: the mode's)")
     parser.add_argument("--train-limit", type=int, default=DistillConfig.train_limit,
                         help="training images (0: all of the train split)")
     parser.add_argument("--limit", type=int, default=None, help="test images (default: all 10,000)")
     parser.add_argument("--lr", type=float, default=None, help="distill --lr (default: auto)")
     parser.add_argument("--lr-schedule", default=DistillConfig.lr_schedule, help="distill --lr-schedule")
     parser.add_argument("--quant-weight", type=float, default=DistillConfig.quant_weight)
-    parser.add_argument("--balance", type=float, default=DistillConfig.balance,
-                        help="distill --balance POINTS (0: off)")
+    parser.add_argument("--balance", type=float, default=None,
+                        help="distill --balance POINTS (0: off; default: the mode's)")
     parser.add_argument("--policies-per-batch", type=int, default=None, help="distill --policies-per-batch")
     parser.add_argument("--refresh", action=argparse.BooleanOptionalAction, default=None, help="distill --refresh")
     parser.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=False, help="distill --equalize")
@@ -133,7 +133,8 @@ def main() -> int:
 
     out = args.output or Path(tempfile.mkdtemp(prefix="bench-distill-"))
     modes = ["detrimental", "robust"] if args.mode == "both" else [args.mode]
-    print(f"bench_distill: {args.teacher.name}, {args.train_limit or 'all'} training images, {args.epochs} epochs, "
+    epochs = args.epochs or "each mode's default"
+    print(f"bench_distill: {args.teacher.name}, {args.train_limit or 'all'} training images, {epochs} epochs, "
           f"device {args.device}, torch threads {torch.get_num_threads()}, runs in {out}", flush=True)
     all_ok = True
     seeds = [int(seed) for seed in args.seeds.split(",")]

@@ -18,7 +18,7 @@ from . import __version__, progress
 from .analysis import AnalysisSettings, analyse, cached_analysis, load_run
 from .data import DataConfig, load_dataset
 from .text_data import PADDINGS, TextConfig
-from .distill import BALANCE_EVERY, CANDIDATES, MODES, SCHEDULES, DistillConfig, run_distill
+from .distill import BALANCE_EVERY, CANDIDATES, MODE_DEFAULTS, MODES, SCHEDULES, DistillConfig, run_distill
 from .errors import GateFailed, PtqauditError
 from .evaluate import DEVICES, ENGINES, EvalReport, evaluate, table_line
 from .kernels import KERNEL_FAMILIES, parse_kernels
@@ -640,8 +640,10 @@ def distill_options(f):
                      help="Bit-widths each layer's weights and activations may take."),
         click.option("--budget-avg-bits", type=click.FloatRange(min=1, max=32), default=DistillConfig.budget_avg_bits,
                      show_default=True, help="Budget in effective bits, sqrt(BitOPs / MACs); the agent's policies are at or above it."),
-        click.option("--epochs", type=click.IntRange(min=1), default=DistillConfig.epochs, show_default=True,
-                     help="Passes over the training images; the agent takes its turn before each and after the last."),
+        click.option("--epochs", type=click.IntRange(min=1), default=None,
+                     help="Passes over the training images; the agent takes its turn before each and after the last "
+                          f"[default: detrimental {MODE_DEFAULTS['detrimental']['epochs']}, "
+                          f"robust {MODE_DEFAULTS['robust']['epochs']}]."),
         click.option("--train-limit", type=click.IntRange(min=0), default=DistillConfig.train_limit, show_default=True,
                      help="Train on a class-balanced subset of N images of the train split; 0: all of it."),
         click.option("--train-batch-size", type=click.IntRange(min=1), default=DistillConfig.train_batch_size, show_default=True),
@@ -655,19 +657,20 @@ def distill_options(f):
                      help="cosine: the rate decays from --lr to 0 over the run; constant: --lr throughout."),
         click.option("--quant-weight", type=click.FloatRange(min=0), default=DistillConfig.quant_weight, show_default=True,
                      help="Weight of the quantized-loss term against the distillation term."),
-        click.option("--balance", type=click.FloatRange(min=0), default=DistillConfig.balance, show_default=True,
+        click.option("--balance", type=click.FloatRange(min=0), default=None,
                      metavar="POINTS", help="Double the distillation term's weight whenever the student's fp32 "
                      "accuracy on the held-out images falls more than POINTS below the teacher's, and halve it again "
                      f"(not below 1) once the gap is under POINTS / 2 (checked every {BALANCE_EVERY} batches and after "
-                     "each epoch); 0: keep it at 1."),
+                     f"each epoch); 0: keep it at 1 [default: detrimental {MODE_DEFAULTS['detrimental']['balance']:g}, "
+                     f"robust {MODE_DEFAULTS['robust']['balance']:g}]."),
         click.option("--policies-per-batch", type=click.IntRange(1, CANDIDATES), default=None,
                      help="Quantized passes per training batch. robust: under the ones of the batch's "
                           f"{CANDIDATES} candidate policies the student does worst under; detrimental: candidates "
                           "in turn [default: robust 2, detrimental 1]."),
         click.option("--refresh/--no-refresh", default=None,
                      help="Each agent turn also runs a fresh agent from the student's own sensitivity, as "
-                          "`ptqaudit search` does, and its leaders join the training policies "
-                          "[default: robust on, detrimental off]."),
+                          "`ptqaudit search` does, and its leaders join the training policies; the turn after "
+                          "the last epoch runs it either way [default: robust on, detrimental off]."),
         click.option("--equalize/--no-equalize", default=DistillConfig.equalize, show_default=True,
                      help="Start the student from the teacher's weights after cross-layer equalization: layers "
                           "joined only by ReLU or pooling are rescaled per channel so that their weight ranges even "

@@ -131,24 +131,27 @@ def test_robust_batches_train_under_the_candidates_the_student_does_worst_under(
 
 def test_refreshed_turn_returns_the_worst_policy_of_both_agents_as_ort_scores_it(digits, digits_data):
     """With refresh, a turn also searches with a fresh agent: the pool gains its leaders, and the policy returned is
-    the one of the whole pool that ORT (at batch size 1, on the held-out images) scores lowest, at its accuracy."""
+    the one of the whole pool that ORT (at batch size 1, on the held-out images) scores lowest, at its accuracy.
+    The final turn of a run without refresh searches with the fresh agent all the same."""
     space = _digits_space(digits)
     probe = digits_data[0].subset(120)
     sim = SimModel(digits).eval()
     features = layer_features(space.searched, [sim.quant_layer(x.name).weight.detach().numpy() for x in space.searched])
     drop = np.ones((len(space.searched), 2))
-    pools = {}
-    for refresh in (False, True):
+    turns = {}
+    for refresh, final in ((False, False), (True, False), (False, True)):
         torch.manual_seed(0)
         policy_round = _PolicyRound(PolicyAgent(space, features, drop, Objective.WORST), space, features, probe, 1,
                                     refresh)
-        policy, sim_accuracy = policy_round(sim, 2)
-        pools[refresh] = policy_round.pool
-    assert set(pools[False]) < set(pools[True])
+        policy, sim_accuracy = policy_round(sim, 2, final=final)
+        turns[refresh, final] = policy_round.pool, policy.digest
+    (carried, _), (refreshed, worst), (final_pool, final_worst) = turns.values()
+    assert set(carried) < set(refreshed) == set(final_pool)
+    assert final_worst == worst
     scored = {digest: float(np.mean(ort_labels(quantize(digits, space.policy(choice)).proto, probe.x, 1) == probe.y))
-              for digest, choice in pools[True].items()}
+              for digest, choice in refreshed.items()}
     assert sim_accuracy == pytest.approx(min(scored.values()))
-    assert scored[policy.digest] == pytest.approx(sim_accuracy)
+    assert scored[worst] == pytest.approx(sim_accuracy)
 
 
 def test_exported_student_runs_on_ort_as_the_trained_weights_say(tmp_path, digits, digits_data):
@@ -227,7 +230,7 @@ def test_short_distillation_on_the_digits_model(tmp_path, digits, digits_data, m
     assert policy.bitops(digits.layers) >= Budget.from_average_bits(6.0, digits.total_macs).bitops
     assert summary["sim_top1_agreement_with_ort"] == 1.0
     records = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == list(range(1, config.epochs + 1))
+    assert [r["epoch"] for r in records] == list(range(1, config.setting("epochs") + 1))
 
     # 3 points are 16 of the 540 test images; the balance cannot see a smaller gap: the teacher scores 100% on the
     # held-out training images it watches
