@@ -101,14 +101,12 @@ class DistillConfig:
         if self.data.split == "train":
             raise PtqauditError("distill trains on the train split; evaluate on --split test")
         check_bits(self.bits)
-        for name in ("train_batch_size", "min_epoch_batches", "policy_limit", "policy_steps", "batch_size",
+        for name in ("epochs", "train_batch_size", "min_epoch_batches", "policy_limit", "policy_steps", "batch_size",
                      "audit_evaluations"):
-            if getattr(self, name) < 1:
+            if self.setting(name) < 1:  # epochs: the mode's when not given
                 raise PtqauditError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.epochs is not None and self.epochs < 1:
-            raise PtqauditError("--epochs must be at least 1")
         if ((self.lr is not None and self.lr <= 0) or self.quant_weight < 0 or self.temperature <= 0
-                or (self.balance is not None and self.balance < 0) or self.kure < 0):
+                or self.setting("balance") < 0 or self.kure < 0):
             raise PtqauditError("--lr and --temperature must be positive, --quant-weight, --balance and --kure "
                                 "not negative")
         if self.policies_per_batch is not None and not 1 <= self.policies_per_batch <= CANDIDATES:
@@ -121,7 +119,8 @@ class DistillConfig:
             raise PtqauditError("--device cuda: torch sees no CUDA device (is a CUDA build of torch installed?)")
 
     def setting(self, name: str):
-        """policies_per_batch, refresh, epochs or balance as this run uses it: as given, or the mode's default."""
+        """A setting as this run uses it: as given, or, where it was not (None), the mode's default (MODE_DEFAULTS:
+        policies_per_batch, refresh, epochs, balance)."""
         value = getattr(self, name)
         return MODE_DEFAULTS[self.mode][name] if value is None else value
 
