@@ -13,7 +13,8 @@ points; each mode under 60 minutes on 2 CPU cores.
 
     python benchmarks/bench_distill.py [--mode detrimental|robust|both] [--data-root DIR] [--device cpu|cuda]
         [--teacher MODEL.onnx] [--seeds 0,1,...] [--epochs N] [--train-limit N] [--limit N] [--lr X]
-        [--quant-weight X] [--balance POINTS] [--policies-per-batch N] [--[no-]refresh] [--[no-]equalize] [--kure X] [--output DIR]
+        [--quant-weight X] [--balance POINTS] [--policies-per-batch N] [--[no-]refresh] [--[no-]equalize] [--kure X]
+        [--[no-]range-gradient] [--[no-]augment] [--output DIR]
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def run_mode(mode: str, seed: int, args, out: Path) -> tuple[DistillSummary, flo
                            epochs=args.epochs, train_limit=args.train_limit, lr=args.lr, lr_schedule=args.lr_schedule,
                            quant_weight=args.quant_weight, balance=args.balance,
                            policies_per_batch=args.policies_per_batch, refresh=args.refresh, equalize=args.equalize,
-                           kure=args.kure,
+                           kure=args.kure, range_gradient=args.range_gradient, augment=args.augment,
                            audit_evaluations=args.audit_evaluations,
                            seed=seed, device=args.device)
     started = time.perf_counter()
@@ -121,6 +122,10 @@ def main() -> int:
     parser.add_argument("--refresh", action=argparse.BooleanOptionalAction, default=None, help="distill --refresh")
     parser.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=False, help="distill --equalize")
     parser.add_argument("--kure", type=float, default=DistillConfig.kure, help="distill --kure")
+    parser.add_argument("--range-gradient", action=argparse.BooleanOptionalAction,
+                        default=DistillConfig.range_gradient, help="distill --range-gradient")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                        help="distill --augment (default: the mode's)")
     parser.add_argument("--audit-evaluations", type=int, default=400,
                         help="the fresh search's evaluations (the targets are stated for 400)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds: each mode runs once per seed, and the "

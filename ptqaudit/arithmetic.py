@@ -4,7 +4,8 @@ Each formula is written once, in torch. The simulator calls these functions on i
 rewrite calls quantize_weight for its constant weights and writes the activation formula as ONNX nodes
 with the constants defined here, so the two engines agree by construction. Both follow
 onnxruntime.quantization: symmetric int8-held weight codes, asymmetric uint8 activation codes
-(DynamicQuantizeLinear), round half to even. Straight-through gradients make the formulas trainable.
+(DynamicQuantizeLinear), round half to even. Straight-through gradients make the formulas trainable;
+with range_gradient the scales pass a gradient to the ranges they are measured from as well.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ def activation_code_max(bits: int) -> int:
     return 2**bits - 1
 
 
+def _with_range_gradient(scale: torch.Tensor, live_scale: torch.Tensor) -> torch.Tensor:
+    """`scale` exactly as computed (the forward pass stays ORT's to the bit), with the gradient of `live_scale`,
+    the same scale as a function of the range: a loss under quantization can then move the extreme values that
+    set the step (as LSQ learns its step, here through the min-max range dynamic quantization measures)."""
+    return scale + (live_scale - live_scale.detach())
+
+
 class RoundHalfEvenSTE(torch.autograd.Function):
     """torch.round (half to even, as ORT) forward; identity gradient (straight-through)."""
 
@@ -36,22 +44,27 @@ class RoundHalfEvenSTE(torch.autograd.Function):
         return grad
 
 
-def weight_codes(weight: torch.Tensor, bits: int, channel_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_codes(weight: torch.Tensor, bits: int, channel_axis: int | None,
+                 range_gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric b-bit codes (floats holding integers, straight-through gradient) and float32 scales
     shaped to broadcast against the weight, per tensor (channel_axis None) or per slice along
     channel_axis; the scale is computed in float64 and stored as float32, as onnxruntime.quantization
-    does, and the codes are round-half-even(float32 w / float32 scale)."""
+    does, and the codes are round-half-even(float32 w / float32 scale). range_gradient: the scale also
+    passes a gradient to the largest |w| it is measured from."""
     limit = weight_code_limit(bits)
-    with torch.no_grad():
+    with torch.set_grad_enabled(range_gradient and torch.is_grad_enabled()):
         magnitude = weight.abs()
         if channel_axis is None:
             absmax = magnitude.max().reshape((1,) * weight.dim())
         else:
             other = tuple(a for a in range(weight.dim()) if a != channel_axis)
             absmax = magnitude.amax(dim=other, keepdim=True)
+    with torch.no_grad():
         scale = (2.0 * absmax.double() / (2 * limit)).float()
         # an all-zero weight (or channel) has no range: ORT then uses scale 1, which keeps every code 0
         scale = torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
+    if absmax.requires_grad:
+        scale = _with_range_gradient(scale, absmax / limit)
     codes = torch.clamp(RoundHalfEvenSTE.apply(weight / scale), -limit, limit)
     return codes, scale
 
@@ -94,14 +107,15 @@ def quantize_table(table: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray
             np.array(zero_point, dtype=np.uint8))
 
 
-def activation_scale_zero_point(x: torch.Tensor, bits: int, per_sample: bool,
-                                nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def activation_scale_zero_point(x: torch.Tensor, bits: int, per_sample: bool, nonnegative: bool = False,
+                                range_gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """DynamicQuantizeLinear's parameters at b bits, over the whole tensor (ORT at this batch) or per
     sample (each input alone, as a batch-size-1 deployment sees it): range widened to include 0,
     scale = range / (2^b - 1) (1 when the range is empty), zero point = round(clip(-rmin / scale)).
     Shapes broadcast against x. nonnegative: x is known to be >= 0 (a ReLU output), so rmin = 0
-    without reading x for its minimum."""
-    with torch.no_grad():
+    without reading x for its minimum. range_gradient: the scale also passes a gradient to the extreme
+    values of x it is measured from (the zero point stays a constant)."""
+    with torch.set_grad_enabled(range_gradient and torch.is_grad_enabled()):
         # each sample's values as one row, without a copy in either memory layout; row-wise amin and amax
         # are several times faster on CPU than aminmax or a whole-tensor min/max
         rows = x.permute(0, 2, 3, 1) if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else x
@@ -116,10 +130,13 @@ def activation_scale_zero_point(x: torch.Tensor, bits: int, per_sample: bool,
         low, high = low.reshape(shape), high.reshape(shape)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         rmin, rmax = torch.minimum(low, zero), torch.maximum(high, zero)
-        qmax = float(activation_code_max(bits))
+    qmax = float(activation_code_max(bits))
+    with torch.no_grad():
         span = rmax - rmin
         scale = torch.where(span == 0, torch.ones_like(span), span / qmax)
         zero_point = torch.round(torch.clamp(-rmin / scale, 0.0, qmax))
+    if rmax.requires_grad:
+        scale = _with_range_gradient(scale, (rmax - rmin) / qmax)
     return scale, zero_point
 
 

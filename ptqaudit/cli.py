@@ -668,9 +668,10 @@ def distill_options(f):
                           f"{CANDIDATES} candidate policies the student does worst under; detrimental: candidates "
                           "in turn [default: robust 2, detrimental 1]."),
         click.option("--refresh/--no-refresh", default=None,
-                     help="Each agent turn also runs a fresh agent from the student's own sensitivity, as "
-                          "`ptqaudit search` does, and its leaders join the training policies; the turn after "
-                          "the last epoch runs it either way [default: robust on, detrimental off]."),
+                     help="Each agent turn also runs a fresh RL search of --audit-evaluations policies from the "
+                          "student's own sensitivity, as the audit will, and its leaders join the training "
+                          "policies; the turn after the last epoch runs it either way [default: robust on, "
+                          "detrimental off]."),
         click.option("--equalize/--no-equalize", default=DistillConfig.equalize, show_default=True,
                      help="Start the student from the teacher's weights after cross-layer equalization: layers "
                           "joined only by ReLU or pooling are rescaled per channel so that their weight ranges even "
@@ -678,6 +679,14 @@ def distill_options(f):
         click.option("--kure", type=click.FloatRange(min=0), default=DistillConfig.kure, show_default=True,
                      help="Weight of the kurtosis regulariser (KURE) pulling each searched layer's weights toward "
                           "a uniform distribution, easier to quantize at few bits; 0: off."),
+        click.option("--range-gradient/--no-range-gradient", default=DistillConfig.range_gradient, show_default=True,
+                     help="The quantized passes' scales pass a gradient to the min-max ranges they are measured "
+                          "from, so training can also shrink the extreme weights and activations that set a few-bit "
+                          "step (the forward pass, and so every number, is unchanged)."),
+        click.option("--augment/--no-augment", default=None,
+                     help="Images: train on each batch shifted by up to an eighth of its size and mirrored at "
+                          "random, the teacher's outputs computed on the shifted images [default: robust on, "
+                          "detrimental off; off for text]."),
         click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.temperature,
                      show_default=True, help="Distillation temperature."),
         click.option("--policy-limit", type=click.IntRange(min=1), default=DistillConfig.policy_limit, show_default=True,
@@ -687,20 +696,22 @@ def distill_options(f):
         click.option("--batch-size", "-b", type=click.IntRange(min=1), default=DistillConfig.batch_size, show_default=True,
                      help="Deployment batch size: activation ranges in training, the ORT numbers and the audit."),
         click.option("--audit-evaluations", type=click.IntRange(min=1), default=DistillConfig.audit_evaluations,
-                     show_default=True, help="Evaluations of the fresh worst-case search run on the student."),
+                     show_default=True, help="Evaluations of the fresh worst-case search run on the student "
+                     "(the audit), and of the same search inside training (--refresh, and after the last epoch)."),
         click.option("--device", type=click.Choice(sorted(DEVICES)), default=DistillConfig.device, show_default=True,
                      help="Where torch trains the student; ORT numbers are measured on the CPU."),
         click.option("--seed", type=int, default=DistillConfig.seed, show_default=True),
     ]
 
     def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, min_epoch_batches, lr, lr_schedule,
-              quant_weight, balance, policies_per_batch, refresh, equalize, kure, temperature, policy_limit,
-              policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
+              quant_weight, balance, policies_per_batch, refresh, equalize, kure, range_gradient, augment,
+              temperature, policy_limit, policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
         return dict(mode=mode, bits=bits, budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
                     train_batch_size=train_batch_size, min_epoch_batches=min_epoch_batches, lr=lr,
                     lr_schedule=lr_schedule,
                     quant_weight=quant_weight, balance=balance, policies_per_batch=policies_per_batch,
-                    refresh=refresh, equalize=equalize, kure=kure, temperature=temperature, policy_limit=policy_limit,
+                    refresh=refresh, equalize=equalize, kure=kure, range_gradient=range_gradient, augment=augment,
+                    temperature=temperature, policy_limit=policy_limit,
                     policy_steps=policy_steps, batch_size=batch_size, audit_evaluations=audit_evaluations,
                     device=device, seed=seed)
 

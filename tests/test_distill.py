@@ -15,8 +15,8 @@ from reference_cases import ort_labels
 from ptqaudit.cli import main
 from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.distill import (SELECTION_EXAMPLES, DistillConfig, _epoch_batches, _PolicyRound, _training_policies,
-                              distillation_loss, export_student, kurtosis_loss, learning_rate, quantized_loss,
-                              run_distill)
+                              augmented, distillation_loss, export_student, kurtosis_loss, learning_rate,
+                              quantized_loss, run_distill)
 from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import load_policy
 from ptqaudit.quantize import quantize
@@ -77,6 +77,23 @@ def test_cosine_learning_rate_falls_from_the_peak_to_zero_and_constant_stays():
     assert rates[0] == pytest.approx(1e-3) and rates[50] == pytest.approx(5e-4) and rates[100] == pytest.approx(0)
     assert all(a > b for a, b in zip(rates, rates[1:]))
     assert {learning_rate(1e-3, "constant", step, 100) for step in range(101)} == {1e-3}
+
+
+def test_augmented_images_are_shifted_and_mirrored_copies_within_an_eighth():
+    """Each augmented image equals its original shifted by at most an eighth of its size (zero-filled) and
+    perhaps mirrored: found by enumerating every shift and mirror in NumPy; both mirror states occur."""
+    rng = np.random.default_rng(3)
+    x = rng.random((24, 3, 16, 8)).astype(np.float32) + 0.5  # no zeros: the fill tells the shift apart
+    out = augmented(torch.from_numpy(x), np.random.default_rng(0)).numpy()
+    assert out.shape == x.shape
+    mirrored = []
+    for original, result in zip(x, out):
+        padded = np.pad(original, ((0, 0), (2, 2), (1, 1)))
+        matches = [(dy, dx, flip) for dy in range(5) for dx in range(3) for flip in (False, True)
+                   if np.array_equal(result, (lambda c: c[..., ::-1] if flip else c)(padded[:, dy:dy + 16, dx:dx + 8]))]
+        assert len(matches) == 1
+        mirrored.append(matches[0][2])
+    assert 0 < sum(mirrored) < len(mirrored)
 
 
 def test_kurtosis_loss_matches_scipy(digits):
@@ -142,12 +159,18 @@ def test_refreshed_turn_returns_the_worst_policy_of_both_agents_as_ort_scores_it
     for refresh, final in ((False, False), (True, False), (False, True)):
         torch.manual_seed(0)
         policy_round = _PolicyRound(PolicyAgent(space, features, drop, Objective.WORST), space, features, probe, 1,
-                                    refresh)
+                                    refresh, 30, np.random.default_rng(0))
         policy, sim_accuracy = policy_round(sim, 2, final=final)
         turns[refresh, final] = policy_round.pool, policy.digest
     (carried, _), (refreshed, worst), (final_pool, final_worst) = turns.values()
     assert set(carried) < set(refreshed) == set(final_pool)
     assert final_worst == worst
+    # the fresh search spends the audit's budget of distinct policies, and its board leads with the worst of them
+    memo = {}
+    evaluator = SimEvaluator(sim, probe, 1, space, lambda records: None, memo)
+    board = policy_round._fresh_search(sim, evaluator)
+    assert evaluator.evaluations == len(memo) == 30
+    assert board.ranked[0].sim_accuracy == min(memo.values())
     scored = {digest: float(np.mean(ort_labels(quantize(digits, space.policy(choice)).proto, probe.x, 1) == probe.y))
               for digest, choice in refreshed.items()}
     assert sim_accuracy == pytest.approx(min(scored.values()))
@@ -406,3 +429,13 @@ def test_cli_distill_cuda_without_a_device_is_exit_2(tmp_path, capsys):
         main(["distill", DIGITS_MODEL, "--mode", "robust", "--device", "cuda", "-o", str(tmp_path / "r")])
     assert exit_info.value.code == 2
     assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_cli_distill_augment_on_text_is_exit_2(tmp_path, capsys, sst2_root):
+    """--augment shifts and mirrors images: asked of a text model and its sentences, it stops with the reason."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", str(REPO / "sample_models" / "sst2_lstm.onnx"), "--mode", "robust", "--data", "sst2",
+              "--data-root", sst2_root, "--tokenizer", str(REPO / "sample_models" / "sst2_tokenizer.json"),
+              "--augment", "--no-progress", "-o", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    assert "--augment shifts and mirrors images" in capsys.readouterr().err

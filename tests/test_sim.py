@@ -232,6 +232,63 @@ def test_straight_through_gradients_match_float_layer_at_quantized_values(tmp_pa
     assert layer.bias.grad is not None and torch.allclose(layer.bias.grad, upstream.sum(dim=(0, 2, 3)))
 
 
+@pytest.mark.parametrize("ranges", ["batch", "sample"])
+def test_range_gradient_adds_the_scales_derivative_to_the_extreme_values(tmp_path, ranges):
+    """With range_gradient, the output is unchanged and d/dx, d/dw gain the term through the min-max scales:
+    dL/ds times ds/d(extreme), with the codes' straight-through derivative d(x / s)/ds = -x / s^2, against the
+    chain rule written out in NumPy for a MatMul at 4 bits (without it, only the straight-through term)."""
+    rng = np.random.default_rng(11)
+    path, w, _, _ = _single_layer_model(tmp_path, "MatMul", rng)
+    sim = SimModel(load_model(path))
+    layer = sim.quant_layer("layer")
+    x_np = rng.standard_normal((3, 5)).astype(np.float32)
+    upstream = rng.standard_normal((3, 4))
+    setting = LayerQuant(4, 4, False)
+
+    x64, w64, qmax, limit = x_np.astype(np.float64), w.astype(np.float64), 15, 7
+    axis = 1 if ranges == "sample" else None
+    rmin = np.minimum(x64.min(axis=axis, keepdims=True), 0) * np.ones((3, 1))
+    rmax = np.maximum(x64.max(axis=axis, keepdims=True), 0) * np.ones((3, 1))
+    sx = (rmax - rmin) / qmax
+    zp = np.round(np.clip(-rmin / sx, 0, qmax))
+    xc = np.clip(np.round(x64 / sx), -zp, qmax - zp)
+    inside = (np.round(x64 / sx) >= -zp) & (np.round(x64 / sx) <= qmax - zp)  # the clip passes no gradient
+    sw = np.abs(w64).max() / limit
+    wc = np.round(w64 / sw)
+    grad_xc = (upstream @ wc.T) * sx * sw * inside  # dL/d codes
+    grad_wc = xc.T @ (upstream * sx) * sw
+    direct_x, direct_w = grad_xc / sx, grad_wc / sw  # straight-through: rounding as identity
+    grad_sx = ((upstream * (xc @ wc)) * sw).sum(axis=1, keepdims=True) + (grad_xc * -x64 / sx**2).sum(axis=1, keepdims=True)
+    grad_sw = (upstream * (xc @ wc) * sx).sum() + (grad_wc * -w64 / sw**2).sum()
+    range_x = np.zeros_like(x64)
+    groups = [np.arange(3)] if ranges == "batch" else [[row] for row in range(3)]
+    for rows in groups:  # each range's scale moves with its largest and smallest value (when beyond 0)
+        block = x64[rows]
+        total = grad_sx[rows].sum()
+        hi, lo = np.unravel_index(block.argmax(), block.shape), np.unravel_index(block.argmin(), block.shape)
+        if block.max() > 0:  # a range widened to include 0 does not move with a value on the far side of 0
+            range_x[np.asarray(rows)[hi[0]], hi[1]] += total / qmax
+        if block.min() < 0:
+            range_x[np.asarray(rows)[lo[0]], lo[1]] -= total / qmax
+    range_w = np.zeros_like(w64)
+    top = np.unravel_index(np.abs(w64).argmax(), w64.shape)
+    range_w[top] = np.sign(w64[top]) * grad_sw / limit
+
+    outputs = []
+    for on in (False, True):
+        sim.set_range_gradient(on)
+        sim.zero_grad()
+        x = torch.from_numpy(x_np).requires_grad_(True)
+        y = layer(x, setting, ranges)
+        (y * torch.from_numpy(upstream).float()).sum().backward()
+        outputs.append(y.detach())
+        expected_x, expected_w = (direct_x + range_x, direct_w + range_w) if on else (direct_x, direct_w)
+        np.testing.assert_allclose(x.grad.numpy(), expected_x, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(layer.weight.grad.numpy(), expected_w, rtol=1e-4, atol=1e-5)
+    assert torch.equal(outputs[0], outputs[1])
+    assert np.abs(range_x).max() > 1e-3 and np.abs(range_w).max() > 1e-3  # the term the test tells apart
+
+
 def test_weight_cache_follows_in_place_updates():
     """Cached weight codes must not outlive a change of the weights (as distillation makes)."""
     model = load_model(DIGITS_MODEL)

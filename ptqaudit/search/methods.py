@@ -90,19 +90,25 @@ def rl_search(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, o
     Once the agent has converged (a step brings no policy not already scored), the rest of the cap goes to
     the leader's neighbourhood instead of to repeats."""
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     agent = PolicyAgent(space, features, sensitivity, objective, start=start)
+    run_agent(agent, evaluator, board, max_evaluations, np.random.default_rng(seed), progress)
+
+
+def run_agent(agent: PolicyAgent, evaluator: SimEvaluator, board: Leaderboard, max_evaluations: int,
+              rng: np.random.Generator, progress=lambda done, best: None, method: str = "rl") -> None:
+    """rl_search's loop for an agent already made (and the torch generator as the caller left it): its steps
+    until the evaluator has counted `max_evaluations` policies, the leader's neighbours once it has converged."""
     requests = 0
     while evaluator.evaluations < max_evaluations and requests < 4 * max_evaluations:
         before = evaluator.evaluations
-        requests += agent.step(evaluator, board)
+        requests += agent.step(evaluator, board, method)
         if evaluator.evaluations == before and board.entries:
-            requests += neighbour_step(space, evaluator, board, objective, rng)
+            requests += neighbour_step(agent.space, evaluator, board, agent.objective, rng, method=method)
         progress(evaluator.evaluations, board.best_accuracy)
 
 
 def neighbour_step(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboard, objective: Objective,
-                   rng: np.random.Generator, count: int = 8) -> int:
+                   rng: np.random.Generator, count: int = 8, method: str = "rl") -> int:
     """Score `count` neighbours of the leading policy (one or two operands one width up or down, projected
     onto the budget) and offer them to the board; returns how many were requested."""
     leader = board.ranked[0].choice
@@ -113,7 +119,7 @@ def neighbour_step(space: SearchSpace, evaluator: SimEvaluator, board: Leaderboa
             layer, operand = rng.integers(len(space.searched)), rng.integers(2)
             choice[layer, operand] = np.clip(choice[layer, operand] + rng.choice((-1, 1)), 0, len(space.bits) - 1)
         neighbours.append(space.project(choice, objective))
-    accuracies = evaluator.accuracies(neighbours, objective, "rl")
+    accuracies = evaluator.accuracies(neighbours, objective, method)
     board.offer(space, neighbours[: len(accuracies)], accuracies)
     return count
 

@@ -31,6 +31,8 @@ class QuantLayer(nn.Module):
     (setting None) or as ORT's integer kernel would: int codes, exact integer products,
     float32(acc) * (x_scale * w_scale) + bias."""
 
+    range_gradient = False  # training: the scales pass a gradient to the ranges they are measured from (SimModel)
+
     def __init__(self, layer: Layer, attrs: dict, weight: np.ndarray, bias: np.ndarray | None,
                  nonnegative_input: bool = False, kernel_family: str = EXACT):
         super().__init__()
@@ -60,7 +62,8 @@ class QuantLayer(nn.Module):
         if self.kind.weight_only:
             codes, scale, _ = table_codes(self.weight, setting.weight_bits)
             return codes, scale, True, None
-        codes, scale = weight_codes(self.weight, setting.weight_bits, self.kind.scale_axis(setting.per_channel))
+        codes, scale = weight_codes(self.weight, setting.weight_bits, self.kind.scale_axis(setting.per_channel),
+                                    self.range_gradient)
         exact, pairs = product_plan(codes, setting.activation_bits, self.kind.output_axis, self.kernel_family,
                                     self.kind.matrix_kernel)
         return codes, scale, exact, pairs
@@ -88,7 +91,7 @@ class QuantLayer(nn.Module):
             w_codes, w_scale, _, _ = self._quantized_weight(setting)
             return self._linear(x, w_codes * w_scale, self.bias)
         x_scale, x_zero_point = activation_scale_zero_point(x, setting.activation_bits, ranges == "sample",
-                                                            self.nonnegative_input)
+                                                            self.nonnegative_input, self.range_gradient)
         x_codes = centered_activation_codes(x, x_scale, x_zero_point, setting.activation_bits, self.nonnegative_input)
         w_codes, w_scale, exact_in_float32, pairs = self._quantized_weight(setting)
         # MLAS's AVX2 u8 x s8 kernel sums raw uint8 codes in int16-saturated pairs, then corrects the zero point
@@ -102,8 +105,9 @@ class QuantLayer(nn.Module):
         x_scale = x_scale.reshape(x_scale.shape[0], *([1] * (acc.dim() - 1)))
         w_scale = self.kind.along_output_channels(w_scale.reshape(-1), acc.dim())
         bias = None if self.bias is None else self.kind.along_output_channels(self.bias, acc.dim())
-        # in place: acc is a fresh tensor and neither op needs it for its gradient
-        y = acc.mul_(x_scale * w_scale)
+        scale = x_scale * w_scale
+        # in place where the scales take no gradient: acc is a fresh tensor, and then no op needs it for its gradient
+        y = acc * scale if scale.requires_grad else acc.mul_(scale)
         return y if bias is None else y.add_(bias)
 
 
@@ -114,6 +118,7 @@ class ActivationProduct(nn.Module):
     every CPU), float32(acc) * (a_scale * b_scale)."""
 
     weight = bias = None  # nothing constant to quantize or train
+    range_gradient = False  # as QuantLayer's
 
     def trained_initializers(self, node) -> dict[str, np.ndarray]:
         return {}
@@ -129,8 +134,10 @@ class ActivationProduct(nn.Module):
         if setting is None:
             return torch.matmul(a, b)
         per_sample = ranges == "sample"
-        a_scale, a_zero_point = activation_scale_zero_point(a, setting.activation_bits, per_sample)
-        b_scale, b_zero_point = activation_scale_zero_point(b, setting.weight_bits, per_sample)
+        a_scale, a_zero_point = activation_scale_zero_point(a, setting.activation_bits, per_sample,
+                                                            range_gradient=self.range_gradient)
+        b_scale, b_zero_point = activation_scale_zero_point(b, setting.weight_bits, per_sample,
+                                                            range_gradient=self.range_gradient)
         a_codes = centered_activation_codes(a, a_scale, a_zero_point, setting.activation_bits)
         b_codes = centered_activation_codes(b, b_scale, b_zero_point, setting.weight_bits)
         bound = a.shape[-1] * activation_code_max(setting.activation_bits) * activation_code_max(setting.weight_bits)
@@ -365,6 +372,14 @@ class SimModel(nn.Module):
             step.frees = tuple(n for n in step.inputs if last_use.get(n) == i and n not in self._constants
                                and n != self.output_name)
         return steps
+
+    def set_range_gradient(self, on: bool) -> None:
+        """Whether training passes a gradient through the quantized layers' scales to the ranges they are
+        measured from (arithmetic._with_range_gradient); the forward pass is the same either way. Convolutions,
+        matrix products and attention take it; an LSTM's and an embedding table's scales stay constants."""
+        for module in self.quant_layers.values():
+            if isinstance(module, (QuantLayer, ActivationProduct)):
+                module.range_gradient = on
 
     def quant_layer(self, name: str) -> nn.Module:
         return self.quant_layers[self._module_key[name]]
