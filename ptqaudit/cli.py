@@ -629,6 +629,10 @@ def report_command(run_dir, fmt, output, force, as_json, max_drop, min_accuracy,
     gate.enforce(report.headline.fp32_accuracy, report.headline.worst_accuracy)
 
 
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 def distill_options(f):
     """The distillation's settings, parsed into the keyword arguments of DistillConfig (its defaults shown),
     as `distill_settings`."""
@@ -666,12 +670,14 @@ def distill_options(f):
         click.option("--policies-per-batch", type=click.IntRange(1, CANDIDATES), default=None,
                      help="Quantized passes per training batch. robust: under the ones of the batch's "
                           f"{CANDIDATES} candidate policies the student does worst under; detrimental: candidates "
-                          "in turn [default: robust 2, detrimental 1]."),
+                          f"in turn [default: robust {MODE_DEFAULTS['robust']['policies_per_batch']}, "
+                          f"detrimental {MODE_DEFAULTS['detrimental']['policies_per_batch']}]."),
         click.option("--refresh/--no-refresh", default=None,
                      help="Each agent turn also runs a fresh RL search of --audit-evaluations policies from the "
                           "student's own sensitivity, as the audit will, and its leaders join the training "
-                          "policies; the turn after the last epoch runs it either way [default: robust on, "
-                          "detrimental off]."),
+                          "policies; the turn after the last epoch runs it either way [default: robust "
+                          f"{_on_off(MODE_DEFAULTS['robust']['refresh'])}, detrimental "
+                          f"{_on_off(MODE_DEFAULTS['detrimental']['refresh'])}]."),
         click.option("--equalize/--no-equalize", default=DistillConfig.equalize, show_default=True,
                      help="Start the student from the teacher's weights after cross-layer equalization: layers "
                           "joined only by ReLU or pooling are rescaled per channel so that their weight ranges even "
@@ -685,8 +691,9 @@ def distill_options(f):
                           "step (the forward pass, and so every number, is unchanged)."),
         click.option("--augment/--no-augment", default=None,
                      help="Images: train on each batch shifted by up to an eighth of its size and mirrored at "
-                          "random, the teacher's outputs computed on the shifted images [default: robust on, "
-                          "detrimental off; off for text]."),
+                          "random, the teacher's outputs computed on the shifted images [default: robust "
+                          f"{_on_off(MODE_DEFAULTS['robust']['augment'])}, detrimental "
+                          f"{_on_off(MODE_DEFAULTS['detrimental']['augment'])}; off for text]."),
         click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.temperature,
                      show_default=True, help="Distillation temperature."),
         click.option("--policy-limit", type=click.IntRange(min=1), default=DistillConfig.policy_limit, show_default=True,
