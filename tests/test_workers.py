@@ -73,15 +73,25 @@ def test_a_killed_idle_worker_is_replaced(digits):
         np.testing.assert_array_equal(a, b)
 
 
+SERIAL_SECONDS = 8.0  # two workers then take about half of it, after they start: the kill 2 s in lands mid-work
+
+
 def test_a_worker_killed_mid_task_is_retried(digits):
     """A worker killed while the pool is busy: its task (and the others the broken pool dropped) run again on a
     fresh pool; every result is there once and equals the serial run's."""
     model, data = digits
-    repeated = np.arange(len(data)).repeat(6)  # long tasks, so that the kill lands while they run
-    slow = Dataset("digits x6", data.x[repeated], data.y[repeated], data.classes)
-    requests = _requests(model, 8, "slow")
-    with EvaluationPool(model, {"slow": slow}, WorkerSettings(workers=1)) as serial:
-        expected = _logits(serial.predict(requests))
+    # tasks long enough on this machine that the kill lands while they run: the serial run takes SERIAL_SECONDS
+    repeat = 6
+    while True:
+        repeated = np.arange(len(data)).repeat(repeat)
+        slow = Dataset(f"digits x{repeat}", data.x[repeated], data.y[repeated], data.classes)
+        requests = _requests(model, 8, "slow")
+        started = time.monotonic()
+        with EvaluationPool(model, {"slow": slow}, WorkerSettings(workers=1)) as serial:
+            expected = _logits(serial.predict(requests))
+        if time.monotonic() - started >= SERIAL_SECONDS:
+            break
+        repeat *= 2
     with EvaluationPool(model, {"slow": slow}, WorkerSettings(workers=2)) as pool:
         results = {}
         worker = threading.Thread(target=lambda: results.update(got=pool.predict(requests)))
