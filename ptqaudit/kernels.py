@@ -32,6 +32,9 @@ AUTO, ALL = "auto", "all"  # --kernels words: this machine's family, every famil
 INT16_MIN, INT16_MAX = -32768, 32767
 PAIR_CHUNK_ELEMENTS = 2**24  # pair sums the saturating product holds at once: bounds its memory
 EXACT_FLOAT32_LIMIT = 2**24  # integers up to this magnitude, and sums of them, are exact in float32
+# the IR version of the probe graphs built here (ONNX 1.10's): helper.make_model stamps the onnx library's newest,
+# which an older onnxruntime refuses (onnx 1.23 writes 14; onnxruntime 1.30 reads up to 13)
+PROBE_IR_VERSION = 8
 
 # CPU flags (Linux /proc/cpuinfo names) that select ORT's exact u8 x s8 kernels on x86-64
 _VNNI_FLAGS = ("avx_vnni", "avx512_vnni", "amx_int8")
@@ -50,7 +53,7 @@ def detect_kernel_family() -> str:
         [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1])],
         [helper.make_tensor("b", TensorProto.INT8, [2, 1], [127, 127])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=PROBE_IR_VERSION)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (result,) = session.run(None, {"a": np.full((1, 2), 255, dtype=np.uint8)})
     return EXACT if int(result[0, 0]) == 2 * 255 * 127 else AVX2_U8S8

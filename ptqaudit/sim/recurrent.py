@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..arithmetic import activation_scale_zero_point, centered_activation_codes, weight_codes
-from ..kernels import detect_kernel_family, product_plan, saturating_product
+from ..kernels import PROBE_IR_VERSION, detect_kernel_family, product_plan, saturating_product
 from ..layer_kinds import KINDS
 from ..onnx_graph import CONTRIB_DOMAIN
 from ..policy import LayerQuant
@@ -61,7 +61,8 @@ def detect_default_threads() -> int:
         "threads_probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(v, k) for k, v in tensors.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14), helper.make_opsetid(CONTRIB_DOMAIN, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14), helper.make_opsetid(CONTRIB_DOMAIN, 1)],
+                              ir_version=PROBE_IR_VERSION)
     options = ort.SessionOptions()
     options.log_severity_level = 4
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
