@@ -13,7 +13,7 @@ import sys
 import tempfile
 import types
 import typing
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -119,19 +119,22 @@ class RunFolder:
         self.path = Path(path)
         self._lock_fd: int | None = None
 
-    def start(self, config: dict, resume: bool, inputs: dict, echo=print) -> RunFolder:
+    def start(self, config: dict, resume: bool, inputs: dict, echo=print, defaults: dict | None = None) -> RunFolder:
         """Take the folder's lock, then begin a new run (run.json) or, with resume, check that the run
-        there has the same settings and inputs and repair a trace cut by a crash. Returns self."""
+        there has the same settings and inputs and repair a trace cut by a crash. Returns self. defaults
+        (setting_defaults): what a setting the stored run lacks is taken to have been, so that a run made
+        before a setting existed resumes under a version that has it, at its default."""
         self._lock()
         try:
             as_stored = json.loads(json.dumps(config, default=_jsonable))  # tuples become lists, as in run.json
-            self._begin(as_stored, resume, inputs, echo)
+            stored_defaults = json.loads(json.dumps(defaults or {}, default=_jsonable))
+            self._begin(as_stored, resume, inputs, echo, stored_defaults)
         except BaseException:
             self.close()
             raise
         return self
 
-    def _begin(self, config: dict, resume: bool, inputs: dict, echo) -> None:
+    def _begin(self, config: dict, resume: bool, inputs: dict, echo, defaults: dict) -> None:
         run_file = self.path / "run.json"
         if not resume:
             if run_file.exists():
@@ -144,7 +147,8 @@ class RunFolder:
         if not run_file.is_file():
             raise PtqauditError(f"--resume: {self.path} holds no run to resume (no run.json)")
         previous = read_checked(run_file, RUN_FILE)
-        before, now = _flat(previous["config"]), _flat(config)
+        now = _flat(config)
+        before = {**{k: v for k, v in _flat(defaults).items() if k in now}, **_flat(previous["config"])}
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in LOCATORS)
         if changed:
             raise PtqauditError(
@@ -237,6 +241,11 @@ class RunFolder:
             check_fields(record, TRACE_RECORD, where)
             records.append(record)
         return records
+
+
+def setting_defaults(config_class) -> dict:
+    """The default of each top-level setting of a config dataclass that has one (RunFolder.start's defaults)."""
+    return {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
 
 
 def _flat(settings: dict, prefix: str = "") -> dict:

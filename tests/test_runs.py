@@ -120,6 +120,24 @@ def test_resume_accepts_any_spelling_of_the_same_paths_and_refuses_a_changed_mod
     assert code == 2 and "the settings differ" in err and "seed" in err, err
 
 
+def test_resume_takes_a_setting_the_stored_run_lacks_at_its_default(tmp_path, capsys):
+    """A run made before a setting existed has no entry for it in run.json: it resumes when the setting is at its
+    default now, and is refused, naming the setting, when it is not."""
+    model = _save_model(tmp_path / "model.onnx")
+    argv = ["search", model, *SEARCH, "-o", tmp_path / "run"]
+    code, _, err = _cli(capsys, *argv)
+    assert code == 0, err
+    run_file = tmp_path / "run" / "run.json"
+    run = json.loads(run_file.read_text())
+    assert run["config"]["seed"] == SearchConfig.seed
+    del run["config"]["seed"]
+    run_file.write_text(json.dumps(run))
+    code, _, err = _cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    code, _, err = _cli(capsys, *argv[:-2], "--seed", str(SearchConfig.seed + 1), "-o", tmp_path / "run", "--resume")
+    assert code == 2 and "the settings differ" in err and "seed" in err, err
+
+
 def _digits_npz(path: Path, shift_train: float = 0.0) -> Path:
     test, train = (load_dataset(DataConfig(name="digits", split=split)) for split in ("test", "train"))
     np.savez(path, x_test=test.x, y_test=test.y, x_train=np.clip(train.x + shift_train, 0, 1), y_train=train.y)

@@ -21,7 +21,7 @@ from ..policy import load_policy, policy_file_dict
 from ..predictions import accuracy, drop_points
 from ..progress import Progress
 from ..runs import (SEARCH_SUMMARY, RunFolder, check_fields, check_schema_version, dataclass_from_dict, input_identity,
-                    typed_from_dict, without_none, write_atomic, write_json)
+                    setting_defaults, typed_from_dict, without_none, write_atomic, write_json)
 from ..sim.engine import EngineAgreement
 from ..sim.model import SimModel, prepare_device
 from ..text import table
@@ -305,7 +305,7 @@ def run_search(config: SearchConfig, model: LoadedModel, dataset: Dataset, resum
 
     folder = RunFolder(config.output)
     inputs = input_identity(model.path, [d for d in (dataset, search_data) if d is not None])
-    with folder.start(config.to_dict(), resume, inputs, echo):
+    with folder.start(config.to_dict(), resume, inputs, echo, setting_defaults(SearchConfig)):
         return _search(config, model, dataset, search_data, folder, space, budget, objectives, resume, progress, echo,
                        workers)
 
