@@ -46,7 +46,7 @@ def run_mode(mode: str, seed: int, args, out: Path) -> tuple[DistillSummary, flo
                            epochs=args.epochs, train_limit=args.train_limit, lr=args.lr, lr_schedule=args.lr_schedule,
                            quant_weight=args.quant_weight, balance=args.balance,
                            policies_per_batch=args.policies_per_batch, refresh=args.refresh, equalize=args.equalize,
-                           kure=args.kure, range_gradient=args.range_gradient, augment=args.augment,
+                           kure=args.kure, range_reg=args.range_reg, range_gradient=args.range_gradient, augment=args.augment,
                            audit_evaluations=args.audit_evaluations,
                            seed=seed, device=args.device)
     started = time.perf_counter()
@@ -122,6 +122,7 @@ def main() -> int:
     parser.add_argument("--refresh", action=argparse.BooleanOptionalAction, default=None, help="distill --refresh")
     parser.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=False, help="distill --equalize")
     parser.add_argument("--kure", type=float, default=DistillConfig.kure, help="distill --kure")
+    parser.add_argument("--range-reg", type=float, default=DistillConfig.range_reg, help="distill --range-reg")
     parser.add_argument("--range-gradient", action=argparse.BooleanOptionalAction,
                         default=DistillConfig.range_gradient, help="distill --range-gradient")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,

@@ -685,6 +685,10 @@ def distill_options(f):
         click.option("--kure", type=click.FloatRange(min=0), default=DistillConfig.kure, show_default=True,
                      help="Weight of the kurtosis regulariser (KURE) pulling each searched layer's weights toward "
                           "a uniform distribution, easier to quantize at few bits; 0: off."),
+        click.option("--range-reg", type=click.FloatRange(min=0), default=DistillConfig.range_reg, show_default=True,
+                     help="Weight of the range regulariser: the mean log ratio of each searched layer's squared "
+                          "weight range and of each input's squared per-sample span to their mean squares, the "
+                          "ratio that sets a min-max quantizer's noise against the signal; 0: off."),
         click.option("--range-gradient/--no-range-gradient", default=DistillConfig.range_gradient, show_default=True,
                      help="The quantized passes' scales pass a gradient to the min-max ranges they are measured "
                           "from, so training can also shrink the extreme weights and activations that set a few-bit "
@@ -711,13 +715,14 @@ def distill_options(f):
     ]
 
     def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, min_epoch_batches, lr, lr_schedule,
-              quant_weight, balance, policies_per_batch, refresh, equalize, kure, range_gradient, augment,
+              quant_weight, balance, policies_per_batch, refresh, equalize, kure, range_reg, range_gradient, augment,
               temperature, policy_limit, policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
         return dict(mode=mode, bits=bits, budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
                     train_batch_size=train_batch_size, min_epoch_batches=min_epoch_batches, lr=lr,
                     lr_schedule=lr_schedule,
                     quant_weight=quant_weight, balance=balance, policies_per_batch=policies_per_batch,
-                    refresh=refresh, equalize=equalize, kure=kure, range_gradient=range_gradient, augment=augment,
+                    refresh=refresh, equalize=equalize, kure=kure, range_reg=range_reg, range_gradient=range_gradient,
+                    augment=augment,
                     temperature=temperature, policy_limit=policy_limit,
                     policy_steps=policy_steps, batch_size=batch_size, audit_evaluations=audit_evaluations,
                     device=device, seed=seed)

@@ -15,8 +15,8 @@ from reference_cases import ort_labels
 from ptqaudit.cli import main
 from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.distill import (SELECTION_EXAMPLES, DistillConfig, _epoch_batches, _PolicyRound, _training_policies,
-                              augmented, distillation_loss, export_student, kurtosis_loss, learning_rate,
-                              quantized_loss, run_distill)
+                              _LayerInputs, _layer_weights, augmented, distillation_loss, export_student, kurtosis_loss,
+                              learning_rate, quantized_loss, range_loss, run_distill)
 from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import load_policy
 from ptqaudit.quantize import quantize
@@ -103,6 +103,27 @@ def test_kurtosis_loss_matches_scipy(digits):
     weights = [sim.quant_layer(layer.name).weight.detach().double().numpy().ravel() for layer in digits.layers]
     expected = np.mean([(kurtosis(w, fisher=False) - 1.8) ** 2 for w in weights])
     assert kurtosis_loss(sim, digits.layers).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_range_loss_matches_numpy_on_the_inputs_each_layer_receives(digits, digits_data):
+    """The range term: the mean over weights of log(max|w|^2 / mean w^2) and over layer inputs of the per-sample
+    log(span^2 / mean x^2), the span widened to include 0 as DynamicQuantizeLinear's range; the inputs collected
+    while the fp32 pass runs are the first layer's input image and then each layer's own."""
+    sim = SimModel(digits)
+    x = torch.from_numpy(digits_data[1].x[:16])
+    with _LayerInputs(sim, digits.layers, True) as collected:
+        sim(x)
+    assert len(collected.inputs) == len(digits.layers) and torch.equal(collected.inputs[0], x)
+    with torch.no_grad(), _LayerInputs(sim, digits.layers, False) as nothing:  # off: no hooks, nothing collected
+        sim(x)
+    assert nothing.inputs == []
+    weights = [w.detach().double().numpy() for w in _layer_weights(sim, digits.layers)]
+    inputs = [a.detach().double().numpy().reshape(len(x), -1) for a in collected.inputs]
+    terms = [np.log(np.abs(w).max() ** 2 / np.mean(w**2)) for w in weights]
+    for rows in inputs:
+        span = np.maximum(rows.max(axis=1), 0) - np.minimum(rows.min(axis=1), 0)
+        terms.append(np.mean(np.log(span**2 / np.mean(rows**2, axis=1))))
+    assert range_loss(_layer_weights(sim, digits.layers), collected.inputs).item() == pytest.approx(np.mean(terms), rel=1e-4)
 
 
 def _digits_space(digits) -> SearchSpace:
@@ -272,7 +293,8 @@ def test_cli_distill_prints_the_table_and_writes_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["distill", DIGITS_MODEL, "--mode", "robust", "--epochs", "1", "--min-epoch-batches", "10",
-              "--audit-evaluations", "45", "--policy-steps", "1", "--equalize", "--no-progress", "-o", str(out)])
+              "--audit-evaluations", "45", "--policy-steps", "1", "--equalize", "--kure", "0.1", "--range-reg", "0.1",
+              "--no-progress", "-o", str(out)])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     for row in ("teacher fp32", "student fp32", "student under its policy", "student w8a8", "fresh search's worst"):
