@@ -57,6 +57,13 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 TINY_OPSET = 17
 
 
+def make_model(graph, opset_imports) -> onnx.ModelProto:
+    """helper.make_model at the oldest IR version its opsets allow: make_model's own default, the onnx library's
+    newest, is refused by an onnxruntime older than that library (onnx 1.23 writes IR 14, onnxruntime 1.30 reads 13)."""
+    return helper.make_model(graph, opset_imports=opset_imports,
+                             ir_version=helper.find_min_ir_version_for(opset_imports, ignore_unknown=True))
+
+
 def _conv2d_same_3x3(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     """NumPy Conv 3x3, stride 1, pad 1 (NCHW, weight [Cout, Cin, 3, 3])."""
     n, _, h, wd = x.shape
@@ -112,7 +119,7 @@ def build_tiny_digits_model(head: str = "gemm", seed: int = 0) -> onnx.ModelProt
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", TINY_OPSET)])
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", TINY_OPSET)])
     onnx.checker.check_model(model)
     return model
 
@@ -154,7 +161,7 @@ def ort_kernel_family() -> str:
         [helper.make_tensor_value_info("a", TensorProto.UINT8, [8, 64]),
          helper.make_tensor_value_info("b", TensorProto.INT8, [64, 16])],
         [helper.make_tensor_value_info("y", TensorProto.INT32, [8, 16])])
-    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    session = ort.InferenceSession(make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
                                    .SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"a": a, "b": b})
     matches = [f for f in ("exact", "avx2-u8s8") if np.array_equal(got, matmul_integer(a, 0, b, 0, f))]

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 import ptqaudit
-from conftest import TINY_OPSET, build_tiny_digits_model
+from conftest import TINY_OPSET, build_tiny_digits_model, make_model
 from reference_cases import ort_labels
 from ptqaudit import cli
 from ptqaudit.data import DataConfig, load_dataset
@@ -91,7 +91,7 @@ def vinfo(name, shape):
 
 def save_model(tmp_path: Path, name: str, nodes, inputs, outputs, initializers=()) -> Path:
     graph = helper.make_graph(nodes, name, inputs, outputs, list(initializers))
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", TINY_OPSET)])
+    proto = make_model(graph, opset_imports=[helper.make_opsetid("", TINY_OPSET)])
     onnx.checker.check_model(proto)
     path = tmp_path / f"{name}.onnx"
     onnx.save_model(proto, str(path))

@@ -3,6 +3,7 @@
 import numpy as np
 import onnx
 import pytest
+from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqaudit.distill import export_student
@@ -55,7 +56,7 @@ def build_chain(middle: str, seed: int = 0) -> onnx.ModelProto:
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 6, 6])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
                               [numpy_helper.from_array(value, name) for name, value in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     return model
 

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import onnx
 import pytest
+from conftest import make_model
 from numpy_reference import KERNEL_FAMILIES, matmul_layer
 from onnx import TensorProto, helper, numpy_helper
 from test_cli import run_cli
@@ -31,7 +32,7 @@ def _saturating_classifier(tmp_path) -> tuple:
         "saturating", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 1, K])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
         [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model_path, data_path = tmp_path / "saturating.onnx", tmp_path / "saturating.npz"
     onnx.save_model(model, str(model_path))
     np.savez(data_path, x=x, y=(x.reshape(IMAGES, K) @ w).argmax(axis=1))

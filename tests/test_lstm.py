@@ -6,6 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -65,8 +66,7 @@ def lstm_classifier(path, direction: str = "forward", bias: bool = True, initial
     graph = helper.make_graph(nodes, "lstm_classifier",
                               [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     onnx.save(model, str(path))
 
 

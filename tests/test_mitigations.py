@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 from test_cli import run_cli
 
@@ -67,8 +68,7 @@ def _model(tmp_path: Path) -> tuple[Path, dict]:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "saturating.onnx"
     onnx.save(model, str(path))
     return path, inits

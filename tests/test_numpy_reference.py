@@ -7,6 +7,7 @@ import zlib
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import quant_utils
 
@@ -30,8 +31,7 @@ def _model(nodes, inits, x_shape, extra_inputs=()):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
     )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    m.ir_version = 8
+    m = make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     return m
 
 
@@ -286,8 +286,7 @@ def _ort_dql(x):
          helper.make_tensor_value_info("s", TensorProto.FLOAT, None),
          helper.make_tensor_value_info("z", TensorProto.UINT8, None)],
     )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
-    m.ir_version = 8
+    m = make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
     return _session(m, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), m
 
 

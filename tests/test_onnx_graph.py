@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import build_tiny_digits_model
+from conftest import build_tiny_digits_model, make_model
 from ptqaudit.errors import PtqauditError
 from ptqaudit.onnx_graph import find_layers, load_model, read_model
 
@@ -26,7 +26,7 @@ def vinfo(name: str, shape) -> onnx.ValueInfoProto:
 
 def model(nodes, inputs, outputs, initializers=(), opset: int = OPSET) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "handmade", inputs, outputs, list(initializers))
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto = make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     onnx.checker.check_model(proto)
     return proto
 

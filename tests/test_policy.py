@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqaudit.errors import PtqauditError
@@ -80,8 +81,7 @@ def tiny(tmp_path_factory):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
         initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path_factory.mktemp("policy") / "tiny.onnx"
     onnx.save(model, str(path))
     loaded = load_model(path)
@@ -317,8 +317,7 @@ def test_op_selector_matching_no_layer(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
         initializer=[numpy_helper.from_array(rng.standard_normal((4, 3)).astype(F32), "W")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(tmp_path / "m.onnx"))
     loaded = load_model(tmp_path / "m.onnx")
     # a kind the model lacks selects nothing (one policy serves image and text models); a name must match

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqaudit.arithmetic import quantize_weight, weight_code_limit
@@ -42,8 +43,7 @@ def _save_model(tmp_path, nodes, inits, x_shape, *, opset=OPSET, filename="model
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "classes"])],
         initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     path = tmp_path / filename
     onnx.save(model, str(path))
     return load_model(path)

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import scipy.stats
+from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqaudit.data import DataConfig, Dataset, load_dataset
@@ -100,7 +101,7 @@ def test_gradient_sensitivity_is_zero_where_quantization_is_exact(tmp_path):
                                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 3])],
                                   [numpy_helper.from_array(weight, "w")])
         path = tmp_path / f"mm{len(scores)}.onnx"
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        onnx.save(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
         model = load_model(path)
         dataset = Dataset("grid", x, rng.integers(0, 3, size=len(x)), ["a", "b", "c"])
         scores.append(gradient_sensitivity(_space(model, bits=(2, 8), avg_bits=5.0), SimModel(model), dataset, 1))

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 import numpy_reference as ref
@@ -90,7 +91,7 @@ def _single_layer_model(tmp_path, op: str, rng) -> tuple[Path, np.ndarray, np.nd
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_info)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_info)], inits)
     path = tmp_path / f"{op}.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path, w, (b if op != "MatMul" else None), attrs
 
 
@@ -142,7 +143,7 @@ def test_matmul_kernel_family_on_saturating_inputs(tmp_path, family, shape, rang
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])],
                               [numpy_helper.from_array(w, "w")])
     path = tmp_path / "mm.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     layer = SimModel(load_model(path), kernel_family=family).quant_layer("layer")
     with torch.no_grad():
         y = layer(torch.from_numpy(x), LayerQuant(8, 8), ranges).numpy()

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqaudit.errors import PtqauditError
@@ -88,7 +89,7 @@ def single_node(op_type: str, inputs, attrs: dict, opset: int, outputs: int = 1,
     node = helper.make_node(op_type, names, out_names, name="node", domain=domain or None, **attrs)
     graph = helper.make_graph([node], "single", graph_inputs, [onnx.ValueInfoProto(name=n) for n in out_names])
     imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
-    return helper.make_model(graph, opset_imports=imports), node, feeds
+    return make_model(graph, opset_imports=imports), node, feeds
 
 
 def run_op(node: onnx.NodeProto, inputs) -> torch.Tensor:
@@ -760,7 +761,7 @@ def _classifier(nodes, inits, name="g", input_shape=("batch", 1, 6, 6), opset=17
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_graph_folds_constant_pad_subgraph(tmp_path):
@@ -863,7 +864,7 @@ def test_old_opset_graph_is_upgraded_for_the_simulator(tmp_path, case_id, op_typ
     """An op whose pre-13 version differs (2-D softmax coercion, attribute inputs) inside a classifier
     (op -> Flatten -> Gemm) at its old opset: the simulator converts the graph and matches ORT."""
     op_node = helper.make_node(op_type, ["input"], ["op_out"], name="op", **attrs)
-    op_only = helper.make_model(helper.make_graph(
+    op_only = make_model(helper.make_graph(
         [op_node], "op", [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(x.shape))],
         [helper.make_tensor_value_info("op_out", TensorProto.FLOAT, None)]), opset_imports=[helper.make_opsetid("", opset)])
     op_shape = _session(op_only).run(None, {"input": x})[0].shape
@@ -874,7 +875,7 @@ def test_old_opset_graph_is_upgraded_for_the_simulator(tmp_path, case_id, op_typ
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(3, np.float32), "c")]
     graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(x.shape))],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [op_shape[0], 3])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     actual, expected = _sim_vs_ort(_save(model, tmp_path / "old.onnx"), x)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.quant_utils import quantize_data
@@ -59,8 +60,7 @@ def tiny_text_model(path, seed: int = 0) -> None:
     graph = helper.make_graph(nodes, "tiny_text", [helper.make_tensor_value_info(n, TensorProto.INT64, dims)
                                                    for n in ("input_ids", "attention_mask")],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(path))
 
 
