@@ -698,6 +698,13 @@ def distill_options(f):
                           "random, the teacher's outputs computed on the shifted images [default: robust "
                           f"{_on_off(MODE_DEFAULTS['robust']['augment'])}, detrimental "
                           f"{_on_off(MODE_DEFAULTS['detrimental']['augment'])}; off for text]."),
+        click.option("--weight-grid/--no-weight-grid", default=None,
+                     help="Keep the student's Conv, Gemm and MatMul weights on the per-tensor grid of the narrowest "
+                          "width in --bits (k * max|w| / 7 at 4 bits), training full-precision copies behind them: "
+                          "the policy's weight widths then hardly change the network, and only its activations' "
+                          "rounding is left to withstand [default: robust "
+                          f"{_on_off(MODE_DEFAULTS['robust']['weight_grid'])}, detrimental "
+                          f"{_on_off(MODE_DEFAULTS['detrimental']['weight_grid'])}]."),
         click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.temperature,
                      show_default=True, help="Distillation temperature."),
         click.option("--policy-limit", type=click.IntRange(min=1), default=DistillConfig.policy_limit, show_default=True,
@@ -716,13 +723,13 @@ def distill_options(f):
 
     def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, min_epoch_batches, lr, lr_schedule,
               quant_weight, balance, policies_per_batch, refresh, equalize, kure, range_reg, range_gradient, augment,
-              temperature, policy_limit, policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
+              weight_grid, temperature, policy_limit, policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
         return dict(mode=mode, bits=bits, budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
                     train_batch_size=train_batch_size, min_epoch_batches=min_epoch_batches, lr=lr,
                     lr_schedule=lr_schedule,
                     quant_weight=quant_weight, balance=balance, policies_per_batch=policies_per_batch,
                     refresh=refresh, equalize=equalize, kure=kure, range_reg=range_reg, range_gradient=range_gradient,
-                    augment=augment,
+                    augment=augment, weight_grid=weight_grid,
                     temperature=temperature, policy_limit=policy_limit,
                     policy_steps=policy_steps, batch_size=batch_size, audit_evaluations=audit_evaluations,
                     device=device, seed=seed)

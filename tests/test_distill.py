@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from reference_cases import ort_labels
 
@@ -16,7 +17,7 @@ from ptqaudit.cli import main
 from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.distill import (SELECTION_EXAMPLES, DistillConfig, _epoch_batches, _PolicyRound, _training_policies,
                               _LayerInputs, _layer_weights, augmented, distillation_loss, export_student, kurtosis_loss,
-                              learning_rate, quantized_loss, range_loss, run_distill)
+                              learning_rate, quantized_loss, range_loss, run_distill, WeightGrid)
 from ptqaudit.onnx_graph import load_model
 from ptqaudit.policy import load_policy
 from ptqaudit.quantize import quantize
@@ -103,6 +104,46 @@ def test_kurtosis_loss_matches_scipy(digits):
     weights = [sim.quant_layer(layer.name).weight.detach().double().numpy().ravel() for layer in digits.layers]
     expected = np.mean([(kurtosis(w, fisher=False) - 1.8) ** 2 for w in weights])
     assert kurtosis_loss(sim, digits.layers).item() == pytest.approx(expected, rel=1e-4)
+
+
+def _on_grid(weight: np.ndarray, bits: int) -> np.ndarray:
+    """NumPy: weight / (max|weight| / (2^(bits-1) - 1)), which is an integer array on the symmetric grid."""
+    return weight.astype(np.float64) / (np.abs(weight).max() / (2 ** (bits - 1) - 1))
+
+
+def test_weight_grid_keeps_every_layer_on_its_4_bit_grid_while_the_latents_train(digits, digits_data):
+    """The student's weights are k * max|w| / 7 with integer |k| <= 7 (NumPy), and the nearest such values to the
+    latents (round half to even, as ORT's quantizer); 8-bit quantization moves each by at most half its step; an
+    optimizer step moves the latents by the gradient the grid weights received and the weights stay on the grid."""
+    train, _ = digits_data
+    sim = SimModel(digits)
+    grid = WeightGrid(sim, digits.layers, 4)
+    assert len(grid.layers) == len(digits.layers)
+
+    def check_on_grid():
+        for layer, latent in zip(grid.layers, grid.latents):
+            w, latent = layer.weight.detach().numpy(), latent.numpy().astype(np.float64)
+            k = _on_grid(w, 4)
+            assert np.abs(k - np.round(k)).max() < 1e-4 and np.abs(k).max() == pytest.approx(7)
+            scale = np.abs(latent).max() / 7
+            np.testing.assert_allclose(w, np.round(latent / scale) * scale, rtol=0, atol=1e-6 * scale)
+            scale_8 = np.abs(w).max() / 127
+            assert np.abs(np.round(w / scale_8) * scale_8 - w).max() <= scale_8 / 2 * (1 + 1e-5)
+
+    check_on_grid()
+    before = [latent.clone() for latent in grid.latents]
+    optimizer = torch.optim.Adam(sim.parameters(), lr=1e-3)
+    x = torch.from_numpy(train.x[:64])
+    loss = F.cross_entropy(sim(x), torch.from_numpy(train.y[:64]).long())
+    loss.backward()
+    gradients = [layer.weight.grad.clone() for layer in grid.layers]
+    grid.step(optimizer)
+    for latent, previous, gradient in zip(grid.latents, before, gradients):
+        moved, gradient = (latent - previous).numpy(), gradient.numpy()
+        # Adam's first step: the rate times g / (|g| + 1e-8), against the gradient the grid weight received
+        np.testing.assert_allclose(moved, -1e-3 * gradient / (np.abs(gradient) + 1e-8), rtol=1e-3, atol=5e-8)
+        assert np.abs(moved).max() > 0
+    check_on_grid()
 
 
 def test_range_loss_matches_numpy_on_the_inputs_each_layer_receives(digits, digits_data):

@@ -130,7 +130,9 @@ def test_resume_takes_a_setting_the_stored_run_lacks_at_its_default(tmp_path, ca
     run_file = tmp_path / "run" / "run.json"
     run = json.loads(run_file.read_text())
     assert run["config"]["seed"] == SearchConfig.seed
-    del run["config"]["seed"]
+    # seed, and two settings that versions before them did not store: all at their defaults here
+    for setting in ("seed", "optimize", "device"):
+        del run["config"][setting]
     run_file.write_text(json.dumps(run))
     code, _, err = _cli(capsys, *argv, "--resume")
     assert code == 0, err
@@ -328,8 +330,9 @@ def test_a_run_folder_written_before_schema_versions_loads_as_version_1(tmp_path
     assert "schema_version" not in stored and "kind" not in stored
     loaded = load_run(run, str(model))
     assert loaded.summary.to_dict() == {"schema_version": 1, "kind": "search", **stored}
-    # a run from before --sensitivity existed probed each operand
-    assert loaded.config.to_dict() == {**json.loads((run / "run.json").read_text())["config"], "sensitivity": "probes"}
+    # a run from before --sensitivity existed probed each operand; settings newer still come back at their defaults
+    assert loaded.config.to_dict() == {**json.loads((run / "run.json").read_text())["config"], "sensitivity": "probes",
+                                       "kernels": [], "optimize": "", "device": "cpu"}
     code, out, err = _cli(capsys, "report", run, "--model", model, "--no-analysis", "--json")
     assert code == 0, err
     headline = json.loads(out)["headline"]

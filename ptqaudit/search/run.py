@@ -92,10 +92,6 @@ class SearchConfig:
         values = asdict(self)
         values["bits"], values["layers"], values["kernels"] = list(self.bits), list(self.layers), list(self.kernels)
         values["data"] = self.data.to_dict()
-        # no fleet named: this machine's family, as before fleets; no optimizer: the model as given
-        values = _without_empty(values, ("kernels", "optimize"))
-        if self.device == "cpu":  # the simulator where it always ran: run.json as before the option existed
-            del values["device"]
         return values
 
     @classmethod
