@@ -637,8 +637,7 @@ def _write_checkpoint(folder: RunFolder, sim: SimModel, optimizer, policy_round:
                       distillation_weight: float, grid: WeightGrid | None) -> None:
     """Everything the next epoch depends on, after an epoch: the student (and its latent weights, with a weight
     grid) and its optimizer, the agent and its optimizer, the policies that led its rounds, both random generators
-    and the records so far; a resumed run
-    goes on exactly as an uninterrupted one would."""
+    and the records so far; a resumed run goes on exactly as an uninterrupted one would."""
     state = {
         "student": sim.state_dict(), "optimizer": optimizer.state_dict(),
         "agent": policy_round.agent.network.state_dict(), "agent_optimizer": policy_round.agent.optimizer.state_dict(),
