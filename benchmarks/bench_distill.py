@@ -14,7 +14,7 @@ below the teacher (above it is no fault), drop under its policy < 1 point and un
     python benchmarks/bench_distill.py [--mode detrimental|robust|both] [--data-root DIR] [--device cpu|cuda]
         [--teacher MODEL.onnx] [--seeds 0,1,...] [--epochs N] [--train-limit N] [--limit N] [--lr X]
         [--quant-weight X] [--balance POINTS] [--policies-per-batch N] [--[no-]refresh] [--[no-]equalize] [--kure X]
-        [--[no-]range-gradient] [--[no-]augment] [--[no-]weight-grid] [--output DIR]
+        [--[no-]range-gradient] [--[no-]augment] [--[no-]weight-grid] [--quant-target T] [--output DIR]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ptqaudit.data import DataConfig, load_dataset
-from ptqaudit.distill import DistillConfig, DistillSummary, run_distill
+from ptqaudit.distill import QUANT_TARGETS, DistillConfig, DistillSummary, run_distill
 from ptqaudit.onnx_graph import load_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def run_mode(mode: str, seed: int, args, out: Path) -> tuple[DistillSummary, flo
                            quant_weight=args.quant_weight, balance=args.balance,
                            policies_per_batch=args.policies_per_batch, refresh=args.refresh, equalize=args.equalize,
                            kure=args.kure, range_reg=args.range_reg, range_gradient=args.range_gradient, augment=args.augment,
-                           weight_grid=args.weight_grid,
+                           weight_grid=args.weight_grid, quant_target=args.quant_target if mode == "robust" else None,
                            audit_evaluations=args.audit_evaluations,
                            seed=seed, device=args.device)
     started = time.perf_counter()
@@ -132,6 +132,8 @@ def main() -> int:
                         help="distill --augment (default: the mode's)")
     parser.add_argument("--weight-grid", action=argparse.BooleanOptionalAction, default=None,
                         help="distill --weight-grid (default: the mode's)")
+    parser.add_argument("--quant-target", choices=QUANT_TARGETS, default=None,
+                        help="distill --quant-target (robust; default: the mode's)")
     parser.add_argument("--audit-evaluations", type=int, default=400,
                         help="the fresh search's evaluations (the targets are stated for 400)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds: each mode runs once per seed, and the "

@@ -47,19 +47,28 @@ SCHEDULES = ("cosine", "constant")
 # teacher, so its balance acts at half its 1-point fp32 target (the held-out check on 512 images moves by about a
 # point between checks) and it gets 6 epochs to collapse; with 4 epochs and the balance at 1 point the shared
 # ResNet-20 lost only 44.7 points under its policy, with 6 at 1 point it ended 1.03 below the teacher. A robust
-# student's quantized term pulls it toward the teacher, so it needs no balance, and 4 epochs keep its run, with the
-# teacher's audit, inside the hour on 2 cores. Its weights stay on their 4-bit grid (weight_grid, WeightGrid): the
-# shared ResNet-20's fresh search's worst fell from 3.71, 5.40 and 4.36 points (seeds 0, 1, 2) to 1.79, 1.85 and
-# 1.80 with it, where a balance at 1 point, misled by the held-out images the teacher was trained on, raised the
-# distillation weight to 1024 and left 3.76 (seed 1). A robust student of image data trains on shifted and
-# mirrored images (augment): the sample CNN's fresh search's worst fell from 1.05 points to 0.78 with it.
+# student's quantized term pulls it toward its own fp32 outputs, so it needs no balance, and 4 epochs keep its run,
+# with the teacher's audit, inside the hour on 2 cores. Its weights stay on their 4-bit grid (weight_grid,
+# WeightGrid): the shared ResNet-20's fresh search's worst fell from 3.71, 5.40 and 4.36 points (seeds 0, 1, 2) to
+# 1.79, 1.85 and 1.80 with it, where a balance at 1 point, misled by the held-out images the teacher was trained on,
+# raised the distillation weight to 1024 and left 3.76 (seed 1). Its quantized passes are distilled toward its own
+# fp32 outputs (quant_target "student"), the difference the audit measures: with the grid, that took the drops from
+# 2.06, 1.64, 1.33 (own policy) and 1.79, 1.85, 1.80 (fresh search) to 0.78, 0.65, 1.03 and 1.11, 1.02, 0.89. A
+# robust student of image data trains on shifted and mirrored images (augment): the sample CNN's fresh search's
+# worst fell from 1.05 points to 0.78 with it.
 MODE_DEFAULTS = {"detrimental": {"policies_per_batch": 1, "refresh": False, "epochs": 6, "balance": 0.5,
-                                 "augment": False, "weight_grid": False},
+                                 "augment": False, "weight_grid": False, "quant_target": None},
                  "robust": {"policies_per_batch": 2, "refresh": True, "epochs": 4, "balance": 0.0, "augment": True,
-                            "weight_grid": True}}
+                            "weight_grid": True, "quant_target": "student"}}
 # auto_lr's total relative change of the layers' weights per Adam step: the rate at which the shared ResNet-20
 # (1e-4) and the digits model (1e-3) were measured to reach their targets
 RELATIVE_STEP = 0.035
+# robust: what the quantized student is distilled toward. teacher: the teacher's outputs; student: its own fp32
+# outputs (held fixed), so the quantized passes train the difference the audit measures, quantized against fp32
+QUANT_TARGETS = ("teacher", "student")
+# what a robust run stored before --quant-target existed was distilled toward (RunFolder.start's defaults): its
+# --resume must say so, as --quant-target teacher
+QUANT_TARGET_BEFORE_OPTION = "teacher"
 CANDIDATES = 4  # policies each training batch draws (_candidate_policies)
 # examples of a robust batch its candidates are judged on: a quarter of the default batch, since judging all four on
 # all of it cost as much as the training passes themselves (0.3 s each on ResNet-20 at 128 images, 2 CPU cores)
@@ -96,6 +105,7 @@ class DistillConfig:
     range_reg: float = 0.0  # weight of the range regulariser on the searched layers' weights and inputs (0: off)
     range_gradient: bool = False  # the quantized passes' scales pass a gradient to the ranges they are measured from
     weight_grid: bool | None = None  # the student's weights on the narrowest width's grid (WeightGrid; None: the mode's)
+    quant_target: str | None = None  # robust: the quantized passes' target (QUANT_TARGETS; None: the mode's)
     # images: train on random shifts and mirror images, the teacher's outputs computed on them (None: the mode's,
     # for image data)
     augment: bool | None = None
@@ -124,6 +134,11 @@ class DistillConfig:
                                 "--range-reg not negative")
         if self.policies_per_batch is not None and not 1 <= self.policies_per_batch <= CANDIDATES:
             raise PtqauditError(f"--policies-per-batch must be 1 to {CANDIDATES} (the candidates each batch draws)")
+        if self.quant_target is not None and self.quant_target not in QUANT_TARGETS:
+            raise PtqauditError(f"--quant-target must be teacher or student, got {self.quant_target!r}")
+        if self.quant_target is not None and self.mode != "robust":
+            raise PtqauditError("--quant-target is for --mode robust (a detrimental student's quantized loss is on "
+                                "the labels)")
         if self.lr_schedule not in SCHEDULES:
             raise PtqauditError(f"--lr-schedule must be cosine or constant, got {self.lr_schedule!r}")
         if self.device not in DEVICES:
@@ -133,7 +148,7 @@ class DistillConfig:
 
     def setting(self, name: str):
         """A setting as this run uses it: as given, or, where it was not (None), the mode's default (MODE_DEFAULTS:
-        policies_per_batch, refresh, epochs, balance, augment, weight_grid)."""
+        policies_per_batch, refresh, epochs, balance, augment, weight_grid, quant_target)."""
         value = getattr(self, name)
         return MODE_DEFAULTS[self.mode][name] if value is None else value
 
@@ -245,13 +260,14 @@ def export_student(teacher: LoadedModel, sim: SimModel) -> onnx.ModelProto:
     return proto
 
 
-def quantized_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, mode: str,
+def quantized_loss(logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor, mode: str,
                    temperature: float) -> torch.Tensor:
-    """Robust: distillation loss of the quantized student to the teacher (minimised). Detrimental: the
-    quantized cross-entropy, maximised through its bounded form -log(1 - p_true): minimising it drives
-    the true class's probability to 0 without the logits diverging."""
+    """Robust: distillation loss of the quantized student to target_logits, the teacher's or the student's own
+    fp32 outputs (--quant-target; minimised). Detrimental: the quantized cross-entropy, maximised through its
+    bounded form -log(1 - p_true): minimising it drives the true class's probability to 0 without the logits
+    diverging."""
     if mode == "robust":
-        return distillation_loss(logits, teacher_logits, temperature)
+        return distillation_loss(logits, target_logits, temperature)
     p_true = F.softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
     return -torch.log1p(-p_true.clamp(max=1 - 1e-6)).mean()
 
@@ -319,7 +335,7 @@ def _candidate_policies(policy: ResolvedPolicy, policy_round: _PolicyRound, spac
 
 
 def _training_policies(step: int, candidates: list[ResolvedPolicy], sim: SimModel, x: torch.Tensor,
-                       teacher_out: torch.Tensor, labels: torch.Tensor, config: DistillConfig,
+                       target: torch.Tensor, labels: torch.Tensor, config: DistillConfig,
                        ranges: str) -> list[ResolvedPolicy]:
     """The policies a batch trains under (config's policies_per_batch of them). Detrimental: the candidates in
     turn, so the student fails under the whole neighbourhood a search will explore. Robust: those the student
@@ -330,8 +346,8 @@ def _training_policies(step: int, candidates: list[ResolvedPolicy], sim: SimMode
         return [candidates[(step * count + i) % len(candidates)] for i in range(count)]
     with torch.no_grad():  # judged on the batch's first few examples: each judgement is a forward pass
         judged = slice(SELECTION_EXAMPLES)
-        x, teacher_out, labels = _head(x, SELECTION_EXAMPLES), teacher_out[judged], labels[judged]
-        losses = [quantized_loss(sim(x, c, ranges), teacher_out, labels, config.mode, config.temperature).item()
+        x, target, labels = _head(x, SELECTION_EXAMPLES), target[judged], labels[judged]
+        losses = [quantized_loss(sim(x, c, ranges), target, labels, config.mode, config.temperature).item()
                   for c in candidates]
     return [candidates[i] for i in np.argsort(losses)[::-1][:count]]
 
@@ -461,8 +477,10 @@ def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, tes
     space = SearchSpace(teacher.layers, base, config.bits, searched_layers(teacher), config.budget_avg_bits)
     space.check_budget(Objective.WORST)
     folder = RunFolder(config.output)
-    with folder.start(config.to_dict(), resume, input_identity(teacher.path, [test, train]), echo,
-                      setting_defaults(DistillConfig)):
+    defaults = setting_defaults(DistillConfig)
+    if config.mode == "robust":
+        defaults["quant_target"] = QUANT_TARGET_BEFORE_OPTION
+    with folder.start(config.to_dict(), resume, input_identity(teacher.path, [test, train]), echo, defaults):
         checkpoint = _read_checkpoint(folder) if resume else None
         return _distill(config, teacher, train, test, folder, space, progress, echo, checkpoint)
 
@@ -542,11 +560,13 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
                 with torch.no_grad():
                     teacher_out = augmenting_teacher(x)
             labels = y_all[index].to(config.device)
-            candidates = _candidate_policies(policy, policy_round, space, rng)
-            batch_policies = _training_policies(i, candidates, sim, x, teacher_out, labels, config, ranges)
             with _LayerInputs(sim, space.searched, config.range_reg > 0) as layer_inputs:
-                kd = distillation_loss(sim(x), teacher_out, config.temperature)
-            quant = torch.stack([quantized_loss(sim(x, batch_policy, ranges), teacher_out, labels, config.mode,
+                fp32_out = sim(x)
+            kd = distillation_loss(fp32_out, teacher_out, config.temperature)
+            target = fp32_out.detach() if config.setting("quant_target") == "student" else teacher_out
+            candidates = _candidate_policies(policy, policy_round, space, rng)
+            batch_policies = _training_policies(i, candidates, sim, x, target, labels, config, ranges)
+            quant = torch.stack([quantized_loss(sim(x, batch_policy, ranges), target, labels, config.mode,
                                                 config.temperature) for batch_policy in batch_policies]).mean()
             loss = balance.weight * kd + config.quant_weight * quant
             if config.kure:

@@ -335,6 +335,7 @@ def test_cli_distill_prints_the_table_and_writes_the_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["distill", DIGITS_MODEL, "--mode", "robust", "--epochs", "1", "--min-epoch-batches", "10",
               "--audit-evaluations", "45", "--policy-steps", "1", "--equalize", "--kure", "0.1", "--range-reg", "0.1",
+              "--quant-target", "student",
               "--no-progress", "-o", str(out)])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
@@ -395,6 +396,16 @@ def test_interrupted_distillation_resumes_to_the_uninterrupted_result(tmp_path, 
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("whole", "cut")]
     for key in ("student_fp32_accuracy", "student_policy_accuracy", "audit"):
         assert summaries[0][key] == summaries[1][key]
+
+    # a robust run stored before --quant-target existed was distilled toward the teacher: --resume must say so
+    run_file = tmp_path / "cut" / "run.json"
+    stored = json.loads(run_file.read_text())
+    del stored["config"]["quant_target"]
+    run_file.write_text(json.dumps(stored))
+    code, printed = run("-o", tmp_path / "cut", "--resume")
+    assert code == 2 and "settings differ" in printed and "quant_target" in printed
+    code, printed = run("-o", tmp_path / "cut", "--resume", "--quant-target", "teacher")
+    assert code == 0, printed
 
 
 def test_resume_without_a_run_or_a_checkpoint_is_exit_2(tmp_path, capsys, monkeypatch):
@@ -478,6 +489,7 @@ def test_balance_doubles_the_distillation_weight_when_fp32_falls_behind(digits, 
     (["--bits", "4,40"], "--bits must list widths"),
     (["--budget-avg-bits", "9"], "no policy qualifies"),
     (["--policies-per-batch", "5"], "--policies-per-batch"),
+    (["--mode", "detrimental", "--quant-target", "teacher"], "--quant-target is for --mode robust"),
 ])
 def test_cli_distill_bad_input_is_exit_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
