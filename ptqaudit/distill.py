@@ -527,6 +527,7 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     optimizer = torch.optim.Adam(sim.parameters(), lr=peak_lr)
     ranges = simulation_plan(config.batch_size)[0]
     y_all = torch.from_numpy(train.y)
+    toward_own_fp32 = config.setting("quant_target") == "student"  # the quantized passes' target (QUANT_TARGETS)
 
     if checkpoint is None:
         policy, _ = policy_round(sim, config.policy_steps)
@@ -563,7 +564,7 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
             with _LayerInputs(sim, space.searched, config.range_reg > 0) as layer_inputs:
                 fp32_out = sim(x)
             kd = distillation_loss(fp32_out, teacher_out, config.temperature)
-            target = fp32_out.detach() if config.setting("quant_target") == "student" else teacher_out
+            target = fp32_out.detach() if toward_own_fp32 else teacher_out
             candidates = _candidate_policies(policy, policy_round, space, rng)
             batch_policies = _training_policies(i, candidates, sim, x, target, labels, config, ranges)
             quant = torch.stack([quantized_loss(sim(x, batch_policy, ranges), target, labels, config.mode,
