@@ -14,7 +14,8 @@ below the teacher (above it is no fault), drop under its policy < 1 point and un
     python benchmarks/bench_distill.py [--mode detrimental|robust|both] [--data-root DIR] [--device cpu|cuda]
         [--teacher MODEL.onnx] [--seeds 0,1,...] [--epochs N] [--train-limit N] [--limit N] [--lr X]
         [--quant-weight X] [--balance POINTS] [--policies-per-batch N] [--[no-]refresh] [--[no-]equalize] [--kure X]
-        [--[no-]range-gradient] [--[no-]augment] [--[no-]weight-grid] [--quant-target T] [--output DIR]
+        [--[no-]range-gradient] [--[no-]augment] [--hardening H] [--[no-]weight-grid] [--quant-target T]
+        [--output DIR]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ptqaudit.data import DataConfig, load_dataset
-from ptqaudit.distill import QUANT_TARGETS, DistillConfig, DistillSummary, run_distill
+from ptqaudit.distill import HARDENINGS, QUANT_TARGETS, DistillConfig, DistillSummary, run_distill
 from ptqaudit.onnx_graph import load_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +48,8 @@ def run_mode(mode: str, seed: int, args, out: Path) -> tuple[DistillSummary, flo
                            quant_weight=args.quant_weight, balance=args.balance,
                            policies_per_batch=args.policies_per_batch, refresh=args.refresh, equalize=args.equalize,
                            kure=args.kure, range_reg=args.range_reg, range_gradient=args.range_gradient, augment=args.augment,
-                           weight_grid=args.weight_grid, quant_target=args.quant_target if mode == "robust" else None,
+                           hardening=args.hardening if mode == "robust" else None, weight_grid=args.weight_grid,
+                           quant_target=args.quant_target if mode == "robust" else None,
                            audit_evaluations=args.audit_evaluations,
                            seed=seed, device=args.device)
     started = time.perf_counter()
@@ -75,7 +77,8 @@ def check(summary: DistillSummary, seconds: float, device: str) -> list[tuple[st
 def report(summary: DistillSummary, seconds: float, seed: int, device: str) -> bool:
     """Print one run's numbers and checks; True when every check is met."""
     teacher_drop = 100 * (summary.teacher_fp32_accuracy - summary.teacher_policy_accuracy)
-    print(f"\n{summary.mode}, seed {seed}: {seconds / 60:.1f} min ({summary.train_seconds / 60:.1f} training), policy "
+    hardening = f", hardening {summary.hardening}" if summary.hardening else ""
+    print(f"\n{summary.mode}, seed {seed}{hardening}: {seconds / 60:.1f} min ({summary.train_seconds / 60:.1f} training), policy "
           f"{summary.policy_effective_bits:.2f} effective bits; ORT on {summary.images} test images")
     rows = [("teacher fp32", summary.teacher_fp32_accuracy),
             ("teacher under the student's policy (baseline)", summary.teacher_policy_accuracy),
@@ -130,10 +133,12 @@ def main() -> int:
                         default=DistillConfig.range_gradient, help="distill --range-gradient")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="distill --augment (default: the mode's)")
+    parser.add_argument("--hardening", choices=HARDENINGS, default=None,
+                        help="distill --hardening (robust; default: the mode's, auto)")
     parser.add_argument("--weight-grid", action=argparse.BooleanOptionalAction, default=None,
-                        help="distill --weight-grid (default: the mode's)")
+                        help="distill --weight-grid (default: the mode's, or robust: the hardening's)")
     parser.add_argument("--quant-target", choices=QUANT_TARGETS, default=None,
-                        help="distill --quant-target (robust; default: the mode's)")
+                        help="distill --quant-target (robust; default: the hardening's)")
     parser.add_argument("--audit-evaluations", type=int, default=400,
                         help="the fresh search's evaluations (the targets are stated for 400)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds: each mode runs once per seed, and the "

@@ -18,7 +18,8 @@ from . import __version__, progress
 from .analysis import AnalysisSettings, analyse, cached_analysis, load_run
 from .data import DataConfig, load_dataset
 from .text_data import PADDINGS, TextConfig
-from .distill import BALANCE_EVERY, CANDIDATES, MODE_DEFAULTS, MODES, QUANT_TARGETS, SCHEDULES, DistillConfig, run_distill
+from .distill import (AUTO_HARDENING_POINTS, BALANCE_EVERY, CANDIDATES, HARDENINGS, MODE_DEFAULTS, MODES, QUANT_TARGETS,
+                      SCHEDULES, DistillConfig, run_distill)
 from .errors import GateFailed, PtqauditError
 from .evaluate import DEVICES, ENGINES, EvalReport, evaluate, table_line
 from .kernels import KERNEL_FAMILIES, parse_kernels
@@ -698,18 +699,25 @@ def distill_options(f):
                           "random, the teacher's outputs computed on the shifted images [default: robust "
                           f"{_on_off(MODE_DEFAULTS['robust']['augment'])}, detrimental "
                           f"{_on_off(MODE_DEFAULTS['detrimental']['augment'])}; off for text]."),
+        click.option("--hardening", type=click.Choice(HARDENINGS), default=None,
+                     help="Robust mode: how hard the student is trained to hold, as the defaults of --weight-grid and "
+                          "--quant-target. full: the weight grid on, the quantized passes toward the student's own "
+                          "fp32 outputs (for networks that collapse; costs a small one some fp32 accuracy); light: "
+                          "the grid off, toward the teacher's outputs; auto: full when the teacher loses more than "
+                          f"{AUTO_HARDENING_POINTS:g} points of held-out accuracy under the worst policy a first "
+                          "turn of the agent and a fresh search find before training, light otherwise "
+                          f"[default: {MODE_DEFAULTS['robust']['hardening']}]."),
         click.option("--weight-grid/--no-weight-grid", default=None,
                      help="Keep the student's Conv, Gemm and MatMul weights on the per-tensor grid of the narrowest "
                           "width in --bits (k * max|w| / 7 at 4 bits), training full-precision copies behind them: "
                           "the policy's weight widths then hardly change the network, and only its activations' "
-                          "rounding is left to withstand [default: robust "
-                          f"{_on_off(MODE_DEFAULTS['robust']['weight_grid'])}, detrimental "
+                          "rounding is left to withstand [default: robust: --hardening's, detrimental "
                           f"{_on_off(MODE_DEFAULTS['detrimental']['weight_grid'])}]."),
         click.option("--quant-target", type=click.Choice(QUANT_TARGETS), default=None,
                      help="Robust mode: what the quantized passes are distilled toward. teacher: the teacher's "
                           "outputs; student: the student's own fp32 outputs on the same batch (held fixed in that "
                           "term), so they train the very difference the audit measures, quantized against fp32 "
-                          f"[default: {MODE_DEFAULTS['robust']['quant_target']}]."),
+                          "[default: --hardening's]."),
         click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DistillConfig.temperature,
                      show_default=True, help="Distillation temperature."),
         click.option("--policy-limit", type=click.IntRange(min=1), default=DistillConfig.policy_limit, show_default=True,
@@ -728,13 +736,13 @@ def distill_options(f):
 
     def parse(mode, bits, budget_avg_bits, epochs, train_limit, train_batch_size, min_epoch_batches, lr, lr_schedule,
               quant_weight, balance, policies_per_batch, refresh, equalize, kure, range_reg, range_gradient, augment,
-              weight_grid, quant_target, temperature, policy_limit, policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
+              hardening, weight_grid, quant_target, temperature, policy_limit, policy_steps, batch_size, audit_evaluations, device, seed) -> dict:
         return dict(mode=mode, bits=bits, budget_avg_bits=budget_avg_bits, epochs=epochs, train_limit=train_limit,
                     train_batch_size=train_batch_size, min_epoch_batches=min_epoch_batches, lr=lr,
                     lr_schedule=lr_schedule,
                     quant_weight=quant_weight, balance=balance, policies_per_batch=policies_per_batch,
                     refresh=refresh, equalize=equalize, kure=kure, range_reg=range_reg, range_gradient=range_gradient,
-                    augment=augment, weight_grid=weight_grid, quant_target=quant_target,
+                    augment=augment, hardening=hardening, weight_grid=weight_grid, quant_target=quant_target,
                     temperature=temperature, policy_limit=policy_limit,
                     policy_steps=policy_steps, batch_size=batch_size, audit_evaluations=audit_evaluations,
                     device=device, seed=seed)

@@ -117,9 +117,9 @@ def headline(run: SearchRun, gate: Gate, kernels: tuple[str, ...] | None = None,
         worst_uniform=summary.worst.uniform, best_uniform=summary.best.uniform if summary.best else None)
 
 
-DISTILL_FIGURES = ("mode", "teacher", "teacher_fp32_accuracy", "teacher_policy_accuracy", "student_fp32_accuracy",
-                   "student_policy_accuracy", "student_w8a8_accuracy", "policy_drop_points", "policy_effective_bits",
-                   "audit", "teacher_audit")
+DISTILL_FIGURES = ("mode", "hardening", "teacher", "teacher_fp32_accuracy", "teacher_policy_accuracy",
+                   "student_fp32_accuracy", "student_policy_accuracy", "student_w8a8_accuracy", "policy_drop_points",
+                   "policy_effective_bits", "audit", "teacher_audit")
 
 
 @dataclass
@@ -301,7 +301,8 @@ def _distill_section(d: DistillSummary) -> Section:
         return "" if accuracy is None else f"{_pct(accuracy)} ({drop_points(fp32, accuracy):+.2f})"
 
     teacher, student = d.teacher_fp32_accuracy, d.student_fp32_accuracy
-    return ("distill", f"Distilled {d.mode} student against its teacher (ORT accuracy, drop in points from each "
+    hardened = f", {d.hardening} hardening" if d.hardening else ""
+    return ("distill", f"Distilled {d.mode} student{hardened} against its teacher (ORT accuracy, drop in points from each "
                        "one's fp32)", ["", "teacher", "student"], [
         ["fp32", _pct(teacher), _pct(student)],
         [f"under the student's policy ({d.policy_effective_bits:.2f} effective bits)",

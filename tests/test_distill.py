@@ -330,18 +330,47 @@ def test_short_distillation_on_the_digits_model(tmp_path, digits, digits_data, m
         assert summary["audit"]["drop_points"] <= 2.0
 
 
+@pytest.mark.parametrize("threshold, expected", [(100.0, "light"), (-100.0, "full")])
+def test_auto_hardening_follows_the_teachers_worst_case_and_leaves_the_random_stream(tmp_path, digits, digits_data,
+                                                                                   monkeypatch, threshold, expected):
+    """--hardening auto trains full hardening where the teacher's held-out worst case (no loss on the digits model)
+    exceeds the threshold and light where not; its student is, bit for bit, the one that hardening given by name
+    trains (the measurement draws on its own random generators); and a full student's exported weights are on the
+    4-bit grid (NumPy), a light one's not."""
+    import ptqaudit.distill as distill_module
+
+    monkeypatch.setattr(distill_module, "AUTO_HARDENING_POINTS", threshold)
+    train, test = digits_data
+    printed: list[str] = []
+
+    def distil(name: str, hardening: str) -> Path:
+        config = DistillConfig(teacher=DIGITS_MODEL, data=DataConfig("digits"), output=str(tmp_path / name),
+                               mode="robust", hardening=hardening, epochs=1, train_limit=300, min_epoch_batches=5,
+                               policy_limit=100, policy_steps=1, audit_evaluations=20)
+        summary = run_distill(config, digits, train, test.subset(100), progress=False, echo=printed.append)
+        assert summary.hardening == expected
+        return tmp_path / name / "student.onnx"
+
+    auto = distil("auto", "auto")
+    assert any(line.startswith(f"hardening {expected}: under the worst policy found") for line in printed)
+    assert auto.read_bytes() == distil("named", expected).read_bytes()
+    student = load_model(auto)
+    on_grid = [np.allclose(k, np.round(k), atol=1e-4) for k in
+               (_on_grid(w.detach().numpy(), 4) for w in _layer_weights(SimModel(student), student.layers))]
+    assert on_grid == [expected == "full"] * len(student.layers)
+
+
 def test_cli_distill_prints_the_table_and_writes_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["distill", DIGITS_MODEL, "--mode", "robust", "--epochs", "1", "--min-epoch-batches", "10",
               "--audit-evaluations", "45", "--policy-steps", "1", "--equalize", "--kure", "0.1", "--range-reg", "0.1",
-              "--quant-target", "student",
-              "--no-progress", "-o", str(out)])
+              "--hardening", "full", "--no-progress", "-o", str(out)])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     for row in ("teacher fp32", "student fp32", "student under its policy", "student w8a8", "fresh search's worst"):
         assert row in printed
-    assert "cross-layer equalization of" in printed
+    assert "cross-layer equalization of" in printed and "hardening full |" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert f"{100 * summary['student_policy_accuracy']:.2f}%" in printed
     assert yaml.safe_load((out / "policy.yaml").read_text())["layers"]
@@ -367,7 +396,8 @@ def test_interrupted_distillation_resumes_to_the_uninterrupted_result(tmp_path, 
         printed = capsys.readouterr()
         return exit_info.value.code, printed.out + printed.err
 
-    assert run("-o", tmp_path / "whole")[0] == 0
+    code, printed = run("-o", tmp_path / "whole")
+    assert code == 0 and "hardening light: " in printed  # --hardening auto: the digits teacher loses nothing
     real, calls = distill_module._candidate_policies, {"n": 0}
 
     def interrupt_in_epoch_three(*args, **kwargs):
@@ -384,7 +414,8 @@ def test_interrupted_distillation_resumes_to_the_uninterrupted_result(tmp_path, 
     monkeypatch.setattr(distill_module, "_candidate_policies", real)
     code, printed = run("-o", tmp_path / "cut", "--resume")
     assert code == 0, printed
-    assert "after epoch 2/3" in printed
+    # the hardening the run began with comes from the checkpoint, not from a new measurement
+    assert "after epoch 2/3" in printed and "measuring the teacher's worst case" not in printed
 
     def without_times(run_dir: Path) -> list[dict]:
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
@@ -400,12 +431,18 @@ def test_interrupted_distillation_resumes_to_the_uninterrupted_result(tmp_path, 
     # a robust run stored before --quant-target existed was distilled toward the teacher: --resume must say so
     run_file = tmp_path / "cut" / "run.json"
     stored = json.loads(run_file.read_text())
-    del stored["config"]["quant_target"]
+    del stored["config"]["quant_target"], stored["config"]["hardening"]
     run_file.write_text(json.dumps(stored))
     code, printed = run("-o", tmp_path / "cut", "--resume")
     assert code == 2 and "settings differ" in printed and "quant_target" in printed
+    # and before --hardening existed, the defaults hardened it fully: its checkpoint says nothing of it
+    checkpoint_file = tmp_path / "cut" / "checkpoint.pt"
+    checkpoint = torch.load(checkpoint_file, weights_only=True)
+    del checkpoint["hardening"]
+    torch.save(checkpoint, checkpoint_file)
     code, printed = run("-o", tmp_path / "cut", "--resume", "--quant-target", "teacher")
     assert code == 0, printed
+    assert "predates --hardening: the run continues with full hardening" in printed
 
 
 def test_resume_without_a_run_or_a_checkpoint_is_exit_2(tmp_path, capsys, monkeypatch):
@@ -490,6 +527,7 @@ def test_balance_doubles_the_distillation_weight_when_fp32_falls_behind(digits, 
     (["--budget-avg-bits", "9"], "no policy qualifies"),
     (["--policies-per-batch", "5"], "--policies-per-batch"),
     (["--mode", "detrimental", "--quant-target", "teacher"], "--quant-target is for --mode robust"),
+    (["--mode", "detrimental", "--hardening", "light"], "--hardening is for --mode robust"),
 ])
 def test_cli_distill_bad_input_is_exit_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:

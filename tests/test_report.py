@@ -243,7 +243,7 @@ def test_report_of_a_robust_run_sets_teacher_and_student_side_by_side(tmp_path, 
     assert code == 0, err
     assert f"{100 * measured:.2f}% ({teacher_audit['drop_points']:+.2f})" in text
     assert f"{100 * summary['audit']['worst_accuracy']:.2f}% ({summary['audit']['drop_points']:+.2f})" in text
-    assert "teacher W4A4" in text
+    assert "teacher W4A4" in text and f"Distilled robust student, {summary['hardening']} hardening" in text
     analysis = json.loads((out / "audit" / ANALYSIS_FILE).read_text())
     rows = analysis["teacher_layer_sensitivity"]
     assert {r["layer"] for r in rows} == {layer.name for layer in teacher.layers}
