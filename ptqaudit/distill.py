@@ -503,10 +503,15 @@ def run_distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, tes
     space = SearchSpace(teacher.layers, base, config.bits, searched_layers(teacher), config.budget_avg_bits)
     space.check_budget(Objective.WORST)
     folder = RunFolder(config.output)
+    # run.json holds the mode's settings as this version resolves them, so that --resume under a version whose
+    # defaults differ is refused by name rather than trained on with the new ones; a run stored before held null for
+    # "the mode's default", taken to be today's, as it was when it resumed then
+    stored = {**config.to_dict(), **{name: config.setting(name) for name in MODE_DEFAULTS[config.mode]}}
     defaults = setting_defaults(DistillConfig)
     if config.mode == "robust":
         defaults["quant_target"] = QUANT_TARGET_BEFORE_OPTION
-    with folder.start(config.to_dict(), resume, input_identity(teacher.path, [test, train]), echo, defaults):
+    with folder.start(stored, resume, input_identity(teacher.path, [test, train]), echo, defaults,
+                      nulls=MODE_DEFAULTS[config.mode]):
         checkpoint = _read_checkpoint(folder) if resume else None
         return _distill(config, teacher, train, test, folder, space, progress, echo, checkpoint)
 

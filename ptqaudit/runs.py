@@ -119,22 +119,25 @@ class RunFolder:
         self.path = Path(path)
         self._lock_fd: int | None = None
 
-    def start(self, config: dict, resume: bool, inputs: dict, echo=print, defaults: dict | None = None) -> RunFolder:
+    def start(self, config: dict, resume: bool, inputs: dict, echo=print, defaults: dict | None = None,
+              nulls: dict | None = None) -> RunFolder:
         """Take the folder's lock, then begin a new run (run.json) or, with resume, check that the run
         there has the same settings and inputs and repair a trace cut by a crash. Returns self. defaults
         (setting_defaults): what a setting the stored run lacks is taken to have been, so that a run made
-        before a setting existed resumes under a version that has it, at its default."""
+        before a setting existed resumes under a version that has it, at its default. nulls: what a setting the
+        stored run holds as null is taken to have been (a version that stored a default unresolved)."""
         self._lock()
         try:
             as_stored = json.loads(json.dumps(config, default=_jsonable))  # tuples become lists, as in run.json
-            stored_defaults = json.loads(json.dumps(defaults or {}, default=_jsonable))
-            self._begin(as_stored, resume, inputs, echo, stored_defaults)
+            stored_defaults, stored_nulls = (json.loads(json.dumps(values or {}, default=_jsonable))
+                                             for values in (defaults, nulls))
+            self._begin(as_stored, resume, inputs, echo, stored_defaults, stored_nulls)
         except BaseException:
             self.close()
             raise
         return self
 
-    def _begin(self, config: dict, resume: bool, inputs: dict, echo, defaults: dict) -> None:
+    def _begin(self, config: dict, resume: bool, inputs: dict, echo, defaults: dict, nulls: dict) -> None:
         run_file = self.path / "run.json"
         if not resume:
             if run_file.exists():
@@ -149,6 +152,7 @@ class RunFolder:
         previous = read_checked(run_file, RUN_FILE)
         now = _flat(config)
         before = {**{k: v for k, v in _flat(defaults).items() if k in now}, **_flat(previous["config"])}
+        before.update({k: v for k, v in _flat(nulls).items() if k in before and before[k] is None})
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in LOCATORS)
         if changed:
             raise PtqauditError(
@@ -429,7 +433,7 @@ DISTILL_SUMMARY = {"mode": str, "teacher": str, "student_file": str, "audit": {"
                                                                              "evaluations": int},
                    **{f"{name}_accuracy": float for name in ("teacher_fp32", "teacher_policy", "student_fp32",
                                                              "student_policy", "student_w8a8")},
-                   "policy_drop_points": float, "policy_effective_bits": float, "unit?": str,
+                   "policy_drop_points": float, "policy_effective_bits": float, "unit?": str, "hardening?": str,
                    "teacher_audit?": {"run": str, "worst_accuracy": float, "drop_points": float, "policy_file": str,
                                       "evaluations": int}}
 _ACCURACIES = {"fp32_accuracy": float, "worst_accuracy": float, "drop_points": float}

@@ -15,7 +15,7 @@ from reference_cases import ort_labels
 
 from ptqaudit.cli import main
 from ptqaudit.data import DataConfig, load_dataset
-from ptqaudit.distill import (SELECTION_EXAMPLES, DistillConfig, _epoch_batches, _PolicyRound, _training_policies,
+from ptqaudit.distill import (MODE_DEFAULTS, SELECTION_EXAMPLES, DistillConfig, _epoch_batches, _PolicyRound, _training_policies,
                               _LayerInputs, _layer_weights, augmented, distillation_loss, export_student, kurtosis_loss,
                               learning_rate, quantized_loss, range_loss, run_distill, WeightGrid)
 from ptqaudit.onnx_graph import load_model
@@ -445,12 +445,9 @@ def test_interrupted_distillation_resumes_to_the_uninterrupted_result(tmp_path, 
     assert "predates --hardening: the run continues with full hardening" in printed
 
 
-def test_resume_without_a_run_or_a_checkpoint_is_exit_2(tmp_path, capsys, monkeypatch):
-    """--resume of a folder with no run, or of a run cut before its first epoch ended (no checkpoint): exit 2,
-    saying what is missing; a checkpoint.pt that is not one is refused, not loaded."""
-    import ptqaudit.distill as distill_module
-
-    run = tmp_path / "run"
+def _short_robust_run(run: Path, capsys):
+    """A one-epoch robust distillation of the digits model into `run`, as a function of extra command-line arguments
+    that returns its exit code and what it printed on stderr."""
     argv = ["distill", DIGITS_MODEL, "--mode", "robust", "--epochs", "1", "--train-limit", "300", "--policy-limit",
             "100", "--policy-steps", "1", "--no-progress", "-o", str(run)]
 
@@ -459,13 +456,53 @@ def test_resume_without_a_run_or_a_checkpoint_is_exit_2(tmp_path, capsys, monkey
             main([*argv, *extra])
         return exit_info.value.code, capsys.readouterr().err
 
+    return exit_code
+
+
+def _interrupt(*args, **kwargs):
+    """Stands in for a step of the training loop: Ctrl-C there."""
+    raise KeyboardInterrupt
+
+
+def test_resume_compares_the_mode_settings_as_resolved(tmp_path, capsys, monkeypatch):
+    """run.json holds a robust run's mode settings as this version resolves them (the balance at the mode's default,
+    not null): under a version whose default differs, --resume is refused naming the setting, and goes on with the
+    stored value given by name; a run.json of an earlier version, null for "the mode's default", is taken at today's.
+    (A run cut before its first epoch ended: settings that match reach the missing checkpoint.)"""
+    import ptqaudit.distill as distill_module
+
+    run = tmp_path / "run"
+    exit_code = _short_robust_run(run, capsys)
+
+    monkeypatch.setattr(distill_module, "_candidate_policies", _interrupt)
+    assert exit_code()[0] == 130
+    run_file = run / "run.json"
+    stored = json.loads(run_file.read_text())
+    balance = MODE_DEFAULTS["robust"]["balance"]
+    assert stored["config"]["balance"] == balance and stored["config"]["hardening"] == "auto"
+    monkeypatch.setitem(MODE_DEFAULTS["robust"], "balance", balance + 1)
+    code, err = exit_code("--resume")
+    assert code == 2 and "settings differ" in err and "balance" in err
+    code, err = exit_code("--resume", "--balance", str(balance))
+    assert code == 2 and "holds no checkpoint.pt" in err
+    stored["config"]["balance"] = None
+    run_file.write_text(json.dumps(stored))
+    code, err = exit_code("--resume")
+    assert code == 2 and "holds no checkpoint.pt" in err
+
+
+def test_resume_without_a_run_or_a_checkpoint_is_exit_2(tmp_path, capsys, monkeypatch):
+    """--resume of a folder with no run, or of a run cut before its first epoch ended (no checkpoint): exit 2,
+    saying what is missing; a checkpoint.pt that is not one is refused, not loaded."""
+    import ptqaudit.distill as distill_module
+
+    run = tmp_path / "run"
+    exit_code = _short_robust_run(run, capsys)
+
     code, err = exit_code("--resume")
     assert code == 2 and "holds no run to resume" in err
 
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(distill_module, "_candidate_policies", interrupt)
+    monkeypatch.setattr(distill_module, "_candidate_policies", _interrupt)
     assert exit_code()[0] == 130
     code, err = exit_code("--resume")
     assert code == 2 and "holds no checkpoint.pt" in err
