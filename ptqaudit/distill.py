@@ -322,6 +322,14 @@ class _PolicyRound:
         self.pool: dict[str, np.ndarray] = {}  # digest -> choice of every policy that led a round
         self.leader: np.ndarray | None = None  # the choice of the last round's most damaging policy
 
+    @classmethod
+    def starting(cls, config: DistillConfig, space: SearchSpace, features: np.ndarray, probe: Dataset,
+                 sensitivity: np.ndarray, refresh: bool, rng: np.random.Generator) -> "_PolicyRound":
+        """A new carried agent's rounds, its prior the operands' held-out `sensitivity` (_held_out_sensitivity),
+        with the config's batch size and fresh-search budget."""
+        return cls(PolicyAgent(space, features, sensitivity, Objective.WORST), space, features, probe,
+                   config.batch_size, refresh, config.audit_evaluations, rng)
+
     def __call__(self, sim: SimModel, steps: int, final: bool = False) -> tuple[ResolvedPolicy, float]:
         sim.eval()
         evaluator = SimEvaluator(sim, self.probe, self.batch_size, self.space, lambda records: None, {})
@@ -545,14 +553,11 @@ def _distill(config: DistillConfig, teacher: LoadedModel, train: Dataset, test: 
     hardening = _hardening(config, sim, space, features, probe, echo, checkpoint)
     grid = WeightGrid(sim, space.searched, min(config.bits)) if config.hardened("weight_grid", hardening) else None
     if checkpoint is None:
-        drop = probe_sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}),
-                                 Objective.WORST)
+        drop = _held_out_sensitivity(sim, space, probe, config)
     else:
         drop = checkpoint["sensitivity"].numpy()
-    agent = PolicyAgent(space, features, drop, Objective.WORST)
     rng = np.random.default_rng(config.seed)
-    policy_round = _PolicyRound(agent, space, features, probe, config.batch_size, config.setting("refresh"),
-                                config.audit_evaluations, rng)
+    policy_round = _PolicyRound.starting(config, space, features, probe, drop, config.setting("refresh"), rng)
     peak_lr = config.lr or auto_lr(sim, space.searched)
     if config.lr is None:
         echo(f"learning rate {peak_lr:.2g} (auto: {RELATIVE_STEP} / the sum over layers of 1 / weight rms)")
@@ -661,10 +666,9 @@ def _hardening(config: DistillConfig, sim: SimModel, space: SearchSpace, feature
     # on its own random generators, so that the run then draws what it would have drawn without it
     with torch.random.fork_rng(devices=[]):
         fp32 = _sim_accuracy(sim, probe, None, config.batch_size)
-        sensitivity = probe_sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None,
-                                                            {}), Objective.WORST)
-        measuring = _PolicyRound(PolicyAgent(space, features, sensitivity, Objective.WORST), space, features, probe,
-                                 config.batch_size, True, config.audit_evaluations, np.random.default_rng(config.seed))
+        sensitivity = _held_out_sensitivity(sim, space, probe, config)
+        measuring = _PolicyRound.starting(config, space, features, probe, sensitivity, True,
+                                          np.random.default_rng(config.seed))
         _, worst = measuring(sim, config.policy_steps)
     loss = drop_points(fp32, worst)
     hardening = "full" if loss > AUTO_HARDENING_POINTS else "light"
@@ -672,6 +676,13 @@ def _hardening(config: DistillConfig, sim: SimModel, space: SearchSpace, feature
          f"{100 * worst:.2f}%, {loss:.2f} points ({'more' if hardening == 'full' else 'not more'} than "
          f"{AUTO_HARDENING_POINTS:g})")
     return hardening
+
+
+def _held_out_sensitivity(sim: SimModel, space: SearchSpace, probe: Dataset, config: DistillConfig) -> np.ndarray:
+    """The accuracy each searched operand alone costs at the narrowest width on the held-out images
+    (probe_sensitivity): the prior a new agent starts from."""
+    return probe_sensitivity(space, SimEvaluator(sim, probe, config.batch_size, space, lambda records: None, {}),
+                             Objective.WORST)
 
 
 def _equalize(sim: SimModel, teacher: LoadedModel, echo) -> None:
@@ -891,7 +902,8 @@ def _verify(run: _Run, sim: SimModel, policy: ResolvedPolicy, history: list[dict
         mode=config.mode, teacher=config.teacher, dataset=test.name, images=len(test),
         train_dataset=train.name, train_images=len(train), epochs=config.setting("epochs"),
         batch_size=config.batch_size, bits=list(config.bits), budget_avg_bits=config.budget_avg_bits,
-        hardening=run.hardening or "", student_file="student.onnx", policy_file="policy.yaml", policy_digest=policy.digest,
+        hardening=run.hardening or "", student_file="student.onnx", policy_file="policy.yaml",
+        policy_digest=policy.digest,
         policy=policy.summary(),
         # in the budget's unit: over the layers the agent chose widths for (quantized ones that cost BitOPs)
         policy_effective_bits=policy.effective_bits([layer for layer in student.layers if not layer.kind.weight_only
