@@ -15,7 +15,10 @@ below the teacher (above it is no fault), drop under its policy < 1 point and un
         [--teacher MODEL.onnx] [--seeds 0,1,...] [--epochs N] [--train-limit N] [--limit N] [--lr X]
         [--quant-weight X] [--balance POINTS] [--policies-per-batch N] [--[no-]refresh] [--[no-]equalize] [--kure X]
         [--[no-]range-gradient] [--[no-]augment] [--hardening H] [--[no-]weight-grid] [--quant-target T]
-        [--output DIR]
+        [--output DIR [--resume]]
+
+--resume continues each run whose folder under --output already holds a run.json (one cut off by a time limit, on a
+machine lent for minutes); its time is then that of the resumed part alone, and the 60-minute check is left out.
 """
 
 from __future__ import annotations
@@ -39,11 +42,14 @@ TEACHER = REPO.parent / "shared/models/cifar10_resnet20.onnx"
 TIME_LIMIT = 60 * 60
 
 
-def run_mode(mode: str, seed: int, args, out: Path) -> tuple[DistillSummary, float]:
+def run_mode(mode: str, seed: int, args, out: Path) -> tuple[DistillSummary, float, bool]:
+    """One distillation: its summary, its seconds, and whether it resumed a run already in its folder."""
+    folder = out / f"{mode}-seed{seed}"
+    resume = args.resume and (folder / "run.json").is_file()
     data = DataConfig(name="cifar10", root=args.data_root, limit=args.limit)
     teacher = load_model(args.teacher)
     train, test = load_dataset(DataConfig(name="cifar10", root=args.data_root, split="train")), load_dataset(data)
-    config = DistillConfig(teacher=str(args.teacher), data=data, output=str(out / f"{mode}-seed{seed}"), mode=mode,
+    config = DistillConfig(teacher=str(args.teacher), data=data, output=str(folder), mode=mode,
                            epochs=args.epochs, train_limit=args.train_limit, lr=args.lr, lr_schedule=args.lr_schedule,
                            quant_weight=args.quant_weight, balance=args.balance,
                            policies_per_batch=args.policies_per_batch, refresh=args.refresh, equalize=args.equalize,
@@ -53,11 +59,12 @@ def run_mode(mode: str, seed: int, args, out: Path) -> tuple[DistillSummary, flo
                            audit_evaluations=args.audit_evaluations,
                            seed=seed, device=args.device)
     started = time.perf_counter()
-    summary = run_distill(config, teacher, train, test, progress=False, echo=lambda line: print(f"  [{mode}] {line}", flush=True))
-    return summary, time.perf_counter() - started
+    summary = run_distill(config, teacher, train, test, progress=False, echo=lambda line: print(f"  [{mode}] {line}", flush=True),
+                          resume=resume)
+    return summary, time.perf_counter() - started, resume
 
 
-def check(summary: DistillSummary, seconds: float, device: str) -> list[tuple[str, bool]]:
+def check(summary: DistillSummary, seconds: float, device: str, resumed: bool = False) -> list[tuple[str, bool]]:
     checks = []
     if summary.mode == "detrimental":
         checks += [("student fp32 within 1 pt of teacher", abs(summary.fp32_gap_points) <= 1.0),
@@ -69,16 +76,17 @@ def check(summary: DistillSummary, seconds: float, device: str) -> list[tuple[st
         checks += [("student fp32 at most 0.5 pt below teacher", summary.fp32_gap_points <= 0.5),
                    ("drop under its policy < 1 pt", summary.policy_drop_points < 1.0),
                    ("drop under fresh search's worst < 2 pts", summary.audit.drop_points < 2.0)]
-    if device == "cpu":
+    if device == "cpu" and not resumed:  # a resumed run's time is only its last part's
         checks.append(("under 60 minutes", seconds < TIME_LIMIT))
     return checks
 
 
-def report(summary: DistillSummary, seconds: float, seed: int, device: str) -> bool:
+def report(summary: DistillSummary, seconds: float, seed: int, device: str, resumed: bool = False) -> bool:
     """Print one run's numbers and checks; True when every check is met."""
     teacher_drop = 100 * (summary.teacher_fp32_accuracy - summary.teacher_policy_accuracy)
     hardening = f", hardening {summary.hardening}" if summary.hardening else ""
-    print(f"\n{summary.mode}, seed {seed}{hardening}: {seconds / 60:.1f} min ({summary.train_seconds / 60:.1f} training), policy "
+    part = " for the resumed part" if resumed else ""
+    print(f"\n{summary.mode}, seed {seed}{hardening}: {seconds / 60:.1f} min{part} ({summary.train_seconds / 60:.1f} training), policy "
           f"{summary.policy_effective_bits:.2f} effective bits; ORT on {summary.images} test images")
     rows = [("teacher fp32", summary.teacher_fp32_accuracy),
             ("teacher under the student's policy (baseline)", summary.teacher_policy_accuracy),
@@ -95,7 +103,7 @@ def report(summary: DistillSummary, seconds: float, seed: int, device: str) -> b
           f"(ratio {ratio:.2f}x); fresh search's worst: {summary.audit.drop_points:.2f} pts; "
           f"sim = ORT top-1 {100 * summary.sim_top1_agreement_with_ort:.2f}%")
     met = True
-    for label, ok in check(summary, seconds, device):
+    for label, ok in check(summary, seconds, device, resumed):
         print(f"  [{'met' if ok else 'MISSED'}] {label}")
         met &= ok
     print(json.dumps({"history": summary.history}))
@@ -144,7 +152,11 @@ def main() -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds: each mode runs once per seed, and the "
                         "spread of its numbers over them is printed")
     parser.add_argument("--output", type=Path, default=None, help="keep the run folders here")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each run whose folder under --output already holds a run.json")
     args = parser.parse_args()
+    if args.resume and args.output is None:
+        parser.error("--resume continues the runs in --output DIR: name it")
     if not args.teacher.is_file():
         print(f"bench_distill: teacher model not found at {args.teacher}", file=sys.stderr)
         return 2
@@ -159,9 +171,9 @@ def main() -> int:
     for mode in modes:
         summaries = []
         for seed in seeds:
-            summary, seconds = run_mode(mode, seed, args, out)
+            summary, seconds, resumed = run_mode(mode, seed, args, out)
             summaries.append(summary)
-            all_ok &= report(summary, seconds, seed, args.device)
+            all_ok &= report(summary, seconds, seed, args.device, resumed)
         if len(seeds) > 1:
             print(f"\n{mode}: spread over seeds {args.seeds}")
             for label, values in spread(summaries):
