@@ -35,6 +35,7 @@ import torch
 
 from ptqaudit.data import DataConfig, load_dataset
 from ptqaudit.distill import HARDENINGS, QUANT_TARGETS, DistillConfig, DistillSummary, run_distill
+from ptqaudit.errors import PtqauditError
 from ptqaudit.onnx_graph import load_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,7 +172,11 @@ def main() -> int:
     for mode in modes:
         summaries = []
         for seed in seeds:
-            summary, seconds, resumed = run_mode(mode, seed, args, out)
+            try:
+                summary, seconds, resumed = run_mode(mode, seed, args, out)
+            except PtqauditError as exc:  # e.g. --resume of a run begun with other settings: say which, as distill does
+                print(f"bench_distill: {mode}, seed {seed}: {exc}", file=sys.stderr)
+                return 2
             summaries.append(summary)
             all_ok &= report(summary, seconds, seed, args.device, resumed)
         if len(seeds) > 1:
