@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import GateFailed
-from .predictions import drop_points
+from .predictions import comparable_points, drop_points
 
 
 @dataclass
@@ -46,12 +46,12 @@ class Gate:
         if self.max_drop is not None:
             measured = "worst case" if subject == "worst-case" else "quantized"
             checks.append(Check(f"{subject} drop <= {self.max_drop:g} points", f"{subject} drop", drop, self.max_drop,
-                                drop <= self.max_drop,
+                                comparable_points(drop) <= self.max_drop,
                                 f"{subject} drop {drop:.2f} points exceeds --max-drop {self.max_drop:g} "
                                 f"(fp32 {100 * fp32:.2f}%, {measured} {100 * worst:.2f}%)"))
         if self.min_accuracy is not None:
             checks.append(Check(f"{subject} accuracy >= {self.min_accuracy:g}%", f"{subject} accuracy", 100 * worst,
-                                self.min_accuracy, 100 * worst >= self.min_accuracy,
+                                self.min_accuracy, comparable_points(100 * worst) >= self.min_accuracy,
                                 f"{subject} accuracy {100 * worst:.2f}% is below --min-accuracy {self.min_accuracy:g}%"))
         return checks
 

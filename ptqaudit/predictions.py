@@ -28,3 +28,10 @@ def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
 def drop_points(reference, accuracy):
     """The drop from `reference` to `accuracy` (fractions), in percentage points; works elementwise on arrays."""
     return 100 * (reference - accuracy)
+
+
+def comparable_points(points: float) -> float:
+    """`points` as a threshold should judge it. Accuracies are fractions of examples, so a figure exactly at a
+    threshold can come out a few ulps past it (100 * (0.8124 - 0.8074) = 0.5000000000000004); rounded to 1e-9 of a
+    point, far finer than one example of any data set, ties stay ties."""
+    return round(points, 9)

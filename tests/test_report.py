@@ -142,6 +142,22 @@ def test_gate_checks_each_threshold():
     assert "--max-drop" in both and "--min-accuracy" in both
 
 
+def test_gate_passes_a_figure_exactly_at_its_threshold():
+    """Against integer arithmetic on example counts out of 10,000 (a drop of d examples is d hundredths of a point):
+    every count pair and threshold in hundredths on a grid, where floating point puts some exact ties a few ulps past
+    the line (100 * (0.8124 - 0.8074) = 0.5000000000000004)."""
+    examples = 10_000
+    for fp32_count in range(7000, 7300, 7):
+        for worst_count in range(6900, 7300, 3):
+            for hundredths in range(0, 400, 13):
+                passed = Gate(max_drop=hundredths / 100).failure(fp32_count / examples, worst_count / examples) is None
+                assert passed == (fp32_count - worst_count <= hundredths), (fp32_count, worst_count, hundredths)
+    for worst_count in range(2800, 3000, 3):
+        for hundredths in range(2800, 3000, 7):
+            passed = Gate(min_accuracy=hundredths / 100).failure(0.9, worst_count / examples) is None
+            assert passed == (worst_count >= hundredths), (worst_count, hundredths)
+
+
 def _figures(search_run: Path) -> tuple[float, float]:
     summary = json.loads((search_run / "summary.json").read_text())
     return summary["fp32_accuracy"], summary["worst"]["ort_accuracy"]
